@@ -1,0 +1,43 @@
+"""What every rule script needs: logging into the rule's log file, errors recorded there too."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def prepend_pythonpath(path: str | Path) -> None:
+    """Put ``path`` first on PYTHONPATH, for the jobs Snakemake starts from this process."""
+    parts = [str(path)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(path)]
+    os.environ["PYTHONPATH"] = os.pathsep.join(parts)
+
+
+@contextlib.contextmanager
+def rule_logging(log_path: str | Path | None) -> Iterator[logging.Logger]:
+    """Send ``comtip`` log records to the rule's log file (and stderr); log any exception.
+
+    The exception is re-raised so that Snakemake marks the job failed and removes its outputs.
+    """
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_path:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_path, mode="w"))
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logger = logging.getLogger("comtip")
+    logger.setLevel(logging.INFO)
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        logger.addHandler(handler)
+    try:
+        yield logger
+    except Exception:
+        logger.exception("failed")
+        raise
+    finally:
+        for handler in handlers:
+            logger.removeHandler(handler)
+            handler.close()

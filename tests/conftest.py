@@ -1,0 +1,20 @@
+"""Shared fixtures: paths of the repo and of the real data beside it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+CONFIG_SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
+SAMPLES_SCHEMA = REPO / "workflow" / "schemas" / "samples.schema.yaml"
+
+
+def shared_data(*parts: str) -> Path:
+    """A path under ../shared/data, or skip the test with the reason when it is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real data not available: {path} is absent (see ../shared/data/README.md)")
+    return path

@@ -1,0 +1,113 @@
+"""Config and sample-sheet validation: defaults, and one clear error per bad value."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from comtip.config import load_sample_sheet, validate_config
+from comtip.errors import ConfigError
+from conftest import CONFIG_SCHEMA, REPO, SAMPLES_SCHEMA
+
+HEADER = "sample\tspaceranger_dir\tslide\tsplit\tmpp\tspot_diameter_um\tbatch\tpatient\n"
+
+
+def test_shipped_config_is_valid_and_gets_defaults():
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    validate_config(config, CONFIG_SCHEMA)
+    assert config["patches"]["size_px"] == 224
+    assert config["tiling"]["min_saturation"] == 0.05  # filled from the schema
+
+
+def test_minimal_config_gets_every_default():
+    config = validate_config({"samples": "s.tsv"}, CONFIG_SCHEMA)
+    assert config["seed"] == 0
+    assert config["patches"] == {"size_px": 224, "mpp": 0.5, "chunk_size": 256}
+    assert config["demo"]["dir"] == "resources/demo"
+
+
+@pytest.mark.parametrize(("key", "value", "needle"), [
+    (("patches", "size_px"), -3, "config key 'patches.size_px'"),
+    (("tiling", "mask_mpp"), "big", "config key 'tiling.mask_mpp'"),
+    (("ingest", "spot_diamter_um"), 55, "Additional properties"),
+    (("seed",), 1.5, "config key 'seed'"),
+])
+def test_bad_config_value_names_the_key(key, value, needle):
+    config = copy.deepcopy({"samples": "s.tsv", "patches": {}, "tiling": {}, "ingest": {}})
+    target = config
+    for k in key[:-1]:
+        target = target[k]
+    target[key[-1]] = value
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        validate_config(config, CONFIG_SCHEMA)
+
+
+def _sheet(tmp_path: Path, rows: list[str]) -> Path:
+    sheet = tmp_path / "config" / "samples.tsv"
+    sheet.parent.mkdir(parents=True, exist_ok=True)
+    sheet.write_text(HEADER + "".join(r + "\n" for r in rows))
+    return sheet
+
+
+@pytest.fixture
+def run_folder(tmp_path: Path) -> Path:
+    (tmp_path / "data" / "a" / "outs").mkdir(parents=True)
+    (tmp_path / "data" / "a" / "slide.svs").write_bytes(b"x")
+    return tmp_path
+
+
+def test_relative_paths_resolve_against_the_sheet_folder(run_folder):
+    sheet = _sheet(run_folder, ["a\t../data/a/outs\t../data/a/slide.svs\ttrain\t0.25\t\t\tP1"])
+    df = load_sample_sheet(sheet, SAMPLES_SCHEMA, run_dir=run_folder)
+    row = df.loc["a"]
+    assert row["spaceranger_dir"] == "data/a/outs"  # relative to the working directory
+    assert row["slide"] == "data/a/slide.svs"
+    assert row["mpp"] == 0.25 and row["patient"] == "P1"
+
+
+def test_missing_path_is_reported_in_full_with_the_sample(run_folder):
+    sheet = _sheet(run_folder, ["a\t../data/zz/outs\t../data/a/slide.svs\ttrain\t\t\t\t"])
+    with pytest.raises(ConfigError) as err:
+        load_sample_sheet(sheet, SAMPLES_SCHEMA, run_dir=run_folder)
+    assert "'a'" in str(err.value) and str(run_folder / "data" / "zz" / "outs") in str(err.value)
+
+
+def test_paths_under_the_demo_folder_may_not_exist_yet(run_folder):
+    sheet = _sheet(run_folder, ["d\t../resources/demo/d/outs\t../resources/demo/d/slide.tif\ttest\t\t\t\t"])
+    df = load_sample_sheet(sheet, SAMPLES_SCHEMA, run_dir=run_folder, generated_under="resources/demo")
+    assert df.loc["d", "slide"] == "resources/demo/d/slide.tif"
+
+
+@pytest.mark.parametrize(("row", "needle"), [
+    ("a\t../data/a/outs\t../data/a/slide.svs\ttraining\t\t\t\t", "sample 'a'.*split"),
+    ("a\t../data/a/outs\t../data/a/slide.svs\ttrain\t-1\t\t\t", "sample 'a'.*mpp"),
+    ("a\t../data/a/outs\t../data/a/slide.svs\ttrain\tfast\t\t\t", "sample 'a'.*mpp"),
+    ("a b\t../data/a/outs\t../data/a/slide.svs\ttrain\t\t\t\t", "sample 'a b'.*does not match"),
+    ("genes\t../data/a/outs\t../data/a/slide.svs\ttrain\t\t\t\t", "'genes' is reserved"),
+    ("a\t\t../data/a/slide.svs\ttest\t\t\t\t", "sample 'a'.*needs a spaceranger_dir"),
+    ("a\t../data/a/outs\t\ttrain\t\t\t\t", "sample 'a'.*'slide' is a required property"),
+])
+def test_bad_sample_row_names_the_sample(run_folder, row, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_sample_sheet(_sheet(run_folder, [row]), SAMPLES_SCHEMA, run_dir=run_folder)
+
+
+def test_duplicate_sample_names_are_refused(run_folder):
+    row = "a\t../data/a/outs\t../data/a/slide.svs\ttrain\t\t\t\t"
+    with pytest.raises(ConfigError, match="'a' appears more than once"):
+        load_sample_sheet(_sheet(run_folder, [row, row]), SAMPLES_SCHEMA, run_dir=run_folder)
+
+
+def test_predict_sample_needs_only_a_slide(run_folder):
+    df = load_sample_sheet(_sheet(run_folder, ["p\t\t../data/a/slide.svs\tpredict\t0.5\t\t\t"]),
+                           SAMPLES_SCHEMA, run_dir=run_folder)
+    assert "spaceranger_dir" not in df.columns or not isinstance(df.loc["p"].get("spaceranger_dir"), str)
+
+
+def test_shipped_sample_sheet_is_valid():
+    df = load_sample_sheet(REPO / "config" / "samples.tsv", SAMPLES_SCHEMA, run_dir=REPO,
+                           generated_under="resources/demo")
+    assert set(df["split"]) >= {"train", "test"}
