@@ -9,8 +9,10 @@ positions CSV is read here because scanpy's Visium reader needs the ``.h5`` and 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -110,6 +112,14 @@ def read_scalefactors(path: str | Path, *, sample: str | None = None) -> dict:
     return factors
 
 
+@contextlib.contextmanager
+def _duplicate_names_expected():
+    """Silence anndata's duplicate-gene warning: read_matrix makes the names unique next."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Variable names are not unique")
+        yield
+
+
 def read_matrix(outs_dir: str | Path, *, sample: str | None = None) -> ad.AnnData:
     """Raw counts (spots × genes) from the ``.h5`` or the mtx folder; unique gene symbols."""
     files = spaceranger_files(outs_dir)
@@ -120,7 +130,8 @@ def read_matrix(outs_dir: str | Path, *, sample: str | None = None) -> ad.AnnDat
                 f"no count matrix: neither {MATRIX_H5} nor {MATRIX_MTX_DIR}/ exists",
                 sample=sample, path=path)
         try:
-            adata = sc.read_10x_h5(path, gex_only=True)
+            with _duplicate_names_expected():
+                adata = sc.read_10x_h5(path, gex_only=True)
         except (OSError, KeyError, ValueError) as err:
             raise PipelineInputError(f"cannot read 10x HDF5 matrix: {err}", sample=sample, path=path) from err
     else:
@@ -129,7 +140,8 @@ def read_matrix(outs_dir: str | Path, *, sample: str | None = None) -> ad.AnnDat
             if not (mtx_dir / name).exists():
                 raise PipelineInputError("mtx matrix folder is incomplete", sample=sample, path=mtx_dir / name)
         try:
-            adata = sc.read_10x_mtx(mtx_dir, var_names="gene_symbols", gex_only=True, make_unique=False)
+            with _duplicate_names_expected():
+                adata = sc.read_10x_mtx(mtx_dir, var_names="gene_symbols", gex_only=True, make_unique=False)
         except (OSError, KeyError, ValueError) as err:
             raise PipelineInputError(f"cannot read mtx matrix: {err}", sample=sample, path=mtx_dir) from err
     adata.var_names_make_unique()

@@ -19,7 +19,7 @@ rule simulate_demo_sample:
         "logs/simulate_demo_sample/{demo}.log",
     benchmark:
         "logs/benchmark/simulate_demo_sample/{demo}.tsv"
-    threads: 1
+    threads: 2
     resources:
         mem_mb=4000,
         runtime=20,

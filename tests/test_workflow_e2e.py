@@ -1,0 +1,121 @@
+"""The Snakemake workflow end to end on a tiny synthetic cohort, asserting on content."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from comtip.slide import open_slide
+from comtip.tiling import read_mask
+from conftest import REPO
+
+pytestmark = pytest.mark.e2e
+
+SAMPLES = {"tiny_a": "train", "tiny_b": "test"}
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
+           "--directory", str(workdir), "--cores", "2", *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def write_run_folder(root: Path, rows: list[str]) -> Path:
+    (root / "config").mkdir(parents=True)
+    config = {"samples": "config/samples.tsv", "seed": 7,
+              "demo": {"dir": "resources/demo", "params": {"tissue_mm": 1.2, "n_genes": 60}}}
+    (root / "config" / "config.yaml").write_text(yaml.safe_dump(config))
+    header = "sample\tspaceranger_dir\tslide\tsplit\tmpp\tspot_diameter_um\tbatch\tpatient\n"
+    (root / "config" / "samples.tsv").write_text(header + "".join(r + "\n" for r in rows))
+    return root
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("run")
+    rows = [f"{s}\t../resources/demo/{s}/outs\t../resources/demo/{s}/slide.tif\t{split}\t\t\tdemo\t{s}"
+            for s, split in SAMPLES.items()]
+    write_run_folder(root, rows)
+    snakemake(root)
+    return root
+
+
+@pytest.mark.parametrize("sample", list(SAMPLES))
+def test_spots_match_the_simulated_space_ranger_output(demo_run, sample):
+    spots = ad.read_h5ad(demo_run / "results" / sample / "spots.h5ad")
+    positions = pd.read_csv(demo_run / "resources" / "demo" / sample / "outs" / "spatial" / "tissue_positions.csv",
+                            index_col="barcode")
+    in_tissue = positions[positions["in_tissue"] == 1]
+    assert set(spots.obs_names) == set(in_tissue.index)
+    xy = in_tissue.loc[spots.obs_names, ["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy()
+    np.testing.assert_allclose(spots.obsm["spatial"], xy)
+    assert spots.uns["comtip"]["mpp"] == pytest.approx(0.5)
+    assert spots.uns["comtip"]["mpp_source"] == "slide_metadata"
+    assert spots.var_names.is_unique
+
+
+@pytest.mark.parametrize("sample", list(SAMPLES))
+def test_patches_are_centred_on_spots_and_equal_direct_reads(demo_run, sample):
+    results = demo_run / "results" / sample
+    spots = ad.read_h5ad(results / "spots.h5ad")
+    patches = np.load(results / "spot_patches.npy", mmap_mode="r")
+    index = pd.read_parquet(results / "spot_patches.parquet")
+    assert patches.shape == (spots.n_obs, 224, 224, 3) and patches.dtype == np.uint8
+    assert list(index["barcode"]) == list(spots.obs_names)
+    np.testing.assert_allclose(index[["x_center", "y_center"]].to_numpy(), spots.obsm["spatial"])
+    side = 224 * 0.5 / spots.uns["comtip"]["mpp"]
+    np.testing.assert_allclose(index["x1"] - index["x0"], side)
+    with open_slide(demo_run / "resources" / "demo" / sample / "slide.tif") as slide:
+        for i in np.linspace(0, spots.n_obs - 1, 5).astype(int):
+            row = index.iloc[i]
+            direct = slide.read_region_scaled(row["x0"], row["y0"], side, side, 224, 224)
+            np.testing.assert_array_equal(patches[i], direct)
+
+
+@pytest.mark.parametrize("sample", list(SAMPLES))
+def test_tissue_mask_covers_the_simulated_tissue(demo_run, sample):
+    results = demo_run / "results" / sample
+    mask, (sx, sy) = read_mask(results / "tissue_mask.png")
+    positions = pd.read_csv(demo_run / "resources" / "demo" / sample / "outs" / "spatial" / "tissue_positions.csv")
+    col = np.clip((positions["pxl_col_in_fullres"] / sx).astype(int), 0, mask.shape[1] - 1)
+    row = np.clip((positions["pxl_row_in_fullres"] / sy).astype(int), 0, mask.shape[0] - 1)
+    on_mask = mask[row, col]
+    inside = positions["in_tissue"].to_numpy() == 1
+    assert on_mask[inside].mean() > 0.9, "in-tissue spots should lie on the tissue mask"
+    assert on_mask[~inside].mean() < 0.1, "spots off the tissue should lie off the mask"
+    tiles = pd.read_parquet(results / "tiles.parquet")
+    assert len(tiles) > 0 and (tiles["tissue_fraction"] >= 0.1).all()
+
+
+def test_rerun_has_nothing_to_do(demo_run):
+    result = snakemake(demo_run, "-n")
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_missing_input_fails_before_any_job_naming_sample_and_path(tmp_path):
+    root = write_run_folder(tmp_path / "bad", ["real1\t../nowhere/outs\t../nowhere/slide.svs\ttrain\t\t\t\t"])
+    result = snakemake(root, check=False)
+    assert result.returncode != 0
+    text = result.stdout + result.stderr
+    assert "sample 'real1'" in text and str(root / "nowhere" / "outs") in text
+    assert not (root / "results").exists()
+
+
+def test_bad_config_value_fails_naming_the_key(tmp_path):
+    root = write_run_folder(tmp_path / "badcfg", [])
+    cfg = yaml.safe_load((root / "config" / "config.yaml").read_text())
+    cfg["patches"] = {"size_px": 0}
+    (root / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    result = snakemake(root, check=False)
+    assert result.returncode != 0
+    assert "config key 'patches.size_px'" in result.stdout + result.stderr
