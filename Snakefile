@@ -29,6 +29,7 @@ include: "workflow/rules/demo.smk"
 include: "workflow/rules/ingest.smk"
 include: "workflow/rules/tiling.smk"
 include: "workflow/rules/patches.smk"
+include: "workflow/rules/sentences.smk"
 
 
 rule all:

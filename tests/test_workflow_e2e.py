@@ -97,6 +97,31 @@ def test_tissue_mask_covers_the_simulated_tissue(demo_run, sample):
     assert len(tiles) > 0 and (tiles["tissue_fraction"] >= 0.1).all()
 
 
+@pytest.mark.parametrize("sample", list(SAMPLES))
+def test_gene_sentences_align_with_spots_and_hide_heldout_genes(demo_run, sample):
+    results = demo_run / "results"
+    spots = ad.read_h5ad(results / sample / "spots.h5ad")
+    panel = pd.read_csv(results / "genes" / "gene_panel.tsv", sep="\t")
+    sentences = np.load(results / sample / "gene_sentences.npz")
+    assert list(sentences["barcodes"]) == list(spots.obs_names)
+    assert list(sentences["vocabulary"]) == list(panel.loc[~panel["heldout"], "gene"])
+    assert panel["heldout"].sum() == round(0.2 * len(panel))
+    lengths = (~sentences["pad"]).sum(axis=1)
+    assert lengths.min() >= 1 and lengths.max() <= 128
+    tokens = sentences["values"][~sentences["pad"]]
+    assert np.isfinite(tokens).all() and (tokens > 0).all()
+    # sorted by value, descending, padding (written as -1 here) at the end
+    assert (np.diff(np.where(sentences["pad"], -1.0, sentences["values"]), axis=1) <= 0).all()
+
+
+def test_gene_selection_sees_training_samples_only(demo_run):
+    result = snakemake(demo_run, "-n", "--forcerun", "select_genes")
+    text = result.stdout + result.stderr
+    block = text[text.index("rule select_genes:"):]
+    inputs = block.splitlines()[1]
+    assert "results/tiny_a/spots.h5ad" in inputs and "tiny_b" not in inputs
+
+
 def test_rerun_has_nothing_to_do(demo_run):
     result = snakemake(demo_run, "-n")
     assert "Nothing to be done" in result.stdout + result.stderr

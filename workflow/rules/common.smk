@@ -24,7 +24,7 @@ wildcard_constraints:
 
 def all_outputs(wildcards):
     """Per-sample outputs of every stage implemented so far."""
-    files = []
+    files = ["results/genes/gene_panel.tsv"]
     for sample in ST_SAMPLES:
         files += [
             f"results/{sample}/spots.h5ad",
@@ -33,8 +33,18 @@ def all_outputs(wildcards):
             f"results/{sample}/thumbnail.png",
             f"results/{sample}/spot_patches.npy",
             f"results/{sample}/spot_patches.parquet",
+            f"results/{sample}/gene_sentences.npz",
         ]
     return files
+
+
+def samples_with_split(split):
+    return [s for s in ST_SAMPLES if SAMPLES.loc[s, "split"] == split]
+
+
+def training_spots(wildcards):
+    """spots.h5ad of the training samples only: what gene selection may see."""
+    return [f"results/{s}/spots.h5ad" for s in samples_with_split("train")]
 
 
 def _sheet_value(sample, column):

@@ -1,0 +1,19 @@
+"""Rule select_genes: thin adapter around comtip.genes.select_genes."""
+
+from comtip.genes import select_genes
+from comtip.runtime import rule_logging
+
+with rule_logging(snakemake.log[0]):
+    genes = snakemake.params.genes
+    select_genes(
+        list(snakemake.input.spots),
+        snakemake.output.panel,
+        snakemake.output.bins,
+        n_genes=genes["n_genes"],
+        method=genes["method"],
+        explicit=genes["explicit"],
+        heldout_fraction=genes["heldout_fraction"],
+        n_bins=genes["n_bins"],
+        min_spots_fraction=genes["min_spots_fraction"],
+        seed=snakemake.params.seed,
+    )
