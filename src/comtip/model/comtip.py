@@ -1,0 +1,94 @@
+"""CoMTIP: image encoder (ViT + MFM) and Gene-Text Encoder (+ PAAT) aligned with InfoNCE.
+
+Loss = InfoNCE + lambda_mfm · MFM + lambda_paat · PAAT, where PAAT = discriminator BCE +
+InfoNCE of adversarially perturbed sentences (each part only when switched on); PAAT's shuffled
+hard negatives enter the InfoNCE term itself (image→text direction).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from comtip.model.config import ModelConfig
+from comtip.model.gene_text import GeneTextEncoder
+from comtip.model.losses import info_nce
+from comtip.model.paat import PairDiscriminator, adversarial_delta, shuffle_values
+from comtip.model.vision import VisionEncoder
+
+BATCH_KEYS = ("images", "gene_ids", "values", "bins", "pad")
+
+
+class CoMTIP(nn.Module):
+    """The pretraining model; ``forward`` returns the losses, ``encode_*`` the embeddings."""
+
+    def __init__(self, cfg: ModelConfig, vocabulary: Sequence[str]) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vision = VisionEncoder(cfg)
+        self.text = GeneTextEncoder(cfg, vocabulary)
+        # learnable log(1 / temperature), as CLIP
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature_init)))
+        self.discriminator = PairDiscriminator(cfg.text_dim) if cfg.paat and cfg.paat_discriminator else None
+
+    @property
+    def vocabulary(self) -> list[str]:
+        return self.text.vocabulary
+
+    def set_vocabulary(self, names: Sequence[str]) -> None:
+        """Switch the genes that ``gene_ids`` index (e.g. to held-out genes for zero-shot)."""
+        self.text.set_vocabulary(names)
+
+    def scale(self) -> torch.Tensor:
+        """exp(logit_scale) clamped to ``max_logit_scale`` (no gradient beyond it, as CLIP)."""
+        return self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised float (B, 3, H, W) → (B, embed_dim) L2-normalised (full branch only)."""
+        return self.vision.embed(images)
+
+    def encode_sentences(self, gene_ids: torch.Tensor, values: torch.Tensor, bins: torch.Tensor,
+                         pad: torch.Tensor) -> torch.Tensor:
+        """Gene sentences (B, L) → (B, embed_dim) L2-normalised."""
+        return self.text(gene_ids, values, bins, pad)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Losses of one batch: ``loss`` (total), ``loss_infonce``, ``loss_mfm``, ``loss_paat``
+        (0-tensors for parts switched off) and ``logit_scale`` (the clamped scale, detached)."""
+        missing = [k for k in BATCH_KEYS if k not in batch]
+        if missing:
+            raise KeyError(f"batch lacks {missing}; needs {list(BATCH_KEYS)}")
+        cfg = self.cfg
+        gene_ids, values, bins, pad = (batch[k] for k in BATCH_KEYS[1:])
+        vision = self.vision(batch["images"])
+        img = vision.embedding
+        tokens = self.text.token_embeddings(gene_ids, values, bins)
+        rep = self.text.encode_from_tokens(tokens, pad)
+        txt = self.text.project(rep)
+        scale = self.scale()
+        loss_paat = img.new_zeros(())
+        extra = extra_mask = None
+        if cfg.paat and (cfg.paat_shuffle_negatives or cfg.paat_discriminator):
+            shuffled_values, shuffled_bins, changed = shuffle_values(values, bins, pad)
+            shuffled_rep = self.text.encode_from_tokens(
+                self.text.token_embeddings(gene_ids, shuffled_values, shuffled_bins), pad)
+            if cfg.paat_shuffle_negatives:
+                extra, extra_mask = self.text.project(shuffled_rep), changed
+            if self.discriminator is not None:
+                loss_paat = loss_paat + self.discriminator.loss(rep, shuffled_rep, changed)
+        loss_infonce = info_nce(img, txt, scale, extra, extra_mask)
+        if cfg.paat and cfg.paat_adversarial:
+            img_fixed, scale_fixed = img.detach(), scale.detach()
+
+            def attacked_loss(perturbed: torch.Tensor) -> torch.Tensor:
+                return info_nce(img_fixed, self.text.project(self.text.encode_from_tokens(perturbed, pad)), scale_fixed)
+
+            delta = adversarial_delta(tokens, pad, attacked_loss, cfg.paat_epsilon, cfg.paat_steps)
+            adv_txt = self.text.project(self.text.encode_from_tokens(tokens + delta, pad))
+            loss_paat = loss_paat + info_nce(img, adv_txt, scale)
+        loss = loss_infonce + cfg.lambda_mfm * vision.loss_mfm + cfg.lambda_paat * loss_paat
+        return {"loss": loss, "loss_infonce": loss_infonce, "loss_mfm": vision.loss_mfm,
+                "loss_paat": loss_paat, "logit_scale": scale.detach()}

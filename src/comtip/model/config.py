@@ -1,0 +1,101 @@
+"""All options of the CoMTIP model in one dataclass, built from the config key ``model``.
+
+Every option has a default, so ``ModelConfig()`` is a working (small, CPU-friendly) model; the
+paper's settings differ where noted (ViT-B/32 backbone). ``ModelConfig.from_dict`` is the only
+way the pipeline builds one from YAML: it rejects unknown keys so a typo fails before training
+instead of silently running with the default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+NAME_ENCODERS = ("hash", "minilm")
+
+
+@dataclass
+class ModelConfig:
+    """Options of :class:`comtip.model.CoMTIP` (see ``docs/model.md`` for what each part does)."""
+
+    # Vision encoder (timm). The paper uses "vit_base_patch32_224"; the default is small for CPU.
+    vision_model: str = "vit_tiny_patch16_224"
+    image_size: int = 112
+    vision_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
+    pretrained_weights: str | None = None  # local .pt/.pth/.safetensors; None = random init
+    embed_dim: int = 256  # shared image-text space
+    # Masked Feature Modeling
+    mfm: bool = True
+    mask_ratio: float = 0.5
+    mfm_heads: int = 4
+    # Gene-Text Encoder
+    name_encoder: str = "hash"  # "hash" (character n-grams) | "minilm" (frozen sentence model)
+    name_ngrams: tuple[int, ...] = (2, 3, 4)
+    name_buckets: int = 8192
+    text_dim: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    text_ff: int = 256
+    dropout: float = 0.1
+    n_bins: int = 16
+    # Pair-aware Adversarial Training
+    paat: bool = True
+    paat_shuffle_negatives: bool = True
+    paat_discriminator: bool = True
+    paat_adversarial: bool = True
+    paat_epsilon: float = 0.05  # L-inf radius, relative to the RMS of the token embeddings
+    paat_steps: int = 1  # 1 = FGSM, > 1 = PGD
+    # Loss
+    lambda_mfm: float = 1.0
+    lambda_paat: float = 0.5
+    temperature_init: float = 0.07
+    max_logit_scale: float = 100.0
+
+    def __post_init__(self) -> None:
+        self.name_ngrams = tuple(int(n) for n in self.name_ngrams)
+        self.vision_kwargs = dict(self.vision_kwargs)
+        reserved = sorted({"img_size", "num_classes", "pretrained"} & set(self.vision_kwargs))
+        checks = [
+            ("vision_kwargs", not reserved, f"must not set {reserved}: use image_size / pretrained_weights"),
+            ("image_size", self.image_size >= 8, "must be >= 8"),
+            ("embed_dim", self.embed_dim >= 1, "must be >= 1"),
+            ("mask_ratio", 0.0 < self.mask_ratio < 1.0, "must be in (0, 1)"),
+            ("mfm_heads", self.mfm_heads >= 1, "must be >= 1"),
+            ("name_encoder", self.name_encoder in NAME_ENCODERS, f"must be one of {NAME_ENCODERS}"),
+            ("name_ngrams", bool(self.name_ngrams) and min(self.name_ngrams) >= 1, "must be non-empty, each >= 1"),
+            ("name_buckets", self.name_buckets >= 1, "must be >= 1"),
+            ("text_dim", self.text_dim >= 1, "must be >= 1"),
+            ("text_layers", self.text_layers >= 1, "must be >= 1"),
+            ("text_heads", self.text_heads >= 1 and self.text_dim % self.text_heads == 0,
+             "must be >= 1 and divide text_dim"),
+            ("text_ff", self.text_ff >= 1, "must be >= 1"),
+            ("dropout", 0.0 <= self.dropout < 1.0, "must be in [0, 1)"),
+            ("n_bins", self.n_bins >= 2, "must be >= 2 (bin 0 is zero expression)"),
+            ("paat_epsilon", self.paat_epsilon >= 0.0, "must be >= 0"),
+            ("paat_steps", self.paat_steps >= 1, "must be >= 1"),
+            ("lambda_mfm", self.lambda_mfm >= 0.0, "must be >= 0"),
+            ("lambda_paat", self.lambda_paat >= 0.0, "must be >= 0"),
+            ("temperature_init", self.temperature_init > 0.0, "must be > 0"),
+            ("max_logit_scale", self.max_logit_scale >= 1.0 / self.temperature_init,
+             "must be >= 1 / temperature_init"),
+        ]
+        for key, ok, why in checks:
+            if not ok:
+                raise ValueError(f"model config key '{key}': {getattr(self, key)!r} {why}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> ModelConfig:
+        """Build from a plain dict (YAML); unknown keys raise ValueError naming them."""
+        d = dict(d or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model config key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (lists for tuples) for checkpoints and YAML; ``from_dict`` reads it back."""
+        d = dataclasses.asdict(self)
+        d["name_ngrams"] = list(self.name_ngrams)
+        return d

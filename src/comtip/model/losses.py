@@ -1,0 +1,91 @@
+"""Contrastive loss (symmetric InfoNCE) with negatives gathered from every process.
+
+Notation: a process holds ``B`` L2-normalised image embeddings ``u_i`` and sentence embeddings
+``v_i``; gathered over ``W`` processes they are ``U`` and ``V`` (``W·B`` rows, this process's
+rows at offset ``r·B``, ``r`` = rank). With logit scale ``s`` (= 1 / temperature)::
+
+    L_i2t = -(1/B) Σ_i log( exp(s u_i·v_{rB+i}) / (Σ_j exp(s u_i·V_j) + Σ_k m_k exp(s u_i·N_k)) )
+    L_t2i = -(1/B) Σ_i log( exp(s v_i·u_{rB+i}) /  Σ_j exp(s v_i·U_j) )
+    L     = (L_i2t + L_t2i) / 2
+
+``N_k`` are optional extra text negatives (PAAT's shuffled sentences, gathered too) with a 0/1
+mask ``m_k``; they enter only the image→text direction because they are not the caption of any
+image. The mean of ``L`` over the processes is exactly the loss of the whole global batch
+computed in one process, so a single process and ``W`` processes train the same objective.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward returns this process's slice of the summed gradient.
+
+    Written here instead of ``torch.distributed.nn.functional.all_gather`` because that function
+    is deprecated in torch 2.14 (FutureWarning) and its gloo backward needs all-to-all; this one
+    uses only ``all_gather`` and ``all_reduce`` (every backend). The all-reduce sends ``W``× more
+    than a reduce-scatter would, which is negligible for (B, D) embeddings.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x)
+        ctx.rows = x.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = dist.get_rank() * ctx.rows
+        return grad[start:start + ctx.rows]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from all processes (rank order) keeping gradients; identity when not
+    distributed. Every process must pass the same shape (use ``drop_last`` in the sampler)."""
+    if not _distributed():
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+def _rank() -> int:
+    return dist.get_rank() if _distributed() else 0
+
+
+def info_nce(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor | float,
+             extra_txt_negatives: torch.Tensor | None = None,
+             extra_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE of paired, L2-normalised ``img`` (B, D) and ``txt`` (B, D).
+
+    See the module docstring for the formula. ``extra_txt_negatives`` (K, D) are appended to the
+    text candidates of every image (image→text direction only); ``extra_mask`` (K,) bool drops
+    some of them (e.g. single-gene sentences, whose shuffle equals the original) while keeping
+    the shapes equal across processes. Under torch.distributed all inputs are gathered with
+    gradients and the labels are offset by ``rank × B``.
+    """
+    if img.shape != txt.shape:
+        raise ValueError(f"img {tuple(img.shape)} and txt {tuple(txt.shape)} must have the same shape")
+    rows = img.shape[0]
+    labels = torch.arange(rows, device=img.device) + _rank() * rows
+    all_img, all_txt = gather_with_grad(img), gather_with_grad(txt)
+    logits_i2t = logit_scale * img @ all_txt.T
+    if extra_txt_negatives is not None:
+        extra = logit_scale * img @ gather_with_grad(extra_txt_negatives).T
+        if extra_mask is not None:
+            if extra_mask.shape != extra_txt_negatives.shape[:1]:
+                raise ValueError("extra_mask must have one entry per extra negative")
+            keep = gather_with_grad(extra_mask.to(extra.dtype)) > 0.5
+            extra = extra.masked_fill(~keep[None, :], float("-inf"))
+        logits_i2t = torch.cat([logits_i2t, extra], dim=1)
+    logits_t2i = logit_scale * txt @ all_img.T
+    return 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))

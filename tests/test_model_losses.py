@@ -1,0 +1,93 @@
+"""InfoNCE against explicit log-softmax arithmetic, and the gathered loss over 2 gloo processes."""
+
+from __future__ import annotations
+
+import datetime
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from comtip.model.losses import gather_with_grad, info_nce
+
+IMG = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+TXT = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+
+
+def _ce(logits: list[float], label: int) -> float:
+    """-log softmax(logits)[label], written out."""
+    return -logits[label] + math.log(sum(math.exp(z) for z in logits))
+
+
+def test_info_nce_matches_hand_computation():
+    # s = 2; logits image→text = 2·IMG·TXTᵀ = [[2, 1.2], [0, 1.6]]; text→image is its transpose
+    i2t = (_ce([2.0, 1.2], 0) + _ce([0.0, 1.6], 1)) / 2
+    t2i = (_ce([2.0, 0.0], 0) + _ce([1.2, 1.6], 1)) / 2
+    expected = (i2t + t2i) / 2
+    assert info_nce(IMG, TXT, 2.0).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_info_nce_extra_negatives_only_on_image_to_text_and_masked():
+    extra = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    mask = torch.tensor([True, False])  # the second extra negative is dropped
+    # extra logits 2·IMG·extraᵀ = [[0, 2], [2, 0]]; only column 0 survives
+    i2t = (_ce([2.0, 1.2, 0.0], 0) + _ce([0.0, 1.6, 2.0], 1)) / 2
+    t2i = (_ce([2.0, 0.0], 0) + _ce([1.2, 1.6], 1)) / 2
+    got = info_nce(IMG, TXT, torch.tensor(2.0), extra, mask)
+    assert got.item() == pytest.approx((i2t + t2i) / 2, rel=1e-6)
+    # without the mask both extra columns count
+    i2t_all = (_ce([2.0, 1.2, 0.0, 2.0], 0) + _ce([0.0, 1.6, 2.0, 0.0], 1)) / 2
+    assert info_nce(IMG, TXT, 2.0, extra).item() == pytest.approx((i2t_all + t2i) / 2, rel=1e-6)
+
+
+def test_gather_is_identity_without_distributed():
+    x = torch.randn(3, 4)
+    assert gather_with_grad(x) is x
+
+
+def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    img, txt, extra = (torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=1) for _ in range(3))
+    mask = torch.tensor([True, False, True, True])
+    return img, txt, extra, mask
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    out = Path(out_dir)
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                                timeout=datetime.timedelta(seconds=60))
+    except Exception as err:  # reported to the parent, which skips
+        (out / f"init_failed_{rank}").write_text(repr(err))
+        return
+    img, txt, extra, mask = _batch()
+    rows = slice(2 * rank, 2 * rank + 2)
+    mine = [t[rows].clone().requires_grad_(True) for t in (img, txt, extra)]
+    loss = info_nce(mine[0], mine[1], 3.0, mine[2], mask[rows])
+    loss.backward()
+    torch.save({"loss": loss.detach(), "grads": [t.grad for t in mine]}, out / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_process_loss_equals_one_process_loss(tmp_path):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    failed = sorted(tmp_path.glob("init_failed_*"))
+    if failed:
+        pytest.skip(f"gloo could not start: {failed[0].read_text()}")
+    img, txt, extra, mask = (t.clone() for t in _batch())
+    full = [t.clone().requires_grad_(True) for t in (img, txt, extra)]
+    full_loss = info_nce(full[0], full[1], 3.0, full[2], mask)
+    full_loss.backward()
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    # the mean of the per-process losses is the loss of the whole batch
+    assert ((ranks[0]["loss"] + ranks[1]["loss"]) / 2).item() == pytest.approx(full_loss.item(), rel=1e-5)
+    # gradients cross processes (rank 0's images are negatives of rank 1's texts and vice versa):
+    # each process gets d(sum of all processes' losses)/d(its rows) = W × the full-batch gradient
+    for which in range(3):
+        got = torch.cat([ranks[0]["grads"][which], ranks[1]["grads"][which]])
+        torch.testing.assert_close(got / 2, full[which].grad, rtol=1e-5, atol=1e-6)
