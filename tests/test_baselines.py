@@ -1,0 +1,122 @@
+"""Baselines: the mean, HEST's ridge probe (scaler → PCA → no-intercept lsqr ridge) and BLEEP /
+mclSTExp retrieval on hand-made examples."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from comtip.baselines import bleep_retrieval, fit_hest_ridge, hest_ridge, mclstexp_retrieval, mean_baseline
+
+
+def test_mean_baseline():
+    train = np.array([[1.0, 4.0], [3.0, 0.0]])
+    pred = mean_baseline(train, 3)
+    np.testing.assert_array_equal(pred, [[2.0, 2.0]] * 3)
+    pred[0, 0] = 9.0  # a writable copy, not a view of one row
+    assert pred[1, 0] == 2.0
+
+
+def _linear_data(n: int, d: int, g: int, seed: int, noise: float = 0.1):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)) * rng.uniform(0.5, 3.0, size=d) + rng.normal(size=d) * 5  # scaled, shifted features
+    w = rng.normal(size=(d, g))
+    y = (x - x.mean(axis=0)) @ w
+    return x, y + noise * rng.normal(size=y.shape), w
+
+
+def test_hest_ridge_recovers_linear_map():
+    x, y, _ = _linear_data(600, 20, 5, seed=0)
+    pred = hest_ridge(x[:400], y[:400], x[400:], pca_dim=256)
+    truth = y[400:]
+    r2 = 1 - ((pred - truth) ** 2).sum(axis=0) / ((truth - truth.mean(axis=0)) ** 2).sum(axis=0)
+    assert (r2 > 0.9).all(), r2
+
+
+def test_hest_ridge_pca_dims_and_alpha():
+    x, y, _ = _linear_data(50, 80, 3, seed=1)
+    probe = fit_hest_ridge(x, y, pca_dim=256)
+    assert probe.components.shape == (49, 80)  # min(256, n_train - 1, D)
+    assert probe.alpha == pytest.approx(100.0 / (49 * 3))  # alpha from the dimension AFTER PCA
+    np.testing.assert_allclose(probe.components @ probe.components.T, np.eye(49), atol=1e-8)
+    assert fit_hest_ridge(x, y, pca_dim=10).components.shape == (10, 80)
+    scores = probe.transform(x)
+    np.testing.assert_allclose(scores.mean(axis=0), 0.0, atol=1e-8)  # centred training scores
+
+
+def test_hest_ridge_matches_closed_form_ridge():
+    """LSQR with damp = √alpha solves min ‖Xb − y‖² + alpha‖b‖² (sklearn Ridge, no intercept), up to
+    its stopping tolerance 1e-4 (as sklearn: an approximate solve, not the closed form)."""
+    x, y, _ = _linear_data(200, 12, 4, seed=2, noise=1.0)
+    probe = fit_hest_ridge(x, y, pca_dim=8, alpha_scale=100.0)
+    z = probe.transform(x)
+    closed = np.linalg.solve(z.T @ z + probe.alpha * np.eye(8), z.T @ y)
+    np.testing.assert_allclose(probe.coef, closed, rtol=0, atol=1e-3 * np.abs(closed).max())
+
+
+def test_hest_ridge_has_no_intercept_unless_asked():
+    """HEST's probe cannot represent a gene's mean level (centred scores, no intercept)."""
+    x, y, _ = _linear_data(300, 10, 2, seed=3)
+    y = y + 7.0
+    hest = hest_ridge(x[:200], y[:200], x[200:])
+    assert abs(hest.mean() - 7.0) > 5.0  # predictions near 0, not near 7
+    with_intercept = hest_ridge(x[:200], y[:200], x[200:], fit_intercept=True)
+    np.testing.assert_allclose(with_intercept.mean(axis=0), y[200:].mean(axis=0), atol=0.3)
+    np.testing.assert_allclose(with_intercept - with_intercept.mean(0), hest - hest.mean(0), atol=0.02)  # lsqr tol
+
+
+def test_hest_ridge_constant_feature_is_harmless():
+    x, y, _ = _linear_data(100, 6, 2, seed=4)
+    x[:, 2] = 3.0
+    assert np.isfinite(hest_ridge(x, y, x)).all()
+
+
+# reference: 5 spots on the unit circle in 2-D, with 2 genes
+ANGLES = np.array([0.0, 0.1, 0.3, 1.5, 3.0])
+REF = np.stack([np.cos(ANGLES), np.sin(ANGLES)], axis=1)
+REF_VALUES = np.array([[1.0, 0.0], [2.0, 10.0], [4.0, 20.0], [8.0, 30.0], [16.0, 40.0]])
+
+
+def test_bleep_average_is_exact_mean_of_top_k():
+    query = np.array([[np.cos(0.05), np.sin(0.05)], [np.cos(2.9), np.sin(2.9)]]) * 3.0  # scale must not matter
+    pred = bleep_retrieval(REF * 2.0, REF_VALUES, query, k=3)
+    np.testing.assert_allclose(pred[0], REF_VALUES[[0, 1, 2]].mean(axis=0))  # angles 0, 0.1, 0.3 closest to 0.05
+    np.testing.assert_allclose(pred[1], REF_VALUES[[4, 3, 2]].mean(axis=0))  # 3.0, 1.5, 0.3 closest to 2.9
+
+
+def test_bleep_simple_and_weighted():
+    query = np.array([[np.cos(0.12), np.sin(0.12)]])
+    np.testing.assert_allclose(bleep_retrieval(REF, REF_VALUES, query, method="simple"), REF_VALUES[[1]])
+    pred = bleep_retrieval(REF, REF_VALUES, query, k=2, method="weighted")
+    d2 = ((REF[[1, 0]] - query) ** 2).sum(axis=1)  # top-2: angle 0.1 then 0.0
+    w = np.exp(-(d2 - d2.min() + 1))  # BLEEP's formula, e^-1 included
+    np.testing.assert_allclose(pred[0], (w[:, None] * REF_VALUES[[1, 0]]).sum(0) / w.sum())
+
+
+def test_mclstexp_inverse_square_l1_weights():
+    query = np.array([[np.cos(0.2), np.sin(0.2)]])
+    pred = mclstexp_retrieval(REF, REF_VALUES, query, k=3)
+    a = np.abs(REF[[2, 1, 0]] - query).sum(axis=1)
+    w = 1 / a ** 2
+    np.testing.assert_allclose(pred[0], (w[:, None] * REF_VALUES[[2, 1, 0]]).sum(0) / w.sum())
+    exact = mclstexp_retrieval(REF, REF_VALUES, REF[[3]], k=3)  # distance 0: the exact match only
+    np.testing.assert_allclose(exact[0], REF_VALUES[3])
+
+
+def test_retrieval_blocks_match_one_pass(monkeypatch):
+    rng = np.random.default_rng(5)
+    ref, values, query = rng.normal(size=(40, 4)), rng.normal(size=(40, 3)), rng.normal(size=(25, 4))
+    full = bleep_retrieval(ref, values, query, k=5)
+    monkeypatch.setattr("comtip.baselines.RETRIEVAL_BLOCK", 7)
+    np.testing.assert_allclose(bleep_retrieval(ref, values, query, k=5), full)
+
+
+def test_retrieval_rejects_bad_input():
+    with pytest.raises(ValueError, match="k must be"):
+        bleep_retrieval(REF, REF_VALUES, REF, k=6)
+    with pytest.raises(ValueError, match="method"):
+        bleep_retrieval(REF, REF_VALUES, REF, method="median")
+    with pytest.raises(ValueError, match="width"):
+        mclstexp_retrieval(REF, REF_VALUES, np.ones((1, 3)), k=2)
+    with pytest.raises(ValueError, match="all zeros"):
+        bleep_retrieval(REF, REF_VALUES, np.zeros((1, 2)), k=2)
