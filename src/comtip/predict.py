@@ -1,0 +1,206 @@
+"""Predicted expression as AnnData that scanpy / squidpy read like a measured Visium sample.
+
+Two producers:
+
+* :func:`write_prediction_h5ad` — predictions for the spots of a measured sample (any method),
+  with the spots' coordinates and images copied from ``spots.h5ad`` so that
+  ``sc.pl.spatial`` draws predicted and measured expression the same way.
+* :func:`predict_slide` — "virtual Visium" for an H&E-only slide: one observation per tissue
+  tile of ``tiles.parquet``, predicted from the patch centred on the tile, plus a PNG map.
+
+Values are on the scale the models are trained on: normalised log1p(counts / library × 1e4)
+("log1p_cp10k"), stated in ``uns["comtip_prediction"]["scale"]``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from comtip.atomic import atomic_path, atomic_paths
+from comtip.errors import PipelineInputError
+from comtip.slide import open_slide, resolve_mpp
+
+log = logging.getLogger(__name__)
+
+SCALE = "log1p_cp10k"
+SCALE_DESCRIPTION = "log1p(counts / total counts of the spot * 1e4), as gene_sentences.npz panel_values"
+# obs columns of spots.h5ad that describe where a spot is (not what was measured in it)
+GEOMETRY_OBS = ("in_tissue", "array_row", "array_col")
+TILE_OBS = ("row", "col", "tissue_fraction")
+
+
+def _check_prediction(pred: np.ndarray, genes: Sequence[str]) -> np.ndarray:
+    pred = np.asarray(pred, dtype=np.float32)
+    if pred.ndim != 2 or pred.shape[1] != len(genes):
+        raise ValueError(f"predictions of shape {pred.shape} do not match {len(genes)} genes")
+    if len(set(genes)) != len(genes):
+        raise ValueError("gene names must be unique")
+    if not np.isfinite(pred).all():
+        raise ValueError(f"{int((~np.isfinite(pred)).sum())} predicted values are not finite")
+    return pred
+
+
+def _first_mismatch(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    differs = np.flatnonzero(a[:n] != b[:n])
+    return int(differs[0]) if len(differs) else n
+
+
+def _at(values: np.ndarray, i: int) -> str | None:
+    return str(values[i]) if i < len(values) else None
+
+
+def write_prediction_h5ad(out_path: str | Path, pred: np.ndarray, genes: Sequence[str], spots_h5ad: str | Path,
+                          method: str, extra_uns: dict[str, Any] | None = None, *,
+                          barcodes: Sequence[str] | None = None) -> ad.AnnData:
+    """Write the (N, G) predictions for the spots of ``spots_h5ad`` as an h5ad; return it.
+
+    Rows of ``pred`` are the spots of ``spots_h5ad`` in its row order (the order of
+    spot_patches.npy and gene_sentences.npz); ``barcodes``, when given (e.g. gene_sentences.npz
+    ``barcodes``), must equal the spots' barcodes in that order, otherwise nothing is written.
+    ``obsm["spatial"]``, ``uns["spatial"]`` (scale factors, low-res image), ``uns["comtip"]`` and
+    the spot-geometry obs columns are copied, so the file plots like the measured sample.
+    """
+    pred = _check_prediction(pred, genes)
+    spots = ad.read_h5ad(spots_h5ad, backed="r")
+    try:
+        obs_names = pd.Index(spots.obs_names)
+        if len(obs_names) != len(pred):
+            raise PipelineInputError(f"{len(pred)} predicted rows for {len(obs_names)} spots", path=spots_h5ad)
+        if barcodes is not None:
+            given, expected = np.asarray(barcodes, dtype=str), obs_names.to_numpy(dtype=str)
+            if len(given) != len(expected) or not np.array_equal(given, expected):
+                first = _first_mismatch(given, expected)
+                raise PipelineInputError(
+                    f"prediction rows are not aligned with the spots: row {first} is barcode "
+                    f"{_at(given, first)!r} in the predictions but {_at(expected, first)!r} here "
+                    f"({len(given)} vs {len(expected)} rows)", path=spots_h5ad)
+        if "spatial" not in spots.obsm:
+            raise PipelineInputError('obsm["spatial"] is missing', path=spots_h5ad)
+        obs = spots.obs[[c for c in GEOMETRY_OBS if c in spots.obs]].copy()
+        spatial = np.asarray(spots.obsm["spatial"], dtype=np.float64)
+        uns = {key: spots.uns[key] for key in ("spatial", "comtip") if key in spots.uns}
+    finally:
+        spots.file.close()
+    adata = ad.AnnData(X=pred, obs=obs, var=pd.DataFrame(index=pd.Index(list(genes), dtype=str)))
+    adata.obsm["spatial"] = spatial
+    adata.uns.update(uns)
+    adata.uns["comtip_prediction"] = {"method": method, "scale": SCALE, "scale_description": SCALE_DESCRIPTION,
+                                      "spots_h5ad": str(Path(spots_h5ad).absolute()), **(extra_uns or {})}
+    with atomic_path(out_path) as tmp:
+        adata.write_h5ad(tmp)
+    return adata
+
+
+def _tile_centres(tiles: pd.DataFrame) -> np.ndarray:
+    return np.column_stack([tiles["x"] + tiles["size"] / 2, tiles["y"] + tiles["size"] / 2]).astype(np.float64)
+
+
+def predict_slide(slide_path: str | Path, tiles_parquet: str | Path, out_h5ad: str | Path, out_png: str | Path, *,
+                  sample: str, predictor: Callable[[np.ndarray], np.ndarray], genes: Sequence[str],
+                  mpp: float | None, patch_size_px: int, patch_mpp: float, method: str, batch_size: int = 64,
+                  map_genes: Sequence[str] | None = None, thumbnail_max_px: int = 1200) -> ad.AnnData:
+    """Virtual Visium: predict every tissue tile of an H&E-only slide; write an h5ad and a map.
+
+    For each tile of ``tiles_parquet`` (from :func:`comtip.tiling.tile_slide`) the patch of
+    ``patch_size_px`` px at ``patch_mpp`` µm/px centred on the tile centre is read — the
+    geometry the model was trained on, whatever the tile size — and ``predictor`` (uint8
+    (B, H, W, 3) → (B, G)) is run ``batch_size`` tiles at a time, so memory does not grow with
+    the slide. Level-0 µm/px is ``mpp`` (sample sheet) or else the slide's metadata.
+
+    The h5ad has one observation per tile (obs ``row``, ``col``, ``tissue_fraction``),
+    ``obsm["spatial"]`` = tile centres in level-0 px, X = predictions, and ``uns["spatial"]``
+    with a thumbnail as the "hires" image so that ``sc.pl.spatial`` draws it. The PNG shows
+    ``map_genes`` (default: the first three genes) at the tile positions over the thumbnail.
+    """
+    tiles = pd.read_parquet(tiles_parquet)
+    missing = [c for c in ("x", "y", "size", *TILE_OBS) if c not in tiles]
+    if missing:
+        raise PipelineInputError(f"tiles table lacks columns {missing}", sample=sample, path=tiles_parquet)
+    if tiles.empty:
+        raise PipelineInputError("no tissue tile to predict", sample=sample, path=tiles_parquet)
+    genes = [str(g) for g in genes]
+    map_genes = list(genes[:3] if map_genes is None else map_genes)
+    unknown = [g for g in map_genes if g not in genes]
+    if unknown:
+        raise ValueError(f"map_genes {unknown} are not predicted genes")
+    centres = _tile_centres(tiles)
+    with open_slide(slide_path, sample=sample) as slide:
+        level0_mpp, mpp_source = resolve_mpp(sheet_mpp=mpp, slide_mpp=slide.metadata_mpp, spot_diameter_px=None,
+                                             spot_diameter_um=None, sample=sample, path=slide_path)
+        side = patch_size_px * patch_mpp / level0_mpp
+        parts = []
+        for start in range(0, len(tiles), batch_size):
+            batch = np.stack([slide.read_region_scaled(x - side / 2, y - side / 2, side, side, patch_size_px,
+                                                       patch_size_px) for x, y in centres[start:start + batch_size]])
+            parts.append(np.asarray(predictor(batch), dtype=np.float32))
+        thumb, (sx, sy) = slide.thumbnail(max(1.0, max(slide.dimensions) / thumbnail_max_px))
+    pred = _check_prediction(np.concatenate(parts), genes)
+    log.info("[%s] predicted %d genes on %d tiles (patches of %d px at %.3g µm/px, level-0 %.4g µm/px from %s)",
+             sample, len(genes), len(tiles), patch_size_px, patch_mpp, level0_mpp, mpp_source)
+
+    tile_size = float(tiles["size"].median())
+    obs = tiles[list(TILE_OBS)].reset_index(drop=True)
+    obs.index = [f"tile_{r}_{c}" for r, c in zip(obs["row"], obs["col"])]
+    adata = ad.AnnData(X=pred, obs=obs, var=pd.DataFrame(index=pd.Index(genes, dtype=str)))
+    adata.obsm["spatial"] = centres
+    adata.uns["spatial"] = {sample: {
+        "images": {"hires": thumb},
+        "scalefactors": {"tissue_hires_scalef": 2.0 / (sx + sy), "spot_diameter_fullres": tile_size},
+        "metadata": {"source": str(Path(slide_path).absolute())},
+    }}
+    adata.uns["comtip_prediction"] = {
+        "method": method, "scale": SCALE, "scale_description": SCALE_DESCRIPTION, "sample": sample,
+        "slide_path": str(Path(slide_path).absolute()), "mpp": level0_mpp, "mpp_source": mpp_source,
+        "tile_size_px": tile_size, "patch_size_px": int(patch_size_px), "patch_mpp": float(patch_mpp),
+    }
+    figure = spatial_map(thumb, (sx, sy), tiles, pred[:, [genes.index(g) for g in map_genes]], map_genes, sample)
+    with atomic_paths(out_h5ad, out_png) as (tmp_h5ad, tmp_png):
+        adata.write_h5ad(tmp_h5ad)
+        figure.savefig(tmp_png, format="png", dpi=100)
+    return adata
+
+
+def spatial_map(thumb: np.ndarray, scale: tuple[float, float], tiles: pd.DataFrame, values: np.ndarray,
+                names: Sequence[str], title: str) -> Figure:
+    """One panel per gene: the tiles coloured by predicted value over the slide thumbnail.
+
+    Drawn on a Figure with its own Agg canvas, not through pyplot: no display is needed (cluster
+    nodes) and the caller's pyplot backend and open figures are left alone.
+
+    Tiles are drawn as an image on the tile grid (``row``, ``col``; no-tissue cells transparent),
+    placed with the tiles' level-0 positions, so each tile covers exactly its footprint.
+    """
+    size = float(tiles["size"].median())
+    rows, cols = tiles["row"].to_numpy(int), tiles["col"].to_numpy(int)
+    r0, c0 = rows.min(), cols.min()
+    left = float(np.median(tiles["x"] - (cols - c0) * size))
+    top = float(np.median(tiles["y"] - (rows - r0) * size))
+    n_rows, n_cols = rows.max() - r0 + 1, cols.max() - c0 + 1
+    extent = (left / scale[0], (left + n_cols * size) / scale[0], (top + n_rows * size) / scale[1], top / scale[1])
+    aspect = thumb.shape[0] / thumb.shape[1]
+    figure = Figure(figsize=(4.5 * len(names), 4.5 * aspect + 0.6))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, len(names), squeeze=False)
+    for k, (ax, name) in enumerate(zip(axes[0], names)):
+        grid = np.full((n_rows, n_cols), np.nan)
+        grid[rows - r0, cols - c0] = values[:, k]
+        ax.imshow(thumb)
+        shown = ax.imshow(np.ma.masked_invalid(grid), extent=extent, cmap="viridis", alpha=0.75,
+                          interpolation="nearest")
+        ax.set_xlim(0, thumb.shape[1])
+        ax.set_ylim(thumb.shape[0], 0)
+        ax.set_title(name)
+        ax.set_axis_off()
+        figure.colorbar(shown, ax=ax, fraction=0.046, pad=0.02, label=f"predicted {SCALE}")
+    figure.suptitle(f"{title}: predicted expression")
+    return figure
