@@ -21,6 +21,9 @@ prepend_pythonpath(Path(workflow.basedir) / "src")
 configfile: "config/config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 validate_config(config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
 
 
@@ -30,6 +33,10 @@ include: "workflow/rules/ingest.smk"
 include: "workflow/rules/tiling.smk"
 include: "workflow/rules/patches.smk"
 include: "workflow/rules/sentences.smk"
+include: "workflow/rules/pretrain.smk"
+include: "workflow/rules/finetune.smk"
+include: "workflow/rules/predict.smk"
+include: "workflow/rules/evaluate.smk"
 
 
 rule all:

@@ -142,7 +142,8 @@ def tile_slide(slide_path: str | Path, spots_h5ad: str | Path | None, out_mask: 
                thumbnail_max_px: int = 1600) -> pd.DataFrame:
     """Write the tissue mask, the tile grid and the overlay thumbnail of one slide.
 
-    µm/px comes from ``spots.h5ad`` (decided at ingest) when given, else from ``mpp``.
+    µm/px comes from ``spots.h5ad`` (decided at ingest) when given, else from ``mpp`` (sample
+    sheet), else from the slide's metadata; H&E-only samples have no spot geometry to fall back on.
     """
     spots_xy, spot_diameter = None, 0.0
     if spots_h5ad is not None:
@@ -152,9 +153,12 @@ def tile_slide(slide_path: str | Path, spots_h5ad: str | Path | None, out_mask: 
         spots_xy = np.asarray(spots.obsm["spatial"], dtype=np.float64)
         spot_diameter = float(info["spot_diameter_px"])
         spots.file.close()
-    if mpp is None:
-        raise PipelineInputError("no µm/px known for this slide", sample=sample, path=slide_path)
     with open_slide(slide_path, sample=sample) as slide:
+        if mpp is None:
+            mpp = slide.metadata_mpp
+        if mpp is None:
+            raise PipelineInputError("no µm/px for this slide: its metadata has none and there is no Space Ranger "
+                                     "output; set `mpp` in the sample sheet", sample=sample, path=slide_path)
         mask_rgb, mask_scale = slide.thumbnail(tissue.mask_mpp / mpp)
         thumb_down = max(1.0, max(slide.dimensions) / thumbnail_max_px)
         thumb, thumb_scale = slide.thumbnail(thumb_down)

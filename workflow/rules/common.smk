@@ -24,7 +24,7 @@ wildcard_constraints:
 
 def all_outputs(wildcards):
     """Per-sample outputs of every stage implemented so far."""
-    files = ["results/genes/gene_panel.tsv"]
+    files = ["results/genes/gene_panel.tsv", f"results/models/pretrain/{PRETRAIN_MODEL}.pt"]
     for sample in ST_SAMPLES:
         files += [
             f"results/{sample}/spots.h5ad",
@@ -35,6 +35,9 @@ def all_outputs(wildcards):
             f"results/{sample}/spot_patches.parquet",
             f"results/{sample}/gene_sentences.npz",
         ]
+    if TEST_SAMPLES:
+        files += ["results/evaluation/summary.tsv", "results/evaluation/summary_pearson.png"]
+    files += [f"results/predictions/{s}/virtual_visium.h5ad" for s in PREDICT_SAMPLES]
     return files
 
 
@@ -56,6 +59,14 @@ def spaceranger_inputs(wildcards):
     """The outs/ files ingest reads (h5 or mtx matrix, v1 or v2 positions, scale factors)."""
     files = spaceranger_files(SAMPLES.loc[wildcards.sample, "spaceranger_dir"])
     return {role: str(path) for role, path in files.items()}
+
+
+def tiling_inputs(wildcards):
+    """The slide, and spots.h5ad (µm/px, spots to draw) for samples with Space Ranger output."""
+    inputs = {"slide": slide_path(wildcards)}
+    if wildcards.sample in ST_SAMPLES:
+        inputs["spots"] = f"results/{wildcards.sample}/spots.h5ad"
+    return inputs
 
 
 def spaceranger_dir(wildcards):
@@ -85,3 +96,100 @@ def demo_seed(wildcards):
 def demo_sample_dir(wildcards, output):
     """The folder simulate_demo_sample fills: the one holding the slide."""
     return str(Path(output.slide).parent)
+
+
+# -- pretraining ---------------------------------------------------------------------------------
+
+from comtip.training.config import model_config_from_yaml  # noqa: E402
+
+# One pretrained model for now; the {model} wildcard leaves room for variants.
+PRETRAIN_MODEL = "comtip"
+# Checked now, so a wrong `model` key stops the run before any job, naming the key.
+MODEL_CONFIG = model_config_from_yaml(config["model"], gene_bins=config["genes"]["n_bins"]).to_dict()
+
+
+wildcard_constraints:
+    model="[A-Za-z0-9_-]+",
+
+
+def training_inputs(wildcards):
+    """Patches, patch index and gene sentences of the training samples only, in sheet order:
+    pretraining never sees a val/test slide."""
+    train = samples_with_split("train")
+    return {
+        "patches": [f"results/{s}/spot_patches.npy" for s in train],
+        "index": [f"results/{s}/spot_patches.parquet" for s in train],
+        "sentences": [f"results/{s}/gene_sentences.npz" for s in train],
+    }
+
+
+# -- fine-tuning, prediction, evaluation -------------------------------------------------------
+
+from comtip.finetune import FinetuneConfig  # noqa: E402
+from comtip.methods import BASELINE_METHODS  # noqa: E402
+
+TEST_SAMPLES = samples_with_split("test")
+PREDICT_SAMPLES = [s for s in SAMPLES.index if SAMPLES.loc[s, "split"] == "predict" and s not in ST_SAMPLES]
+METHODS = list(config["evaluate"]["methods"])
+FINETUNE_MODES = [m.removeprefix("finetune_") for m in METHODS if m.startswith("finetune_")]
+if PREDICT_SAMPLES and config["evaluate"]["slide_model"] not in FINETUNE_MODES:
+    FINETUNE_MODES.append(config["evaluate"]["slide_model"])
+# Checked now, so a wrong `finetune` key stops the run before any job, naming the key.
+for _mode in ("linear", "full"):
+    FinetuneConfig.from_dict({**config["finetune"], "mode": _mode, "seed": config["seed"]}).check()
+
+
+wildcard_constraints:
+    mode="linear|full",
+    encoder="comtip|random",
+
+
+def finetune_params(wildcards):
+    return {**config["finetune"], "mode": wildcards.mode, "seed": config["seed"]}
+
+
+def _pairs(samples):
+    return {
+        "patches": [f"results/{s}/spot_patches.npy" for s in samples],
+        "sentences": [f"results/{s}/gene_sentences.npz" for s in samples],
+    }
+
+
+def finetune_inputs(wildcards):
+    """Training slides to fit on, validation slides for early stopping."""
+    train, val = _pairs(samples_with_split("train")), _pairs(samples_with_split("val"))
+    return {"train_patches": train["patches"], "train_sentences": train["sentences"],
+            "val_patches": val["patches"], "val_sentences": val["sentences"]}
+
+
+def baseline_inputs(wildcards):
+    """What each comparison method learns from: training sentences, and embeddings where needed."""
+    method = wildcards.method
+    inputs = {"train_sentences": _pairs(samples_with_split("train"))["sentences"]}
+    encoder = method.split("_", 1)[1] if "_" in method else "comtip"
+    if method != "mean":
+        inputs["test_embedding"] = f"results/embeddings/{encoder}/{wildcards.sample}.npz"
+    if method.startswith(("ridge_", "bleep_")):
+        inputs["train_embeddings"] = [f"results/embeddings/{encoder}/{s}.npz" for s in samples_with_split("train")]
+    if method == "zeroshot":
+        inputs["checkpoint"] = f"results/models/pretrain/{PRETRAIN_MODEL}.pt"
+    return inputs
+
+
+def prediction_files():
+    return {(s, m): f"results/predictions/{s}/{m}.h5ad" for s in TEST_SAMPLES for m in METHODS}
+
+
+def evaluation_inputs(wildcards):
+    return {
+        "predictions": list(prediction_files().values()),
+        "truth": [f"results/{s}/gene_sentences.npz" for s in TEST_SAMPLES],
+    }
+
+
+def figure_inputs(wildcards):
+    return {
+        **evaluation_inputs(wildcards),
+        "spots": [f"results/{s}/spots.h5ad" for s in TEST_SAMPLES],
+        "finetune_metrics": [f"results/models/finetune/{m}.metrics.tsv" for m in FINETUNE_MODES],
+    }

@@ -1,14 +1,14 @@
 rule tile_slide:
     """Tissue mask at low resolution, tile grid at the target µm/px, thumbnail with spots drawn."""
     input:
-        spots="results/{sample}/spots.h5ad",
-        slide=slide_path,
+        unpack(tiling_inputs),
     output:
         mask="results/{sample}/tissue_mask.png",
         tiles="results/{sample}/tiles.parquet",
-        thumbnail="results/{sample}/thumbnail.png",
+        thumbnail=report("results/{sample}/thumbnail.png", caption="../report/thumbnail.rst", category="Thumbnails"),
     params:
         tiling=config["tiling"],
+        mpp=sample_mpp,
     log:
         "logs/tile_slide/{sample}.log",
     benchmark:

@@ -7,11 +7,12 @@ with rule_logging(snakemake.log[0]):
     cfg = dict(snakemake.params.tiling)
     tile_slide(
         snakemake.input.slide,
-        snakemake.input.spots,
+        snakemake.input.get("spots"),  # absent for H&E-only (predict) samples
         snakemake.output.mask,
         snakemake.output.tiles,
         snakemake.output.thumbnail,
         sample=snakemake.wildcards.sample,
+        mpp=snakemake.params.mpp,
         tile_px=cfg.pop("tile_px"),
         tile_mpp=cfg.pop("tile_mpp"),
         min_tissue_fraction=cfg.pop("min_tissue_fraction"),

@@ -1,0 +1,134 @@
+"""Evaluation run and the report's figures: metrics tables, bar chart, spatial maps, curves.
+
+Every figure's title says which slides and genes it shows; genes for the maps are chosen from
+training statistics (top highly expressed genes of the panel), never by test performance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import anndata as ad
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from comtip.atomic import atomic_path, atomic_paths  # noqa: E402
+from comtip.evaluate import evaluate_predictions, gene_sets_from_panel, summarise  # noqa: E402
+from comtip.genes import read_panel  # noqa: E402
+
+
+def run_evaluation(truth_npzs: Mapping[str, str | Path], predictions: Mapping[tuple[str, str], str | Path],
+                   panel_tsv: str | Path, out_metrics: str | Path, out_summary: str | Path) -> pd.DataFrame:
+    """Per slide × gene × method metrics and the per-method summary over the gene sets."""
+    panel = read_panel(panel_tsv)
+    genes = list(panel["gene"])
+    truth = {}
+    for sample, path in truth_npzs.items():
+        arrays = np.load(path)
+        if list(arrays["panel_genes"]) != genes:
+            raise ValueError(f"{Path(path).absolute()}: panel genes differ from {Path(panel_tsv).absolute()}")
+        truth[sample] = arrays["panel_values"]
+    preds = {}
+    for (sample, method), path in predictions.items():
+        pred = ad.read_h5ad(path)
+        if list(pred.var_names) != genes:
+            raise ValueError(f"{Path(path).absolute()}: predicted genes differ from the panel")
+        preds[(sample, method)] = np.asarray(pred.X, dtype=np.float64)
+    metrics = evaluate_predictions(truth, preds, genes)
+    summary = summarise(metrics, gene_sets_from_panel(panel))
+    with atomic_paths(out_metrics, out_summary) as (tmp_metrics, tmp_summary):
+        metrics.to_csv(tmp_metrics, sep="\t", index=False)
+        summary.to_csv(tmp_summary, sep="\t", index=False)
+    return summary
+
+
+def summary_bar_chart(summary_tsv: str | Path, out_png: str | Path, slides: Sequence[str]) -> None:
+    """Mean Pearson per method, one group of bars per gene set, error bars = std over slides."""
+    summary = pd.read_csv(summary_tsv, sep="\t")
+    sets = list(dict.fromkeys(summary["gene_set"]))
+    methods = list(dict.fromkeys(summary["method"]))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(methods) * len(sets) / 2), 4))
+    width = 0.8 / len(methods)
+    for k, method in enumerate(methods):
+        rows = summary[summary["method"] == method].set_index("gene_set").reindex(sets)
+        ax.bar(np.arange(len(sets)) + k * width, rows["pearson_mean"], width,
+               yerr=rows["pearson_std_slides"].fillna(0), label=method, capsize=2)
+    ax.set_xticks(np.arange(len(sets)) + width * (len(methods) - 1) / 2, sets)
+    ax.set_ylabel("mean Pearson r (per gene, averaged)")
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.set_title(f"Test slides: {', '.join(slides)}", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def map_genes(panel_tsv: str | Path, n: int) -> list[str]:
+    """The ``n`` most expressed panel genes on the training slides (held-out genes excluded)."""
+    panel = read_panel(panel_tsv)
+    return list(panel[~panel["heldout"]].sort_values("mean_rank")["gene"].head(n))
+
+
+def spatial_maps(sample: str, truth_npz: str | Path, spots_h5ad: str | Path,
+                 predictions: Mapping[str, str | Path], genes: Sequence[str], out_png: str | Path) -> None:
+    """Truth and every method's prediction for ``genes`` at the spot positions of one slide."""
+    spots = ad.read_h5ad(spots_h5ad, backed="r")
+    xy = np.asarray(spots.obsm["spatial"])
+    truth = np.load(truth_npz)
+    panel = list(truth["panel_genes"])
+    columns = {"truth": truth["panel_values"]}
+    for method, path in predictions.items():
+        columns[method] = np.asarray(ad.read_h5ad(path).X)
+    fig, axes = plt.subplots(len(genes), len(columns), figsize=(2.2 * len(columns), 2.2 * len(genes)),
+                             squeeze=False)
+    size = max(2.0, 6000.0 / max(len(xy), 1))
+    for r, gene in enumerate(genes):
+        j = panel.index(gene)
+        for c, (name, values) in enumerate(columns.items()):
+            ax = axes[r, c]
+            ax.scatter(xy[:, 0], xy[:, 1], c=values[:, j], s=size, cmap="viridis", linewidths=0)
+            ax.set_aspect("equal")
+            ax.invert_yaxis()
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(name, fontsize=8)
+            if c == 0:
+                ax.set_ylabel(gene, fontsize=8)
+    fig.suptitle(f"{sample}: truth vs predictions (log1p CP10k), top expressed training genes", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def training_curves(pretrain_metrics: str | Path, finetune_metrics: Mapping[str, str | Path],
+                    out_png: str | Path) -> None:
+    """Pretraining loss terms per step and fine-tuning train/val loss per epoch."""
+    pre = pd.read_csv(pretrain_metrics, sep="\t")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for column in ("loss", "loss_infonce", "loss_mfm", "loss_paat"):
+        if column in pre and pre[column].abs().sum() > 0:
+            axes[0].plot(pre["step"], pre[column], label=column)
+    axes[0].set_xlabel("optimiser step")
+    axes[0].set_title("Pretraining (training slides)", fontsize=9)
+    axes[0].legend(fontsize=7)
+    for mode, path in finetune_metrics.items():
+        table = pd.read_csv(path, sep="\t")
+        axes[1].plot(table["epoch"], table["train_loss"], label=f"{mode} train")
+        if table["val_loss"].notna().any():
+            axes[1].plot(table["epoch"], table["val_loss"], linestyle="--", label=f"{mode} val")
+    axes[1].set_xlabel("epoch")
+    axes[1].set_ylabel("MSE")
+    axes[1].set_title("Fine-tuning (train / validation slides)", fontsize=9)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

@@ -1,0 +1,109 @@
+"""The prediction methods compared by the pipeline, each as one function the rules call.
+
+Every method predicts the normalised (log1p CP10k) expression of all panel genes for the spots of
+one test sample, from what the training samples teach it; nothing here looks at test expression.
+
+| method | what it is |
+|---|---|
+| ``mean`` | mean expression of the training spots (the floor any method must beat) |
+| ``ridge_{encoder}`` | HEST-Benchmark probe on frozen image features: StandardScaler → PCA 256 → ridge |
+| ``bleep_{encoder}`` | BLEEP retrieval: average expression of the top-k training spots whose *sentence* embedding is closest to the test image embedding |
+| ``zeroshot`` | CoMTIP zero-shot: image embedding scored against "gene at value v" sentences |
+| ``finetune_{mode}`` | an expression head on the pretrained image encoder (``comtip.finetune``) |
+
+``{encoder}`` is ``comtip`` (the pretrained checkpoint) or ``random`` (same architecture, random
+initialisation, seeded): the difference between the two is what pretraining bought.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from comtip.atomic import atomic_path
+from comtip.baselines import bleep_retrieval, hest_ridge, mean_baseline
+from comtip.inference import default_value_grid, image_embeddings, image_features, zero_shot
+from comtip.model import CoMTIP, ModelConfig
+from comtip.predict import write_prediction_h5ad
+from comtip.training.checkpoint import load_pretrained
+
+log = logging.getLogger(__name__)
+
+ENCODERS = ("comtip", "random")
+BASELINE_METHODS = ("mean", "ridge_comtip", "ridge_random", "bleep_comtip", "zeroshot")
+
+
+def load_encoder(checkpoint: str | Path, encoder: str, seed: int) -> tuple[CoMTIP, dict]:
+    """The pretrained model, or a seeded random initialisation of the same architecture."""
+    model, info = load_pretrained(checkpoint)
+    if encoder == "random":
+        torch.manual_seed(seed)
+        model = CoMTIP(ModelConfig.from_dict(info["model_config"]), info["vocabulary"]).eval()
+    elif encoder != "comtip":
+        raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
+    return model, info
+
+
+def embed_sample(checkpoint: str | Path, patches_npy: str | Path, sentences_npz: str | Path, out_npz: str | Path,
+                 *, encoder: str, seed: int, batch_size: int = 128, device: str = "cpu") -> None:
+    """Image features (pre-projection), image embeddings and sentence embeddings of one sample."""
+    model, info = load_encoder(checkpoint, encoder, seed)
+    image_size = int(info["model_config"]["image_size"])
+    patches = np.load(patches_npy, mmap_mode="r")
+    sentences = np.load(sentences_npz)
+    if list(sentences["vocabulary"]) != list(info["vocabulary"]):
+        raise ValueError(f"{Path(sentences_npz).absolute()}: gene vocabulary differs from the checkpoint's")
+    features = image_features(model, patches, image_size, batch_size=batch_size, device=device)
+    embeddings = image_embeddings(model, patches, image_size, batch_size=batch_size, device=device)
+    text = []
+    with torch.no_grad():
+        for start in range(0, len(patches), batch_size):
+            part = slice(start, start + batch_size)
+            text.append(model.encode_sentences(
+                torch.as_tensor(sentences["gene_ids"][part], dtype=torch.long, device=device),
+                torch.as_tensor(sentences["values"][part], dtype=torch.float32, device=device),
+                torch.as_tensor(sentences["bins"][part], dtype=torch.long, device=device),
+                torch.as_tensor(sentences["pad"][part], dtype=torch.bool, device=device)).cpu().numpy())
+    with atomic_path(out_npz) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, barcodes=sentences["barcodes"], features=features.astype(np.float32),
+                 image_embeddings=embeddings.astype(np.float32),
+                 sentence_embeddings=np.concatenate(text).astype(np.float32))
+
+
+def _stack(npzs: Sequence[str | Path], key: str) -> np.ndarray:
+    return np.concatenate([np.load(p)[key] for p in npzs], axis=0)
+
+
+def predict_with_method(method: str, *, spots_h5ad: str | Path, test_sentences: str | Path,
+                        train_sentences: Sequence[str | Path], out_h5ad: str | Path,
+                        train_embeddings: Sequence[str | Path] = (), test_embedding: str | Path | None = None,
+                        checkpoint: str | Path | None = None, bleep_k: int = 50, ridge_pca_dim: int = 256,
+                        zeroshot_grid: int = 16, zeroshot_temperature: float | None = None,
+                        device: str = "cpu") -> np.ndarray:
+    """Predict all panel genes of one test sample with ``method``; write the prediction h5ad."""
+    test = np.load(test_sentences)
+    genes = list(test["panel_genes"])
+    train_values = _stack(train_sentences, "panel_values")
+    n_test = len(test["barcodes"])
+    if method == "mean":
+        pred = mean_baseline(train_values, n_test)
+    elif method.startswith("ridge_"):
+        pred = hest_ridge(_stack(train_embeddings, "features"), train_values,
+                          np.load(test_embedding)["features"], pca_dim=ridge_pca_dim, fit_intercept=True)
+    elif method.startswith("bleep_"):
+        pred = bleep_retrieval(_stack(train_embeddings, "sentence_embeddings"), train_values,
+                               np.load(test_embedding)["image_embeddings"], k=bleep_k, method="average")
+    elif method == "zeroshot":
+        model, info = load_pretrained(checkpoint)
+        grid = default_value_grid(train_values, zeroshot_grid)
+        pred = zero_shot(model, np.load(test_embedding)["image_embeddings"], genes, grid,
+                         np.asarray(info["bin_edges"], np.float32), temperature=zeroshot_temperature, device=device)
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    log.info("%s: predicted %d spots x %d genes", method, *pred.shape)
+    write_prediction_h5ad(out_h5ad, pred, genes, spots_h5ad, method, barcodes=test["barcodes"])
+    return pred

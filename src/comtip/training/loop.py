@@ -1,0 +1,320 @@
+"""The pretraining run: one process, or several under ``torchrun`` (DDP), resumable after a kill.
+
+Reproducibility contract: everything random in optimiser step ``s`` of process ``r`` (batch
+composition, image augmentation, sentence sub-sampling, the model's masks, shuffles and dropout)
+is drawn from seeds derived from ``(seed, s, r)`` or ``(seed, epoch)``, never from RNG state
+carried over from earlier steps. A run resumed from a checkpoint of step ``k`` therefore
+computes steps ``k+1..`` exactly as the uninterrupted run did (bit-identical on CPU, where
+deterministic algorithms are enforced).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from comtip.atomic import atomic_paths
+from comtip.errors import ConfigError
+from comtip.genes import read_bin_edges
+from comtip.model import CoMTIP, ModelConfig, preprocess_images
+from comtip.model.augment import subsample_sentences
+from comtip.training import checkpoint as ckpt
+from comtip.training.augment import augment_images
+from comtip.training.config import (STREAM_AUGMENT, STREAM_INIT, STREAM_MODEL, STREAM_RETRIEVAL, TrainConfig,
+                                    derive_seed, lr_factor, total_steps)
+from comtip.training.data import SENTENCE_KEYS, BatchPlan, MicroBatches, SpotData, sample_files
+from comtip.training.metrics import LOSS_COLUMNS, MetricsLog, progress_line
+from comtip.training.retrieval import accuracy_from_embeddings, embed, retrieval_table
+
+log = logging.getLogger(__name__)
+
+RETRIEVAL_K = (1, 5)
+
+
+@dataclass(frozen=True)
+class Processes:
+    """Where this process sits in the run (torchrun's RANK / WORLD_SIZE / LOCAL_RANK)."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    owns_group: bool  # this call initialised the process group, so it also tears it down
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def start_processes(device: str) -> Processes:
+    """Read torchrun's environment (absent = one process) and join the process group: NCCL on
+    GPUs, gloo on CPU. ``device="cuda"`` without a visible GPU is an error, not a CPU run."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("pretrain.device is 'cuda' but torch sees no CUDA device")
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    where = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(where)
+    owns_group = world_size > 1 and not dist.is_initialized()
+    if owns_group:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Processes(rank, world_size, where, owns_group)
+
+
+@contextlib.contextmanager
+def deterministic_on_cpu(device: torch.device) -> Iterator[None]:
+    """Enforce deterministic kernels for a CPU run (GPU kernels would need CUBLAS workspace
+    settings and cost speed; there bit-identity is not promised), restoring the previous mode."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(previous or device.type == "cpu")
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, total: int
+                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW without weight decay on biases, norms, embeddings' scales and the logit scale
+    (every parameter with fewer than 2 dimensions), and the warmup + cosine schedule."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+
+    def factor(step: int) -> float:
+        return lr_factor(step, warmup_steps=cfg.warmup_steps, total_steps=total, min_lr_ratio=cfg.min_lr_ratio)
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class Window:
+    """Timing of the steps since the last metrics row."""
+
+    start: float
+    steps: int = 0
+    wait: float = 0.0
+
+
+class Trainer:
+    """One pretraining run; ``run()`` trains from scratch or from the resume checkpoint."""
+
+    def __init__(self, data: SpotData, model_cfg: ModelConfig, cfg: TrainConfig, bin_edges: list[float],
+                 procs: Processes, resume_folder: Path):
+        self.data, self.model_cfg, self.cfg, self.bin_edges, self.procs = data, model_cfg, cfg, bin_edges, procs
+        self.folder = resume_folder
+        self.plan = BatchPlan(len(data), cfg.batch_size, cfg.grad_accum, procs.world_size, cfg.seed)
+        self.total = total_steps(cfg, self.plan.steps_per_epoch)
+        self.definition = ckpt.run_definition(model_cfg.to_dict(), cfg.to_dict(), data.fingerprint,
+                                              world_size=procs.world_size, device_type=procs.device.type)
+        torch.manual_seed(derive_seed(cfg.seed, STREAM_INIT))  # same initial weights on every process
+        self.model = CoMTIP(model_cfg, data.vocabulary).to(procs.device)
+        self.optimizer, self.scheduler = build_optimizer(self.model, cfg, self.total)
+        self.step = 0
+        state = ckpt.load_resume(self.folder, self.definition)
+        if state is not None:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            ckpt.set_rng_states(state["rng"])
+            self.step = int(state["step"])
+            log.info("resuming from step %d of %d (%s)", self.step, self.total, self.folder / ckpt.RESUME_FILE)
+        self.metrics = MetricsLog(self.folder / "metrics.tsv", self.step) if procs.is_main else None
+        self.ddp = (DistributedDataParallel(self.model, device_ids=[procs.device.index] if procs.device.type == "cuda"
+                                            else None) if procs.world_size > 1 else None)
+
+    # -- one optimiser step ----------------------------------------------------------------------
+
+    def _prepare(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Move a micro-batch to the device, augment images and sentences, preprocess images."""
+        batch = {k: v.to(self.procs.device, non_blocking=True) for k, v in batch.items()}
+        cfg = self.cfg
+        images = augment_images(batch["images"], flip=cfg.flip, rot90=cfg.rot90, jitter=cfg.color_jitter,
+                                generator=generator)
+        gene_ids, values, bins, pad = subsample_sentences(
+            batch["gene_ids"], batch["values"], batch["bins"], batch["pad"], generator=generator,
+            prob=cfg.subsample_prob, min_len=cfg.subsample_min_len)
+        return {"images": preprocess_images(images, self.model_cfg.image_size),
+                "gene_ids": gene_ids, "values": values, "bins": bins, "pad": pad}
+
+    def _train_step(self, batches: Iterator[dict[str, torch.Tensor]], window: Window) -> dict[str, torch.Tensor]:
+        """Forward/backward over ``grad_accum`` micro-batches, clip, AdamW step, schedule step.
+        Returns the step's losses (mean over micro-batches), still on the device."""
+        cfg, device = self.cfg, self.procs.device
+        torch.manual_seed(derive_seed(cfg.seed, STREAM_MODEL, self.step, self.procs.rank))
+        generator = torch.Generator(device).manual_seed(derive_seed(cfg.seed, STREAM_AUGMENT, self.step,
+                                                                    self.procs.rank))
+        module = self.ddp if self.ddp is not None else self.model
+        sums: dict[str, torch.Tensor] = {}
+        for micro in range(cfg.grad_accum):
+            waited = time.perf_counter()
+            raw = next(batches)
+            window.wait += time.perf_counter() - waited
+            batch = self._prepare(raw, generator)
+            last = micro == cfg.grad_accum - 1
+            sync = contextlib.nullcontext() if self.ddp is None or last else self.ddp.no_sync()
+            with sync:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda"):
+                    out = module(batch)
+                (out["loss"] / cfg.grad_accum).backward()
+            for key in LOSS_COLUMNS:
+                value = out[key].detach().float()
+                sums[key] = sums[key] + value if key in sums else value
+        if cfg.clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {k: v / cfg.grad_accum for k, v in sums.items()}
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    def _row(self, losses: dict[str, torch.Tensor], lr: float, window: Window) -> dict[str, float]:
+        """Metrics of the step just done, averaged over processes (a collective: all ranks call it)."""
+        stacked = torch.stack([losses[k] for k in LOSS_COLUMNS] + [torch.tensor(window.wait, device=losses["loss"].device)])
+        if self.procs.world_size > 1:
+            dist.all_reduce(stacked)
+            stacked /= self.procs.world_size
+        values = stacked.tolist()
+        elapsed = time.perf_counter() - window.start
+        row = {"step": self.step, "epoch": self.step / self.plan.steps_per_epoch, "lr": lr,
+               **dict(zip(LOSS_COLUMNS, values[:-1])),
+               "samples_per_s": window.steps * self.plan.spots_per_step / elapsed,
+               "data_wait_fraction": values[-1] / elapsed}
+        return row
+
+    def _save_resume(self) -> None:
+        if self.procs.is_main:
+            ckpt.save_resume(self.folder, {
+                "definition": self.definition,
+                "step": self.step,
+                "epoch": self.step / self.plan.steps_per_epoch,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": ckpt.rng_states(),
+                "vocabulary": self.data.vocabulary,
+                "bin_edges": self.bin_edges,
+            })
+        if self.procs.world_size > 1:
+            dist.barrier()  # no process runs ahead of a checkpoint that may be the one resumed from
+
+    # -- the run -------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        cfg, plan = self.cfg, self.plan
+        log.info("pretraining on %d spots of %d samples (%s), %d processes on %s: %d steps of %d spots "
+                 "(%d steps per epoch)", len(self.data), len(self.data.samples), ", ".join(self.data.fingerprint["samples"]),
+                 self.procs.world_size, self.procs.device, self.total, plan.spots_per_step, plan.steps_per_epoch)
+        loader = torch.utils.data.DataLoader(
+            self.data, batch_size=None, sampler=MicroBatches(plan, self.procs.rank, self.step, self.total),
+            num_workers=cfg.num_workers, pin_memory=self.procs.device.type == "cuda")
+        batches = iter(loader)
+        self.model.train()
+        first_step, started = self.step, time.perf_counter()
+        window = Window(started)
+        while self.step < self.total:
+            lr = self.optimizer.param_groups[0]["lr"]
+            losses = self._train_step(batches, window)
+            self.step += 1
+            window.steps += 1
+            if self.step % cfg.log_every == 0 or self.step == self.total:
+                row = self._row(losses, lr, window)
+                if self.metrics is not None:
+                    self.metrics.append(row)
+                    per_step = (time.perf_counter() - started) / (self.step - first_step)  # ETA from the whole run
+                    log.info(progress_line(row, self.total, per_step))
+                window = Window(time.perf_counter())
+            if self.step % cfg.checkpoint_every == 0 or self.step == self.total:
+                self._save_resume()
+
+    def retrieval(self) -> pd.DataFrame:
+        """Image -> sentence retrieval on up to ``retrieval_spots`` seeded spots per training sample
+        (candidates: the spots of that sample) and on all of them together (embedded once)."""
+        rng = np.random.default_rng(derive_seed(self.cfg.seed, STREAM_RETRIEVAL))
+        chosen = []
+        for k in range(len(self.data.samples)):
+            spots = np.flatnonzero(self.data.sample_of == k)
+            if len(spots) > self.cfg.retrieval_spots:
+                spots = np.sort(rng.choice(spots, self.cfg.retrieval_spots, replace=False))
+            chosen.append(spots)
+        every = np.concatenate(chosen)
+        image_emb, text_emb = embed(self.model, self.data.images(every),
+                                    {key: self.data.sentences[key][every] for key in SENTENCE_KEYS},
+                                    self.model_cfg.image_size, bf16=self.cfg.bf16)
+        results, start = {}, 0
+        for files, spots in zip(self.data.samples, chosen):
+            rows = slice(start, start + len(spots))
+            results[files.name] = accuracy_from_embeddings(image_emb[rows], text_emb[rows], RETRIEVAL_K)
+            start += len(spots)
+        if len(chosen) > 1:
+            results["all"] = accuracy_from_embeddings(image_emb, text_emb, RETRIEVAL_K)
+        table = retrieval_table(results, RETRIEVAL_K)
+        for row in table.itertuples():
+            log.info("retrieval on %s (%d spots): top-%d %.3f (chance %.4f)", row.spots, row.n_spots, row.k,
+                     row.accuracy, row.chance)
+        return table
+
+    def final_state(self) -> dict:
+        return ckpt.final_state(self.model, model_config=self.model_cfg.to_dict(), train_config=self.cfg.to_dict(),
+                                vocabulary=self.data.vocabulary, bin_edges=self.bin_edges, step=self.step,
+                                fingerprint=self.data.fingerprint)
+
+
+def pretrain(samples: Sequence[str], patches: Sequence[str | Path], indexes: Sequence[str | Path],
+             sentences: Sequence[str | Path], bins_tsv: str | Path, out_checkpoint: str | Path,
+             out_metrics: str | Path, out_retrieval: str | Path, *, model_config: Mapping,
+             train_config: Mapping, threads: int | None = None) -> pd.DataFrame | None:
+    """Pretrain CoMTIP on the training samples' patches and gene sentences.
+
+    Writes, on the main process and only at the end, ``out_checkpoint`` (see
+    :func:`comtip.training.checkpoint.final_state`), ``out_metrics`` and ``out_retrieval``
+    together; meanwhile resume state lives in ``{out_checkpoint minus .pt}.resume/`` and is
+    removed once the outputs exist. Returns the retrieval table on the main process, None on
+    the others.
+    """
+    cfg = TrainConfig.from_dict(dict(train_config))
+    model_cfg = ModelConfig.from_dict(dict(model_config))
+    procs = start_processes(cfg.device)
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        data = SpotData(sample_files(samples, patches, indexes, sentences))
+        top_bin = int(data.sentences["bins"].max())
+        if top_bin >= model_cfg.n_bins:
+            raise ConfigError(f"config key 'model.n_bins': {model_cfg.n_bins}, but the gene sentences hold value "
+                              f"bin {top_bin}; set model.n_bins to at least genes.n_bins")
+        height, width, _ = data.patch_shape
+        if cfg.rot90 and height != width:
+            raise ValueError(f"pretrain.rot90 needs square patches, the patches are {height} x {width} px")
+        with deterministic_on_cpu(procs.device):
+            trainer = Trainer(data, model_cfg, cfg, read_bin_edges(bins_tsv).tolist(), procs, ckpt.resume_dir(out_checkpoint))
+            trainer.run()
+            if not procs.is_main:
+                return None
+            table = trainer.retrieval()
+            with atomic_paths(out_checkpoint, out_metrics, out_retrieval) as (tmp_ckpt, tmp_metrics, tmp_retrieval):
+                torch.save(trainer.final_state(), tmp_ckpt)
+                shutil.copyfile(trainer.folder / "metrics.tsv", tmp_metrics)
+                table.to_csv(tmp_retrieval, sep="\t", index=False, float_format="%.6g")
+            shutil.rmtree(trainer.folder)
+            log.info("wrote %s after %d steps", out_checkpoint, trainer.step)
+            return table
+    finally:
+        if procs.owns_group:
+            dist.destroy_process_group()

@@ -1,0 +1,185 @@
+"""Spot patch extraction on a synthetic pyramid: pixels, order, index, edges, errors, atomicity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anndata
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import scipy.sparse as sp
+from test_slide import position_image, pyramid, write_generic_tiff
+
+from comtip.errors import PipelineInputError
+from comtip.patches import INDEX_COLUMNS, extract_patches, patch_geometry, read_boxes_raw, spatial_order
+from comtip.slide import open_slide
+
+SLIDE_MPP = 0.5
+# 32 px at 1 µm/px = a 64 px box on a 0.5 µm/px slide, read from level 1 (downsample 2).
+SIZE_PX, PATCH_MPP = 32, 1.0
+# Rows in a deliberately non-spatial order; the last spot's box crosses the left edge.
+CENTERS = np.array([[500.0, 400.0], [100.2, 80.7], [900.0, 700.0], [333.3, 222.2], [20.0, 300.0]])
+BARCODES = ["AAAC-1", "ZZZT-1", "CCGA-1", "GTTA-1", "ACGT-1"]
+
+
+def write_spots(path: Path, centers: np.ndarray, barcodes: list[str], uns: dict | None = None) -> Path:
+    """A small spots.h5ad as ingest writes it: counts, obsm["spatial"], uns["comtip"]."""
+    adata = anndata.AnnData(
+        X=sp.csr_matrix(np.ones((len(barcodes), 3), np.float32)),
+        obs=pd.DataFrame({"in_tissue": np.ones(len(barcodes), int)}, index=barcodes),
+        var=pd.DataFrame(index=["g1", "g2", "g3"]),
+        obsm={"spatial": centers},
+        uns={"comtip": {"mpp": SLIDE_MPP, "sample": "S1"}} if uns is None else uns,
+    )
+    adata.write_h5ad(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def source() -> np.ndarray:
+    return position_image()
+
+
+@pytest.fixture(scope="module")
+def slide_path(tmp_path_factory: pytest.TempPathFactory, source: np.ndarray) -> Path:
+    return write_generic_tiff(tmp_path_factory.mktemp("slide") / "slide.tif", pyramid(source), SLIDE_MPP)
+
+
+@pytest.fixture
+def spots(tmp_path: Path) -> Path:
+    return write_spots(tmp_path / "spots.h5ad", CENTERS, BARCODES)
+
+
+def run(spots: Path, slide_path: Path, out: Path, **kwargs) -> tuple[np.ndarray, pd.DataFrame]:
+    settings = {"size_px": SIZE_PX, "mpp": PATCH_MPP, "threads": 2, "sample": "S1", **kwargs}
+    extract_patches(spots, slide_path, out / "spot_patches.npy", out / "spot_patches.parquet", **settings)
+    return np.load(out / "spot_patches.npy", mmap_mode="r"), pd.read_parquet(out / "spot_patches.parquet")
+
+
+def test_patches_follow_h5ad_order_and_hold_the_boxes_pixels(spots, slide_path, source, tmp_path):
+    patches, index = run(spots, slide_path, tmp_path)
+    assert patches.dtype == np.uint8 and patches.shape == (len(BARCODES), SIZE_PX, SIZE_PX, 3)
+    assert index["barcode"].tolist() == BARCODES
+    assert index["patch_index"].tolist() == list(range(len(BARCODES)))
+    level1 = np.pad(pyramid(source)[1], ((50, 50), (50, 50), (0, 0)), constant_values=255)
+    for i, (x, y) in enumerate(CENTERS):
+        # the 64 px level-0 box is 32 px of level 1, aligned to the nearest level-1 pixel
+        lx, ly = round((x - 32) / 2) + 50, round((y - 32) / 2) + 50
+        np.testing.assert_array_equal(patches[i], level1[ly : ly + SIZE_PX, lx : lx + SIZE_PX])
+
+
+def test_index_centres_bounds_and_edge_flag(spots, slide_path, tmp_path):
+    _, index = run(spots, slide_path, tmp_path)
+    assert list(index.columns) == INDEX_COLUMNS
+    np.testing.assert_allclose(index[["x_center", "y_center"]], CENTERS)
+    np.testing.assert_allclose((index["x0"] + index["x1"]) / 2, CENTERS[:, 0])
+    np.testing.assert_allclose((index["y0"] + index["y1"]) / 2, CENTERS[:, 1])
+    np.testing.assert_allclose(index["x1"] - index["x0"], SIZE_PX * PATCH_MPP / SLIDE_MPP)
+    assert index["crosses_edge"].tolist() == [False, False, False, False, True]
+    settings = json.loads(pq.read_schema(tmp_path / "spot_patches.parquet").metadata[b"comtip"])
+    assert settings["size_px"] == SIZE_PX and settings["slide_mpp"] == SLIDE_MPP
+    assert settings["slide_reader"] == "openslide"
+
+
+def test_edge_patch_is_padded_white(spots, slide_path, tmp_path):
+    patches, _ = run(spots, slide_path, tmp_path)
+    edge = patches[-1]  # box x from -12 to 52 level-0 px: 6 level-1 columns outside
+    assert (edge[:, :6] == 255).all()
+    assert not (edge[:, 6:] == 255).all()
+
+
+def test_threads_and_chunks_do_not_change_the_output(spots, slide_path, tmp_path):
+    one, _ = run(spots, slide_path, tmp_path / "a", threads=1, chunk_size=256)
+    many, _ = run(spots, slide_path, tmp_path / "b", threads=3, chunk_size=2)
+    np.testing.assert_array_equal(one, many)
+
+
+def test_resampled_patches_match_read_region_scaled(tmp_path, slide_path):
+    spots = write_spots(tmp_path / "spots.h5ad", CENTERS, BARCODES)
+    patches, index = run(spots, slide_path, tmp_path, size_px=24, mpp=0.9)  # box 43.2 px
+    with open_slide(slide_path) as slide:
+        for i, row in index.iterrows():
+            expected = slide.read_region_scaled(row.x0, row.y0, row.x1 - row.x0, row.y1 - row.y0, 24, 24)
+            np.testing.assert_array_equal(patches[i], expected)
+
+
+def test_patch_geometry_boxes():
+    geometry = patch_geometry(CENTERS, size_px=224, mpp=0.5, slide_mpp=0.25, slide_dimensions=(1000, 760))
+    np.testing.assert_allclose(geometry["x1"] - geometry["x0"], 448.0)
+    assert geometry["crosses_edge"].tolist() == [False, True, True, True, True]
+    geometry = patch_geometry(CENTERS, size_px=10, mpp=0.5, slide_mpp=0.5, slide_dimensions=(1000, 760))
+    assert not geometry["crosses_edge"].any()
+
+
+def test_spatial_order_is_a_block_wise_permutation():
+    rng = np.random.default_rng(0)
+    centers = rng.uniform(0, 4000, (500, 2))
+    order = spatial_order(centers, block_px=1000)
+    assert sorted(order) == list(range(500))
+    blocks = np.floor(centers[order] / 1000).astype(int)
+    changes = np.any(np.diff(blocks, axis=0) != 0, axis=1).sum()
+    assert changes == len({tuple(b) for b in blocks}) - 1  # each block visited once
+
+
+def test_raw_ceiling_reads_the_same_regions(spots, slide_path):
+    with open_slide(slide_path) as slide:
+        index = patch_geometry(CENTERS, size_px=SIZE_PX, mpp=PATCH_MPP, slide_mpp=SLIDE_MPP, slide_dimensions=slide.dimensions)
+        pixels = read_boxes_raw(slide, index, SIZE_PX, SIZE_PX * PATCH_MPP / SLIDE_MPP, threads=2)
+    assert pixels == len(CENTERS) * SIZE_PX * SIZE_PX
+
+
+def assert_no_outputs(folder: Path) -> None:
+    assert sorted(p.name for p in folder.iterdir() if p.suffix in (".npy", ".parquet")) == []
+
+
+def test_spot_outside_slide_is_an_error_and_writes_nothing(tmp_path, slide_path):
+    spots = write_spots(tmp_path / "spots.h5ad", np.vstack([CENTERS, [[1500.0, 10.0]]]), [*BARCODES, "OUT-1"])
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(PipelineInputError, match="outside the slide") as err:
+        run(spots, slide_path, out)
+    assert "[sample S1]" in str(err.value) and str(spots) in str(err.value) and "OUT-1" in str(err.value)
+    assert_no_outputs(out)
+
+
+def test_failure_while_writing_leaves_nothing(spots, slide_path, tmp_path, monkeypatch):
+    def broken(*args: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr("comtip.patches._pwrite_all", broken)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(OSError, match="disk full"):
+        run(spots, slide_path, out)
+    assert_no_outputs(out)
+
+
+@pytest.mark.parametrize(
+    ("uns", "centers", "message"),
+    [
+        ({"comtip": {"sample": "S1"}}, CENTERS, r'uns\["comtip"\]\["mpp"\] is missing'),
+        ({}, CENTERS, r'uns\["comtip"\]\["mpp"\] is missing'),
+        ({"comtip": {"mpp": -0.5}}, CENTERS, "positive"),
+        (None, CENTERS[:0], "no spots"),
+    ],
+)
+def test_bad_spots_file_is_an_error(tmp_path, slide_path, uns, centers, message):
+    spots = write_spots(tmp_path / "spots.h5ad", centers, BARCODES[: len(centers)], uns)
+    with pytest.raises(PipelineInputError, match=message) as err:
+        run(spots, slide_path, tmp_path)
+    assert str(spots) in str(err.value) and "[sample S1]" in str(err.value)
+
+
+def test_missing_spatial_is_an_error(tmp_path, slide_path):
+    adata = anndata.AnnData(obs=pd.DataFrame(index=BARCODES), uns={"comtip": {"mpp": SLIDE_MPP}})
+    adata.write_h5ad(tmp_path / "spots.h5ad")
+    with pytest.raises(PipelineInputError, match=r'obsm\["spatial"\] is missing'):
+        run(tmp_path / "spots.h5ad", slide_path, tmp_path)
+
+
+def test_missing_spots_file_is_an_error(tmp_path, slide_path):
+    with pytest.raises(PipelineInputError, match="spots file not found"):
+        run(tmp_path / "absent.h5ad", slide_path, tmp_path)

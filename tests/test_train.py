@@ -1,0 +1,347 @@
+"""Pretraining on tiny synthetic samples: reproducibility, resume after a kill, input checks,
+checkpoint contents, LR schedule, and that an easy image-sentence pairing is actually learnt."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from comtip.errors import ConfigError, PipelineInputError
+from comtip.training import (BatchPlan, SpotData, TrainConfig, load_pretrained, lr_factor, pretrain, resume_dir,
+                             sample_files)
+from comtip.training import checkpoint as ckpt
+from comtip.training.augment import augment_images
+from comtip.training.config import model_config_from_yaml
+from comtip.training.metrics import TIMING_COLUMNS
+from conftest import CONFIG_SCHEMA
+
+EDGES = [0.5, 1.0, 2.0]
+N_GENES = 10
+# A model small enough for a step to take milliseconds on 2 CPU cores, with every part switched on.
+TINY_MODEL = {"image_size": 16, "vision_kwargs": {"depth": 1, "embed_dim": 32, "num_heads": 2, "patch_size": 8},
+              "embed_dim": 16, "text_dim": 16, "text_layers": 1, "text_heads": 2, "text_ff": 32,
+              "n_bins": len(EDGES) + 2, "name_buckets": 128}
+# 2 samples x 40 spots (the last of each empty) = 78 spots -> 4 steps of 2 x 8 per epoch, 12 steps.
+TINY_TRAIN = {"epochs": 3, "batch_size": 8, "grad_accum": 2, "lr": 2e-3, "warmup_steps": 3, "log_every": 2,
+              "checkpoint_every": 4, "seed": 3, "subsample_prob": 0.5, "subsample_min_len": 2, "retrieval_spots": 30}
+
+
+def write_sample(root: Path, name: str, n: int, *, seed: int, size: int = 32,
+                 vocabulary: list[str] | None = None) -> dict[str, Path]:
+    """Patches whose colour is a 3-d latent and sentences that are a fixed function of it (an
+    easy, learnable pairing); the last spot expresses nothing (all padding)."""
+    rng = np.random.default_rng(seed)
+    latent = rng.uniform(0, 1, (n, 3))
+    images = latent[:, None, None, :] * 200 + 20 + rng.normal(0, 4, (n, size, size, 3))
+    weights = np.random.default_rng(99).normal(0, 1, (3, N_GENES))
+    values = np.maximum(0, (latent - 0.5) @ weights * 2 + 0.3)
+    values[-1] = 0
+    order = np.argsort(-values, axis=1, kind="stable")
+    picked = np.take_along_axis(values, order, axis=1)
+    pad = picked <= 0
+    vocab = vocabulary or [f"GENE{i}" for i in range(N_GENES)]
+    barcodes = np.array([f"{name}-{i:04d}" for i in range(n)])
+    folder = root / name
+    folder.mkdir(parents=True)
+    files = {"patches": folder / "spot_patches.npy", "index": folder / "spot_patches.parquet",
+             "sentences": folder / "gene_sentences.npz"}
+    np.save(files["patches"], images.clip(0, 255).astype(np.uint8))
+    pd.DataFrame({"barcode": barcodes}).to_parquet(files["index"])
+    np.savez_compressed(files["sentences"], barcodes=barcodes, gene_ids=np.where(pad, 0, order).astype(np.int32),
+                        values=np.where(pad, 0, picked).astype(np.float32),
+                        bins=np.where(pad, 0, np.digitize(picked, EDGES) + 1).astype(np.int16), pad=pad,
+                        vocabulary=np.array(vocab), panel_genes=np.array(vocab), panel_values=values.astype(np.float32))
+    return files
+
+
+def make_cohort(root: Path, n: int = 40) -> dict:
+    files = [write_sample(root, f"s{i}", n, seed=i) for i in range(2)]
+    bins = root / "genes" / "value_bins.tsv"
+    bins.parent.mkdir(parents=True)
+    pd.DataFrame({"edge": EDGES}).to_csv(bins, sep="\t", index=False)
+    return {"samples": ["s0", "s1"], "patches": [f["patches"] for f in files], "indexes": [f["index"] for f in files],
+            "sentences": [f["sentences"] for f in files], "bins_tsv": bins}
+
+
+def run(cohort: dict, out: Path, model: dict = TINY_MODEL, train: dict = TINY_TRAIN) -> dict[str, Path]:
+    outputs = {"out_checkpoint": out / "comtip.pt", "out_metrics": out / "comtip.metrics.tsv",
+               "out_retrieval": out / "comtip.retrieval.tsv"}
+    pretrain(**cohort, **outputs, model_config=model, train_config=train)
+    return outputs
+
+
+def run_in_subprocess(cohort: dict, out: Path, train: dict, *launcher: str) -> subprocess.Popen:
+    """``pretrain`` in a fresh interpreter (``launcher`` e.g. torchrun's module), output to files."""
+    kwargs = {k: ([str(p) for p in v] if isinstance(v, list) else str(v)) for k, v in cohort.items()}
+    kwargs.update(out_checkpoint=str(out / "comtip.pt"), out_metrics=str(out / "comtip.metrics.tsv"),
+                  out_retrieval=str(out / "comtip.retrieval.tsv"), model_config=TINY_MODEL, train_config=train)
+    script = out / "run_pretrain.py"
+    out.mkdir(parents=True, exist_ok=True)
+    script.write_text("import json, logging, sys\nfrom comtip.training import pretrain\n"
+                      "logging.basicConfig(level=logging.INFO)\npretrain(**json.loads(sys.argv[1]))\n")
+    log = open(out / "stdout.txt", "w")
+    return subprocess.Popen([sys.executable, *launcher, str(script), json.dumps(kwargs)], stdout=log,
+                            stderr=subprocess.STDOUT)
+
+
+def state_dict(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["model_state"]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    sa, sb = state_dict(a), state_dict(b)
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), f"{key} differs"
+
+
+def metrics_without_timing(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, sep="\t").drop(columns=list(TIMING_COLUMNS))
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> dict:
+    return make_cohort(tmp_path_factory.mktemp("cohort"))
+
+
+@pytest.fixture(scope="module")
+def reference(cohort, tmp_path_factory) -> dict[str, Path]:
+    """One uninterrupted run, shared by the tests that compare against it."""
+    return run(cohort, tmp_path_factory.mktemp("reference"))
+
+
+# -- schedule, config, batches, augmentation ---------------------------------------------------------
+
+
+def test_lr_warms_up_linearly_then_follows_a_cosine_to_the_floor():
+    f = [lr_factor(s, warmup_steps=4, total_steps=14, min_lr_ratio=0.1) for s in range(14)]
+    assert f[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert f[4] == pytest.approx(1.0)
+    assert f[9] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 5 / 9)))
+    assert f[13] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(f[4:], f[5:]))
+
+
+def test_train_config_rejects_unknown_keys_and_bad_values():
+    with pytest.raises(ConfigError, match="'pretrain.learning_rate'"):
+        TrainConfig.from_dict({"learning_rate": 1e-3})
+    with pytest.raises(ConfigError, match="'pretrain.batch_size'"):
+        TrainConfig.from_dict({"batch_size": 0})
+
+
+def test_model_config_is_checked_with_the_key_named():
+    with pytest.raises(ConfigError, match=r"config key 'model'.*image_sise"):
+        model_config_from_yaml({"image_sise": 64}, gene_bins=16)
+    with pytest.raises(ConfigError, match=r"config key 'model.n_bins': 8 is less than genes.n_bins \(16\)"):
+        model_config_from_yaml({"n_bins": 8}, gene_bins=16)
+    assert model_config_from_yaml({"image_size": 32}, gene_bins=16).image_size == 32
+
+
+def test_schema_pretrain_section_matches_train_config_defaults():
+    """One source of truth: the schema lists every TrainConfig option (the seed comes from the
+    top-level ``seed``) with the same default."""
+    section = yaml.safe_load(CONFIG_SCHEMA.read_text())["properties"]["pretrain"]["properties"]
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name != "seed"}
+    assert {k: v["default"] for k, v in section.items()} == defaults
+
+
+def test_each_process_reads_a_disjoint_share_of_every_step_and_epochs_cover_all_spots():
+    plan = BatchPlan(n_spots=50, batch_size=4, grad_accum=2, world_size=3, seed=1)
+    assert plan.steps_per_epoch == 2
+    for epoch in (0, 1):
+        perm = plan.permutation(epoch)
+        assert sorted(perm) == list(range(50))
+        seen = [plan.micro_batch(perm, s, m, r) for s in range(2) for m in range(2) for r in range(3)]
+        flat = np.concatenate(seen)
+        assert len(flat) == len(set(flat)) == 48
+    assert not np.array_equal(plan.permutation(0), plan.permutation(1))
+    with pytest.raises(PipelineInputError, match="fewer than one optimiser step"):
+        _ = BatchPlan(n_spots=20, batch_size=4, grad_accum=2, world_size=3, seed=1).steps_per_epoch
+
+
+def test_flips_and_rotations_only_move_pixels_and_are_seeded():
+    images = torch.randint(0, 256, (16, 8, 8, 3), dtype=torch.uint8)
+
+    def augment(seed: int, jitter: float) -> torch.Tensor:
+        return augment_images(images, flip=True, rot90=True, jitter=jitter, generator=torch.Generator().manual_seed(seed))
+
+    moved = augment(0, 0.0)
+    assert not torch.equal(moved, images)
+    assert torch.equal(moved.flatten(1, 2).sort(dim=1).values, images.flatten(1, 2).sort(dim=1).values)
+    assert torch.equal(augment(5, 0.2), augment(5, 0.2))
+    jittered = augment(5, 0.2).float()
+    assert 0 < (jittered - augment(5, 0.0).float()).abs().mean() < 40
+
+
+# -- input checks ------------------------------------------------------------------------------------
+
+
+def test_spots_with_empty_sentences_are_skipped(cohort):
+    data = SpotData(sample_files(cohort["samples"], cohort["patches"], cohort["indexes"], cohort["sentences"]))
+    assert len(data) == 2 * 39
+    assert not data.sentences["pad"].all(axis=1).any()
+    batch = data[np.array([0, 45, 3])]
+    assert batch["images"].shape == (3, 32, 32, 3) and batch["images"].dtype == torch.uint8
+    np.testing.assert_array_equal(batch["images"][1].numpy(), np.load(cohort["patches"][1])[45 - 39])
+
+
+def test_barcode_misalignment_is_an_error_naming_the_sample(tmp_path):
+    cohort = make_cohort(tmp_path, n=12)
+    index = pd.read_parquet(cohort["indexes"][1])
+    index["barcode"] = index["barcode"].iloc[::-1].to_numpy()
+    index.to_parquet(cohort["indexes"][1])
+    with pytest.raises(PipelineInputError, match=r"\[sample s1\].*not aligned with the patches: row 0") as err:
+        SpotData(sample_files(cohort["samples"], cohort["patches"], cohort["indexes"], cohort["sentences"]))
+    assert str(cohort["sentences"][1]) in str(err.value)
+
+
+def test_different_vocabularies_are_refused(tmp_path):
+    files = [write_sample(tmp_path, "a", 8, seed=0),
+             write_sample(tmp_path, "b", 8, seed=1, vocabulary=[f"OTHER{i}" for i in range(N_GENES)])]
+    with pytest.raises(PipelineInputError, match=r"\[sample b\].*vocabulary differs from the one of sample a"):
+        SpotData(sample_files(["a", "b"], *([f[k] for f in files] for k in ("patches", "index", "sentences"))))
+
+
+def test_value_bins_beyond_the_model_embedding_are_refused_before_training(cohort, tmp_path):
+    with pytest.raises(ConfigError, match=r"'model.n_bins': 3, but the gene sentences hold value bin 4"):
+        run(cohort, tmp_path, model={**TINY_MODEL, "n_bins": 3})
+    assert not (tmp_path / "comtip.resume").exists()
+
+
+# -- runs ------------------------------------------------------------------------------------------
+
+
+def test_same_seed_gives_identical_weights_and_metrics(cohort, reference, tmp_path):
+    again = run(cohort, tmp_path)
+    assert_same_weights(reference["out_checkpoint"], again["out_checkpoint"])
+    pd.testing.assert_frame_equal(metrics_without_timing(reference["out_metrics"]),
+                                  metrics_without_timing(again["out_metrics"]))
+    metrics = pd.read_csv(reference["out_metrics"], sep="\t")
+    assert list(metrics["step"]) == [2, 4, 6, 8, 10, 12]
+    assert metrics["loss"].notna().all() and (metrics["samples_per_s"] > 0).all()
+    assert not resume_dir(reference["out_checkpoint"]).exists(), "resume folder is removed after success"
+
+
+class Killed(Exception):
+    """Stands for a kill (SIGKILL) of the training process at a checkpoint."""
+
+
+def test_killed_run_resumes_and_ends_identical_to_an_uninterrupted_one(cohort, reference, tmp_path, monkeypatch, caplog):
+    save = ckpt.save_resume
+
+    def save_then_die(folder: Path, state: dict) -> None:
+        if state["step"] == 8:
+            raise Killed
+        save(folder, state)
+
+    monkeypatch.setattr(ckpt, "save_resume", save_then_die)
+    with pytest.raises(Killed):
+        run(cohort, tmp_path)
+    outputs = {"comtip.pt", "comtip.metrics.tsv", "comtip.retrieval.tsv"}
+    assert not outputs & {p.name for p in tmp_path.iterdir()}, "no declared output after a kill"
+    folder = tmp_path / "comtip.resume"
+    assert torch.load(folder / "last.pt", weights_only=True)["step"] == 4
+    assert list(pd.read_csv(folder / "metrics.tsv", sep="\t")["step"]) == [2, 4, 6, 8]
+
+    monkeypatch.setattr(ckpt, "save_resume", save)
+    with caplog.at_level("INFO", logger="comtip"):
+        resumed = run(cohort, tmp_path)
+    assert "resuming from step 4 of 12" in caplog.text
+    assert_same_weights(reference["out_checkpoint"], resumed["out_checkpoint"])
+    pd.testing.assert_frame_equal(metrics_without_timing(reference["out_metrics"]),
+                                  metrics_without_timing(resumed["out_metrics"]))
+    pd.testing.assert_frame_equal(pd.read_csv(reference["out_retrieval"], sep="\t"),
+                                  pd.read_csv(resumed["out_retrieval"], sep="\t"))
+
+
+def test_sigkilled_process_resumes_and_ends_identical_to_an_uninterrupted_one(cohort, tmp_path):
+    train = {**TINY_TRAIN, "epochs": 10}  # 40 steps, a checkpoint every 4
+    process = run_in_subprocess(cohort, tmp_path / "killed", train)
+    last = tmp_path / "killed" / "comtip.resume" / "last.pt"
+    deadline = time.monotonic() + 120
+    while not last.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(process.pid, signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, (tmp_path / "killed" / "stdout.txt").read_text()
+    assert not (tmp_path / "killed" / "comtip.pt").exists()
+    killed_at = torch.load(last, weights_only=True)["step"]
+    assert 4 <= killed_at < 40
+    resumed = run(cohort, tmp_path / "killed", train=train)
+    uninterrupted = run(cohort, tmp_path / "uninterrupted", train=train)
+    assert_same_weights(uninterrupted["out_checkpoint"], resumed["out_checkpoint"])
+    pd.testing.assert_frame_equal(metrics_without_timing(uninterrupted["out_metrics"]),
+                                  metrics_without_timing(resumed["out_metrics"]))
+
+
+def test_resume_folder_of_another_configuration_is_refused(cohort, reference, tmp_path, monkeypatch):
+    def die_after_first(folder: Path, state: dict) -> None:
+        save(folder, state)
+        raise Killed
+
+    save = ckpt.save_resume
+    monkeypatch.setattr(ckpt, "save_resume", die_after_first)
+    with pytest.raises(Killed):
+        run(cohort, tmp_path)
+    monkeypatch.setattr(ckpt, "save_resume", save)
+    with pytest.raises(ValueError, match=r"different run \(pretrain\.lr: 0\.002 -> 0\.001\).*Delete the folder") as err:
+        run(cohort, tmp_path, train={**TINY_TRAIN, "lr": 1e-3})
+    assert str(tmp_path / "comtip.resume") in str(err.value)
+    # options that do not change the result may differ (here also: batches read by 2 worker processes)
+    run(cohort, tmp_path, train={**TINY_TRAIN, "checkpoint_every": 5, "num_workers": 2})
+    assert_same_weights(reference["out_checkpoint"], tmp_path / "comtip.pt")
+
+
+def test_checkpoint_loads_with_vocabulary_bin_edges_and_configs(cohort, reference):
+    model, info = load_pretrained(reference["out_checkpoint"])
+    assert info["format_version"] == ckpt.FORMAT_VERSION
+    assert info["vocabulary"] == [f"GENE{i}" for i in range(N_GENES)]
+    assert info["bin_edges"] == EDGES
+    assert info["step"] == 12
+    assert info["train_config"]["lr"] == TINY_TRAIN["lr"]
+    assert info["model_config"]["image_size"] == TINY_MODEL["image_size"]
+    assert info["data"]["samples"] == ["s0", "s1"] and info["data"]["spots"] == [39, 39]
+    reloaded = model.state_dict()
+    for key, value in state_dict(reference["out_checkpoint"]).items():
+        assert torch.equal(reloaded[key], value)
+    assert not model.training
+
+
+def test_easy_pairing_is_retrieved_far_above_chance(tmp_path):
+    cohort = make_cohort(tmp_path / "data", n=64)
+    train = {**TINY_TRAIN, "epochs": 20, "batch_size": 16, "grad_accum": 1, "lr": 3e-3, "warmup_steps": 5,
+             "log_every": 20, "checkpoint_every": 1000, "color_jitter": 0.0, "subsample_prob": 0.0,
+             "retrieval_spots": 1000}
+    outputs = run(cohort, tmp_path / "out", model={**TINY_MODEL, "paat_adversarial": False}, train=train)
+    table = pd.read_csv(outputs["out_retrieval"], sep="\t")
+    assert set(table["spots"]) == {"s0", "s1", "all"}
+    top1 = table[(table["spots"] == "all") & (table["k"] == 1)].iloc[0]
+    assert top1["n_spots"] == 126 and top1["chance"] == pytest.approx(1 / 126)
+    assert top1["accuracy"] > 10 * top1["chance"], table
+    top5 = table[(table["spots"] == "all") & (table["k"] == 5)].iloc[0]
+    assert top5["accuracy"] > 0.3, table
+
+
+def test_torchrun_with_two_processes_shards_batches_and_writes_once(cohort, tmp_path):
+    """DDP on CPU (gloo): 2 processes x batch 8 x accumulation 2 = 32 spots per step."""
+    process = run_in_subprocess(cohort, tmp_path, TINY_TRAIN, "-m", "torch.distributed.run", "--standalone",
+                                "--nproc-per-node", "2")
+    assert process.wait(timeout=180) == 0, (tmp_path / "stdout.txt").read_text()
+    text = (tmp_path / "stdout.txt").read_text()
+    assert "2 processes on cpu: 6 steps of 32 spots (2 steps per epoch)" in text
+    assert list(pd.read_csv(tmp_path / "comtip.metrics.tsv", sep="\t")["step"]) == [2, 4, 6]
+    model, info = load_pretrained(tmp_path / "comtip.pt")
+    assert info["step"] == 6
+    assert not (tmp_path / "comtip.resume").exists()

@@ -1,0 +1,56 @@
+rule evaluate:
+    """Per test slide × gene × method: Pearson, Spearman, MSE, MAE; summary per method over all
+    panel genes, top-50 HEG / HVG (training statistics) and the held-out zero-shot genes."""
+    input:
+        unpack(evaluation_inputs),
+        panel="results/genes/gene_panel.tsv",
+    output:
+        metrics="results/evaluation/metrics.tsv",
+        summary=report("results/evaluation/summary.tsv", caption="../report/summary.rst", category="Evaluation"),
+    params:
+        test_samples=TEST_SAMPLES,
+        prediction_keys=list(prediction_files()),
+    log:
+        "logs/evaluate/evaluate.log",
+    benchmark:
+        "logs/benchmark/evaluate/evaluate.tsv"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=30,
+    conda:
+        "../../envs/imaging.yaml"
+    script:
+        "../scripts/evaluate.py"
+
+
+rule evaluation_figures:
+    """Bar chart of the summary, spatial maps of truth vs methods, training curves."""
+    input:
+        unpack(figure_inputs),
+        summary="results/evaluation/summary.tsv",
+        panel="results/genes/gene_panel.tsv",
+        pretrain_metrics=f"results/models/pretrain/{PRETRAIN_MODEL}.metrics.tsv",
+    output:
+        bars=report("results/evaluation/summary_pearson.png", caption="../report/bars.rst", category="Evaluation"),
+        curves=report("results/evaluation/training_curves.png", caption="../report/curves.rst",
+                      category="Training"),
+        maps=report(directory("results/evaluation/maps"), patterns=["{name}.png"],
+                    caption="../report/maps.rst", category="Spatial maps"),
+    params:
+        test_samples=TEST_SAMPLES,
+        methods=METHODS,
+        finetune_modes=FINETUNE_MODES,
+        n_map_genes=config["evaluate"]["map_genes"],
+    log:
+        "logs/evaluation_figures/evaluation_figures.log",
+    benchmark:
+        "logs/benchmark/evaluation_figures/evaluation_figures.tsv"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=30,
+    conda:
+        "../../envs/imaging.yaml"
+    script:
+        "../scripts/evaluation_figures.py"

@@ -1,0 +1,24 @@
+rule finetune:
+    """Expression head on the pretrained image encoder (linear probe or full fine-tune); early
+    stopping on the validation slides."""
+    input:
+        unpack(finetune_inputs),
+        pretrained=f"results/models/pretrain/{PRETRAIN_MODEL}.pt",
+    output:
+        checkpoint="results/models/finetune/{mode}.pt",
+        metrics="results/models/finetune/{mode}.metrics.tsv",
+    params:
+        finetune=finetune_params,
+    log:
+        "logs/finetune/{mode}.log",
+    benchmark:
+        "logs/benchmark/finetune/{mode}.tsv"
+    threads: 4
+    resources:
+        mem_mb=16000,
+        runtime=240,
+        gpu=1,
+    conda:
+        "../../envs/torch.yaml"
+    script:
+        "../scripts/finetune.py"

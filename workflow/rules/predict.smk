@@ -1,0 +1,108 @@
+rule embed_spots:
+    """Frozen image features, image and sentence embeddings of one sample, from the pretrained
+    encoder (comtip) or a seeded random initialisation of the same architecture (random)."""
+    input:
+        checkpoint=f"results/models/pretrain/{PRETRAIN_MODEL}.pt",
+        patches="results/{sample}/spot_patches.npy",
+        sentences="results/{sample}/gene_sentences.npz",
+    output:
+        embeddings="results/embeddings/{encoder}/{sample}.npz",
+    params:
+        seed=config["seed"],
+    log:
+        "logs/embed_spots/{encoder}/{sample}.log",
+    benchmark:
+        "logs/benchmark/embed_spots/{encoder}/{sample}.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=60,
+        gpu=1,
+    conda:
+        "../../envs/torch.yaml"
+    script:
+        "../scripts/embed_spots.py"
+
+
+rule predict_baseline:
+    """Predicted panel expression of a test slide by one comparison method (mean, HEST ridge,
+    BLEEP retrieval, CoMTIP zero-shot); same split and genes for every method."""
+    input:
+        unpack(baseline_inputs),
+        spots="results/{sample}/spots.h5ad",
+        test_sentences="results/{sample}/gene_sentences.npz",
+    output:
+        prediction="results/predictions/{sample}/{method}.h5ad",
+    wildcard_constraints:
+        method="|".join(BASELINE_METHODS),
+    params:
+        evaluation=config["evaluate"],
+    log:
+        "logs/predict_baseline/{sample}/{method}.log",
+    benchmark:
+        "logs/benchmark/predict_baseline/{sample}/{method}.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    conda:
+        "../../envs/torch.yaml"
+    script:
+        "../scripts/predict_baseline.py"
+
+
+rule predict_finetuned:
+    """Predicted panel expression of a test slide by a fine-tuned model."""
+    input:
+        checkpoint="results/models/finetune/{mode}.pt",
+        pretrained=f"results/models/pretrain/{PRETRAIN_MODEL}.pt",
+        patches="results/{sample}/spot_patches.npy",
+        spots="results/{sample}/spots.h5ad",
+        sentences="results/{sample}/gene_sentences.npz",
+    output:
+        prediction="results/predictions/{sample}/finetune_{mode}.h5ad",
+    log:
+        "logs/predict_finetuned/{sample}/{mode}.log",
+    benchmark:
+        "logs/benchmark/predict_finetuned/{sample}/{mode}.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=60,
+        gpu=1,
+    conda:
+        "../../envs/torch.yaml"
+    script:
+        "../scripts/predict_finetuned.py"
+
+
+rule predict_slide:
+    """Virtual Visium for an H&E-only slide (split = predict): every tissue tile predicted by the
+    fine-tuned model, written as an h5ad plus a spatial map."""
+    input:
+        slide=slide_path,
+        tiles="results/{sample}/tiles.parquet",
+        checkpoint=f"results/models/finetune/{config['evaluate']['slide_model']}.pt",
+        pretrained=f"results/models/pretrain/{PRETRAIN_MODEL}.pt",
+    output:
+        prediction="results/predictions/{sample}/virtual_visium.h5ad",
+        map=report("results/predictions/{sample}/virtual_visium.png", caption="../report/virtual_visium.rst",
+                   category="Virtual Visium"),
+    params:
+        mpp=sample_mpp,
+        patch=config["patches"],
+        map_genes=config["evaluate"]["map_genes"],
+        method=f"finetune_{config['evaluate']['slide_model']}",
+    log:
+        "logs/predict_slide/{sample}.log",
+    benchmark:
+        "logs/benchmark/predict_slide/{sample}.tsv"
+    threads: 4
+    resources:
+        mem_mb=8000,
+        runtime=120,
+        gpu=1,
+    conda:
+        "../../envs/torch.yaml"
+    script:
+        "../scripts/predict_slide.py"

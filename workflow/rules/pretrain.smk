@@ -1,0 +1,31 @@
+rule pretrain:
+    """CoMTIP pretraining on the training samples: image and gene-sentence encoders aligned.
+
+    Resumable: a killed run continues from results/models/pretrain/{model}.resume/ when rerun
+    with the same configuration. Run it with torchrun for several GPUs (docs/pretraining.md).
+    """
+    input:
+        unpack(training_inputs),
+        bins="results/genes/value_bins.tsv",
+    output:
+        checkpoint="results/models/pretrain/{model}.pt",
+        metrics="results/models/pretrain/{model}.metrics.tsv",
+        retrieval="results/models/pretrain/{model}.retrieval.tsv",
+    params:
+        samples=samples_with_split("train"),
+        model=MODEL_CONFIG,
+        pretrain=config["pretrain"],
+        seed=config["seed"],
+    log:
+        "logs/pretrain/{model}.log",
+    benchmark:
+        "logs/benchmark/pretrain/{model}.tsv"
+    threads: 8
+    resources:
+        mem_mb=16000,
+        runtime=720,
+        gpu=1,
+    conda:
+        "../../envs/torch.yaml"
+    script:
+        "../scripts/pretrain.py"
