@@ -51,27 +51,34 @@ EDGES = np.linspace(0.5, 5.0, 14)
 PAPER_MODEL = {"vision_model": "vit_base_patch32_224", "image_size": 224}
 
 
-def busy_cores(interval_s: float = 1.0) -> float:
-    """Cores kept busy by all processes over ``interval_s`` (/proc/stat); called while this
-    process is idle, so it measures the other jobs on a shared machine."""
-    def sample() -> tuple[int, int]:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-        return sum(fields) - fields[3] - fields[4], sum(fields)  # busy, total (idle + iowait excluded)
-
-    busy0, total0 = sample()
-    time.sleep(interval_s)
-    busy1, total1 = sample()
-    return (busy1 - busy0) / max(1, total1 - total0) * (os.cpu_count() or 1)
+def _busy_seconds() -> float:
+    """CPU seconds spent by every process on the machine since boot (/proc/stat, all cores)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # idle and iowait excluded
 
 
-def wait_until_quiet(max_wait_s: float) -> float:
-    """Wait (at most ``max_wait_s``) until other processes keep under 0.3 cores busy; return the
-    load found at the start of the measurement, reported beside it."""
+def wait_until_quiet(max_wait_s: float) -> None:
+    """Wait (at most ``max_wait_s``) until other processes keep under 0.3 cores busy."""
     deadline = time.monotonic() + max_wait_s
-    load = busy_cores()
-    while load > 0.3 and time.monotonic() < deadline:
-        load = busy_cores()
-    return load
+    while time.monotonic() < deadline:
+        before = _busy_seconds()
+        time.sleep(1.0)
+        if _busy_seconds() - before < 0.3:
+            return
+
+
+class OtherLoad:
+    """Cores kept busy by *other* processes during a block: machine-wide busy CPU time minus this
+    process's own, per second of wall time. About 0 on a quiet machine; the timings of a block
+    with other load understate the speed."""
+
+    def __enter__(self) -> OtherLoad:
+        self.busy, self.own, self.wall = _busy_seconds(), time.process_time(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        own = time.process_time() - self.own
+        self.cores = max(0.0, (_busy_seconds() - self.busy - own) / (time.perf_counter() - self.wall))
 
 
 def demo_config() -> tuple[dict, dict]:
@@ -171,13 +178,14 @@ def markdown(results: dict, args: argparse.Namespace, command: str) -> str:
              f"(CPU, {torch.get_num_threads()} threads), synthetic data shaped like the demo cohort "
              f"(2 samples x {N_SPOTS} spots, 224 px patches, {MAX_LEN}-token sentences). Each measurement "
              f"waits (up to {args.max_wait:.0f} s) for other processes to leave the CPUs idle; 'other load' is the "
-             "number of cores they kept busy just before it (under load, the timings understate the speed).", "",
+             "number of cores other processes kept busy during it (from /proc/stat minus this process's CPU "
+             "time): about 0 on a quiet machine; with other load the timings understate the speed.", "",
              "Command:", "", "```bash", command, "```", "",
              "| setting | model | batch | input pipeline alone (samples/s) | training (samples/s) | s/step "
              "| data wait (share of step) | other load (cores) |", "|---|---|---|---|---|---|---|---|"]
     for row in results["rows"]:
         lines.append(f"| {row['name']} | {row['model']} | {row['batch']} | {row['pipeline']:.0f} | "
-                     f"{row['samples_per_s']:.1f} | {row['step_s']:.2f} | {100 * row['data_wait']:.1f}% | {row['busy']:.1f} |")
+                     f"{row['samples_per_s']:.1f} | {row['step_s']:.2f} | {100 * row['data_wait']:.1f}% | {row['others']:.1f} |")
     lines += ["", f"Demo config (config/config.yaml): `model: {json.dumps(demo_model)}`, "
               f"`pretrain: {json.dumps(demo_train)}`; ViT-B/32: `model: {json.dumps(PAPER_MODEL)}` (other options at "
               "their defaults), same pretrain options with the batch above. Training = median over steps "
@@ -186,7 +194,7 @@ def markdown(results: dict, args: argparse.Namespace, command: str) -> str:
               "sub-sampling, resizing) is far faster than the model on CPU, so the data wait stays a few "
               "percent with `num_workers: 0`; on a GPU, raise `pretrain.num_workers`.", "",
               "Gene-text encoder (demo text config), forward + backward of `encode_sentences`, best of "
-              f"{args.repeats} (other load {results['text_busy']:.1f} cores):", "", "| batch | sentence length | tokens | ms | µs per token |", "|---|---|---|---|---|"]
+              f"{args.repeats} (other load {results['text_others']:.1f} cores):", "", "| batch | sentence length | tokens | ms | µs per token |", "|---|---|---|---|---|"]
     for row in results["text"].itertuples():
         lines.append(f"| {row.batch} | {row.length} | {row.tokens} | {row.ms:.1f} | {row.us_per_token:.2f} |")
     text = results["text"]
@@ -195,7 +203,7 @@ def markdown(results: dict, args: argparse.Namespace, command: str) -> str:
     lines += ["", f"Up to 128 tokens per sentence the cost is about linear in batch x length ({per_token.min():.0f}–"
               f"{per_token.max():.0f} µs per token: the per-token projections and feed-forward dominate); at "
               f"{text['length'].max()} tokens the quadratic attention term starts to show "
-              f"({longest['us_per_token'].min():.0f}–{longest['us_per_token'].max():.0f} µs per token). "
+              f"(up to {longest['us_per_token'].max():.0f} µs per token). "
               "The gene sentences hold at most `genes.max_len` = 128 tokens by default."]
     return "\n".join(lines) + "\n"
 
@@ -229,16 +237,19 @@ def main(argv: list[str] | None = None) -> None:
                                           ("paper backbone", PAPER_MODEL, paper_train,
                                            args.paper_steps)):
             cfg = ModelConfig.from_dict(model)
-            load = wait_until_quiet(args.max_wait)
-            pipeline = input_pipeline(cohort, train, cfg.image_size, args.pipeline_batches)
-            load = max(load, wait_until_quiet(args.max_wait))
-            trained = training(cohort, work, model, train, steps)
+            wait_until_quiet(args.max_wait)
+            with OtherLoad() as pipeline_load:
+                pipeline = input_pipeline(cohort, train, cfg.image_size, args.pipeline_batches)
+            wait_until_quiet(args.max_wait)
+            with OtherLoad() as training_load:
+                trained = training(cohort, work, model, train, steps)
             rows.append({"name": name, "model": f"{cfg.vision_model} @ {cfg.image_size} px", "batch": train["batch_size"],
-                         "pipeline": pipeline, "busy": load, **trained})
+                         "pipeline": pipeline, "others": max(pipeline_load.cores, training_load.cores), **trained})
             print(rows[-1], file=sys.stderr, flush=True)
-        text_load = wait_until_quiet(args.max_wait)
-        text = text_encoder_cost(demo_model, [16, 32, 64, 128, 256], [16, 64], args.repeats)
-    results = {"rows": rows, "text": text, "text_busy": text_load}
+        wait_until_quiet(args.max_wait)
+        with OtherLoad() as text_load:
+            text = text_encoder_cost(demo_model, [16, 32, 64, 128, 256], [16, 64], args.repeats)
+    results = {"rows": rows, "text": text, "text_others": text_load.cores}
     command = "python " + " ".join([str(Path(__file__).relative_to(REPO)), *(argv or sys.argv[1:])])
     out = markdown(results, args, command)
     print(out)

@@ -176,7 +176,8 @@ def test_flips_and_rotations_only_move_pixels_and_are_seeded():
     images = torch.randint(0, 256, (16, 8, 8, 3), dtype=torch.uint8)
 
     def augment(seed: int, jitter: float) -> torch.Tensor:
-        return augment_images(images, flip=True, rot90=True, jitter=jitter, generator=torch.Generator().manual_seed(seed))
+        generator = torch.Generator().manual_seed(seed)
+        return augment_images(images, flip=True, rot90=True, jitter=jitter, generator=generator)
 
     moved = augment(0, 0.0)
     assert not torch.equal(moved, images)
@@ -239,7 +240,8 @@ class Killed(Exception):
     """Stands for a kill (SIGKILL) of the training process at a checkpoint."""
 
 
-def test_killed_run_resumes_and_ends_identical_to_an_uninterrupted_one(cohort, reference, tmp_path, monkeypatch, caplog):
+def test_killed_run_resumes_and_ends_identical_to_an_uninterrupted_one(cohort, reference, tmp_path, monkeypatch,
+                                                                       caplog):
     save = ckpt.save_resume
 
     def save_then_die(folder: Path, state: dict) -> None:

@@ -2,7 +2,8 @@ rule pretrain:
     """CoMTIP pretraining on the training samples: image and gene-sentence encoders aligned.
 
     Resumable: a killed run continues from results/models/pretrain/{model}.resume/ when rerun
-    with the same configuration. Run it with torchrun for several GPUs (docs/pretraining.md).
+    with the same configuration. One process (one GPU here); comtip.training.pretrain also runs
+    under torchrun for several GPUs (docs/pretraining.md).
     """
     input:
         unpack(training_inputs),

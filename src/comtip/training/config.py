@@ -44,7 +44,7 @@ class TrainConfig:
     rot90: bool = True
     color_jitter: float = 0.1
     subsample_prob: float = 0.5
-    subsample_min_len: int = 16
+    subsample_min_len: int = 1
     bf16: bool = True
     device: str = "auto"
     retrieval_spots: int = 1000

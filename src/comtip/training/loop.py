@@ -186,7 +186,8 @@ class Trainer:
 
     def _row(self, losses: dict[str, torch.Tensor], lr: float, window: Window) -> dict[str, float]:
         """Metrics of the step just done, averaged over processes (a collective: all ranks call it)."""
-        stacked = torch.stack([losses[k] for k in LOSS_COLUMNS] + [torch.tensor(window.wait, device=losses["loss"].device)])
+        wait = torch.tensor(window.wait, device=losses["loss"].device)
+        stacked = torch.stack([losses[k] for k in LOSS_COLUMNS] + [wait])
         if self.procs.world_size > 1:
             dist.all_reduce(stacked)
             stacked /= self.procs.world_size
@@ -219,8 +220,9 @@ class Trainer:
     def run(self) -> None:
         cfg, plan = self.cfg, self.plan
         log.info("pretraining on %d spots of %d samples (%s), %d processes on %s: %d steps of %d spots "
-                 "(%d steps per epoch)", len(self.data), len(self.data.samples), ", ".join(self.data.fingerprint["samples"]),
-                 self.procs.world_size, self.procs.device, self.total, plan.spots_per_step, plan.steps_per_epoch)
+                 "(%d steps per epoch)", len(self.data), len(self.data.samples),
+                 ", ".join(self.data.fingerprint["samples"]), self.procs.world_size, self.procs.device, self.total,
+                 plan.spots_per_step, plan.steps_per_epoch)
         loader = torch.utils.data.DataLoader(
             self.data, batch_size=None, sampler=MicroBatches(plan, self.procs.rank, self.step, self.total),
             num_workers=cfg.num_workers, pin_memory=self.procs.device.type == "cuda")
@@ -247,23 +249,20 @@ class Trainer:
         """Image -> sentence retrieval on up to ``retrieval_spots`` seeded spots per training sample
         (candidates: the spots of that sample) and on all of them together (embedded once)."""
         rng = np.random.default_rng(derive_seed(self.cfg.seed, STREAM_RETRIEVAL))
-        chosen = []
-        for k in range(len(self.data.samples)):
+        results, image_embs, text_embs = {}, [], []
+        for k, files in enumerate(self.data.samples):
             spots = np.flatnonzero(self.data.sample_of == k)
             if len(spots) > self.cfg.retrieval_spots:
                 spots = np.sort(rng.choice(spots, self.cfg.retrieval_spots, replace=False))
-            chosen.append(spots)
-        every = np.concatenate(chosen)
-        image_emb, text_emb = embed(self.model, self.data.images(every),
-                                    {key: self.data.sentences[key][every] for key in SENTENCE_KEYS},
-                                    self.model_cfg.image_size, bf16=self.cfg.bf16)
-        results, start = {}, 0
-        for files, spots in zip(self.data.samples, chosen):
-            rows = slice(start, start + len(spots))
-            results[files.name] = accuracy_from_embeddings(image_emb[rows], text_emb[rows], RETRIEVAL_K)
-            start += len(spots)
-        if len(chosen) > 1:
-            results["all"] = accuracy_from_embeddings(image_emb, text_emb, RETRIEVAL_K)
+            # one sample's patches in memory at a time (at most retrieval_spots of them)
+            image_emb, text_emb = embed(self.model, self.data.images(spots),
+                                        {key: self.data.sentences[key][spots] for key in SENTENCE_KEYS},
+                                        self.model_cfg.image_size, bf16=self.cfg.bf16)
+            results[files.name] = accuracy_from_embeddings(image_emb, text_emb, RETRIEVAL_K)
+            image_embs.append(image_emb)
+            text_embs.append(text_emb)
+        if len(self.data.samples) > 1:
+            results["all"] = accuracy_from_embeddings(torch.cat(image_embs), torch.cat(text_embs), RETRIEVAL_K)
         table = retrieval_table(results, RETRIEVAL_K)
         for row in table.itertuples():
             log.info("retrieval on %s (%d spots): top-%d %.3f (chance %.4f)", row.spots, row.n_spots, row.k,
@@ -301,9 +300,11 @@ def pretrain(samples: Sequence[str], patches: Sequence[str | Path], indexes: Seq
                               f"bin {top_bin}; set model.n_bins to at least genes.n_bins")
         height, width, _ = data.patch_shape
         if cfg.rot90 and height != width:
-            raise ValueError(f"pretrain.rot90 needs square patches, the patches are {height} x {width} px")
+            raise ConfigError(f"config key 'pretrain.rot90': needs square patches, the patches are "
+                              f"{height} x {width} px")
         with deterministic_on_cpu(procs.device):
-            trainer = Trainer(data, model_cfg, cfg, read_bin_edges(bins_tsv).tolist(), procs, ckpt.resume_dir(out_checkpoint))
+            trainer = Trainer(data, model_cfg, cfg, read_bin_edges(bins_tsv).tolist(), procs,
+                              ckpt.resume_dir(out_checkpoint))
             trainer.run()
             if not procs.is_main:
                 return None
