@@ -185,7 +185,8 @@ def markdown(results: dict, args: argparse.Namespace, command: str) -> str:
              "| data wait (share of step) | other load (cores) |", "|---|---|---|---|---|---|---|---|"]
     for row in results["rows"]:
         lines.append(f"| {row['name']} | {row['model']} | {row['batch']} | {row['pipeline']:.0f} | "
-                     f"{row['samples_per_s']:.1f} | {row['step_s']:.2f} | {100 * row['data_wait']:.1f}% | {row['others']:.1f} |")
+                     f"{row['samples_per_s']:.1f} | {row['step_s']:.2f} | {100 * row['data_wait']:.1f}% | "
+                     f"{row['others']:.1f} |")
     lines += ["", f"Demo config (config/config.yaml): `model: {json.dumps(demo_model)}`, "
               f"`pretrain: {json.dumps(demo_train)}`; ViT-B/32: `model: {json.dumps(PAPER_MODEL)}` (other options at "
               "their defaults), same pretrain options with the batch above. Training = median over steps "
@@ -194,14 +195,16 @@ def markdown(results: dict, args: argparse.Namespace, command: str) -> str:
               "sub-sampling, resizing) is far faster than the model on CPU, so the data wait stays a few "
               "percent with `num_workers: 0`; on a GPU, raise `pretrain.num_workers`.", "",
               "Gene-text encoder (demo text config), forward + backward of `encode_sentences`, best of "
-              f"{args.repeats} (other load {results['text_others']:.1f} cores):", "", "| batch | sentence length | tokens | ms | µs per token |", "|---|---|---|---|---|"]
+              f"{args.repeats} (other load {results['text_others']:.1f} cores):", "",
+              "| batch | sentence length | tokens | ms | µs per token |", "|---|---|---|---|---|"]
     for row in results["text"].itertuples():
         lines.append(f"| {row.batch} | {row.length} | {row.tokens} | {row.ms:.1f} | {row.us_per_token:.2f} |")
     text = results["text"]
-    per_token = text.loc[text["length"] <= 128, "us_per_token"]
+    per_token = text.loc[(text["length"] <= 128) & (text["tokens"] >= 1024), "us_per_token"]
     longest = text[text["length"] == text["length"].max()]
     lines += ["", f"Up to 128 tokens per sentence the cost is about linear in batch x length ({per_token.min():.0f}–"
-              f"{per_token.max():.0f} µs per token: the per-token projections and feed-forward dominate); at "
+              f"{per_token.max():.0f} µs per token once a batch holds 1024 tokens or more; smaller batches pay a "
+              "fixed overhead): the per-token projections and feed-forward dominate. At "
               f"{text['length'].max()} tokens the quadratic attention term starts to show "
               f"(up to {longest['us_per_token'].max():.0f} µs per token). "
               "The gene sentences hold at most `genes.max_len` = 128 tokens by default."]
@@ -223,7 +226,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--paper-batch", type=int, default=32, help="batch size of the ViT-B/32 run")
     parser.add_argument("--pipeline-batches", type=int, default=8, help="micro-batches timed for the input pipeline")
     parser.add_argument("--repeats", type=int, default=5, help="repeats of each text-encoder timing")
-    parser.add_argument("--max-wait", type=float, default=30.0, help="seconds to wait for a quiet machine per measurement")
+    parser.add_argument("--max-wait", type=float, default=30.0,
+                        help="seconds to wait for a quiet machine before each measurement")
     parser.add_argument("--markdown", type=Path, help="write the tables as a section of this file")
     args = parser.parse_args(argv)
 
@@ -243,7 +247,8 @@ def main(argv: list[str] | None = None) -> None:
             wait_until_quiet(args.max_wait)
             with OtherLoad() as training_load:
                 trained = training(cohort, work, model, train, steps)
-            rows.append({"name": name, "model": f"{cfg.vision_model} @ {cfg.image_size} px", "batch": train["batch_size"],
+            rows.append({"name": name, "model": f"{cfg.vision_model} @ {cfg.image_size} px",
+                         "batch": train["batch_size"],
                          "pipeline": pipeline, "others": max(pipeline_load.cores, training_load.cores), **trained})
             print(rows[-1], file=sys.stderr, flush=True)
         wait_until_quiet(args.max_wait)
