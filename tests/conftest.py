@@ -18,3 +18,15 @@ def shared_data(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"real data not available: {path} is absent (see ../shared/data/README.md)")
     return path
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for CPU-bound model tests: on 2 shared cores, two spinning threads are
+    many times slower. Modules opt in with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

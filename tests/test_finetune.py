@@ -25,13 +25,7 @@ TINY_MODEL = {"image_size": 32, "vision_kwargs": {"depth": 2, "patch_size": 8, "
               "name_buckets": 1024, "paat": False}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on 2 shared cores, two spinning threads are many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def save_pretrained(path: Path, seed: int = 0) -> Path:

@@ -17,13 +17,7 @@ GENES = [f"GENE{i}" for i in range(12)]
 EDGES = np.array([0.5, 1.0, 1.5, 2.0], dtype=np.float32)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on 2 shared cores, two spinning threads are many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cfg() -> ModelConfig:

@@ -14,13 +14,7 @@ from comtip.model import ModelConfig, VisionEncoder, n_visible_tokens, preproces
 TINY_VIT = {"depth": 2, "patch_size": 8, "embed_dim": 32, "num_heads": 2}  # 32 px → 4 × 4 = 16 patches
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on 2 shared cores, two spinning threads are many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cfg(**kw) -> ModelConfig:

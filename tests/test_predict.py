@@ -23,12 +23,7 @@ TISSUE = (192, 128, 640, 448)  # x0, y0, x1, y1 of the tissue rectangle, level-0
 TINT = np.array([235.0, 160.0, 210.0])  # the patches' colour in test_finetune.write_sample
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_spots(path, n: int = 30, seed: int = 0):

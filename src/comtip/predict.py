@@ -25,6 +25,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from comtip.alignment import first_mismatch, value_at
 from comtip.atomic import atomic_path, atomic_paths
 from comtip.errors import PipelineInputError
 from comtip.slide import open_slide, resolve_mpp
@@ -49,16 +50,6 @@ def _check_prediction(pred: np.ndarray, genes: Sequence[str]) -> np.ndarray:
     return pred
 
 
-def _first_mismatch(a: np.ndarray, b: np.ndarray) -> int:
-    n = min(len(a), len(b))
-    differs = np.flatnonzero(a[:n] != b[:n])
-    return int(differs[0]) if len(differs) else n
-
-
-def _at(values: np.ndarray, i: int) -> str | None:
-    return str(values[i]) if i < len(values) else None
-
-
 def write_prediction_h5ad(out_path: str | Path, pred: np.ndarray, genes: Sequence[str], spots_h5ad: str | Path,
                           method: str, extra_uns: dict[str, Any] | None = None, *,
                           barcodes: Sequence[str] | None = None) -> ad.AnnData:
@@ -79,10 +70,10 @@ def write_prediction_h5ad(out_path: str | Path, pred: np.ndarray, genes: Sequenc
         if barcodes is not None:
             given, expected = np.asarray(barcodes, dtype=str), obs_names.to_numpy(dtype=str)
             if len(given) != len(expected) or not np.array_equal(given, expected):
-                first = _first_mismatch(given, expected)
+                first = first_mismatch(given, expected)
                 raise PipelineInputError(
                     f"prediction rows are not aligned with the spots: row {first} is barcode "
-                    f"{_at(given, first)!r} in the predictions but {_at(expected, first)!r} here "
+                    f"{value_at(given, first)!r} in the predictions but {value_at(expected, first)!r} here "
                     f"({len(given)} vs {len(expected)} rows)", path=spots_h5ad)
         if "spatial" not in spots.obsm:
             raise PipelineInputError('obsm["spatial"] is missing', path=spots_h5ad)

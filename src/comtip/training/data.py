@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from comtip.alignment import first_mismatch, value_at
 from comtip.errors import PipelineInputError
 from comtip.training.config import STREAM_EPOCH, derive_seed
 
@@ -66,23 +67,13 @@ def _read_sentences(files: SampleFiles, n_patches: int) -> tuple[dict[str, np.nd
                                  "patches; rerun extract_patches", sample=files.name, path=files.index)
     barcodes = arrays.pop("barcodes").astype(str)
     if len(barcodes) != n_patches or not np.array_equal(barcodes, index_barcodes):
-        mismatch = _first_mismatch(barcodes, index_barcodes)
+        mismatch = first_mismatch(barcodes, index_barcodes)
         raise PipelineInputError(
             f"gene sentences are not aligned with the patches: row {mismatch} is barcode "
-            f"{_at(barcodes, mismatch)!r} here but {_at(index_barcodes, mismatch)!r} in {files.index} "
+            f"{value_at(barcodes, mismatch)!r} here but {value_at(index_barcodes, mismatch)!r} in {files.index} "
             f"({len(barcodes)} vs {len(index_barcodes)} rows); rerun build_gene_sentences and "
             "extract_patches from the same spots.h5ad", sample=files.name, path=files.sentences)
     return arrays, barcodes
-
-
-def _first_mismatch(a: np.ndarray, b: np.ndarray) -> int:
-    n = min(len(a), len(b))
-    differs = np.flatnonzero(a[:n] != b[:n])
-    return int(differs[0]) if len(differs) else n
-
-
-def _at(values: np.ndarray, i: int) -> str | None:
-    return str(values[i]) if i < len(values) else None
 
 
 class SpotData:
