@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import scanpy as sc
-import torch
 from PIL import Image
 from test_finetune import GENES, save_pretrained, write_sample
 
