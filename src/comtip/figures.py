@@ -90,9 +90,12 @@ def spatial_maps(sample: str, truth_npz: str | Path, spots_h5ad: str | Path,
     size = max(2.0, 6000.0 / max(len(xy), 1))
     for r, gene in enumerate(genes):
         j = panel.index(gene)
+        # one colour scale per gene (the truth's 1st-99th percentile), so methods compare by eye
+        low, high = np.percentile(columns["truth"][:, j], [1, 99])
         for c, (name, values) in enumerate(columns.items()):
             ax = axes[r, c]
-            ax.scatter(xy[:, 0], xy[:, 1], c=values[:, j], s=size, cmap="viridis", linewidths=0)
+            ax.scatter(xy[:, 0], xy[:, 1], c=values[:, j], s=size, cmap="viridis", linewidths=0,
+                       vmin=low, vmax=max(high, low + 1e-6))
             ax.set_aspect("equal")
             ax.invert_yaxis()
             ax.set_xticks([])
@@ -101,7 +104,8 @@ def spatial_maps(sample: str, truth_npz: str | Path, spots_h5ad: str | Path,
                 ax.set_title(name, fontsize=8)
             if c == 0:
                 ax.set_ylabel(gene, fontsize=8)
-    fig.suptitle(f"{sample}: truth vs predictions (log1p CP10k), top expressed training genes", fontsize=9)
+    fig.suptitle(f"{sample}: truth vs predictions (log1p CP10k), top expressed training genes; "
+                 "colour scale per gene = truth's 1st-99th percentile", fontsize=9)
     fig.tight_layout()
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
