@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _markdown import write_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 REPO = Path(__file__).resolve().parents[1]
 HER2ST_C2 = REPO.parent / "shared" / "data" / "her2st" / "C2" / "outs"
 SLIDE_MPP = 0.5
@@ -332,14 +334,6 @@ def _cpu_model() -> str:
     return found.group(1).strip() if found else platform.machine()
 
 
-def write_section(path: Path, text: str) -> None:
-    """Add or replace the section in ``path`` (created with a title when missing)."""
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    path.write_text(new)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command")
@@ -375,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
     print(table(rows, args.size_px))
     if args.markdown:
         command = "python " + " ".join([str(Path(__file__).relative_to(REPO)), *(argv or sys.argv[1:])])
-        write_section(args.markdown, section(rows, args, command))
+        write_section(args.markdown, SECTION, section(rows, args, command))
 
 
 if __name__ == "__main__":

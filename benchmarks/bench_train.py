@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -41,6 +40,8 @@ from comtip.model.augment import subsample_sentences
 from comtip.training import BatchPlan, SpotData, TrainConfig, pretrain, sample_files
 from comtip.training.augment import augment_images
 from comtip.training.data import MicroBatches
+
+from _markdown import write_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Pretraining throughput"
@@ -211,14 +212,6 @@ def markdown(results: dict, args: argparse.Namespace, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, text: str) -> None:
-    """Add or replace this benchmark's section in ``path``, leaving the other sections alone."""
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    path.write_text(new)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo-steps", type=int, default=8, help="training steps measured for the demo config")
@@ -259,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     out = markdown(results, args, command)
     print(out)
     if args.markdown:
-        write_section(args.markdown, out)
+        write_section(args.markdown, SECTION, out)
 
 
 if __name__ == "__main__":
