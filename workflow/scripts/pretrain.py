@@ -1,19 +1,23 @@
-"""Rule pretrain: thin adapter around comtip.training.pretrain."""
+"""Rule pretrain: thin adapter around comtip.training.launch.run_pretrain (one process per GPU)."""
 
 from comtip.runtime import rule_logging
-from comtip.training import pretrain
+from comtip.training.launch import run_pretrain
 
 with rule_logging(snakemake.log[0]):
-    pretrain(
-        snakemake.params.samples,
-        snakemake.input.patches,
-        snakemake.input.index,
-        snakemake.input.sentences,
-        snakemake.input.bins,
-        snakemake.output.checkpoint,
-        snakemake.output.metrics,
-        snakemake.output.retrieval,
-        model_config=snakemake.params.model,
-        train_config={**snakemake.params.pretrain, "seed": snakemake.params.seed},
-        threads=snakemake.threads,
+    run_pretrain(
+        {
+            "samples": list(snakemake.params.samples),
+            "patches": list(snakemake.input.patches),
+            "indexes": list(snakemake.input.index),
+            "sentences": list(snakemake.input.sentences),
+            "bins_tsv": snakemake.input.bins,
+            "out_checkpoint": snakemake.output.checkpoint,
+            "out_metrics": snakemake.output.metrics,
+            "out_retrieval": snakemake.output.retrieval,
+            "model_config": snakemake.params.model,
+            "train_config": {**snakemake.params.pretrain, "seed": snakemake.params.seed},
+            "threads": snakemake.threads,
+        },
+        processes=int(snakemake.resources.get("gpu", 1)),
+        log_path=snakemake.log[0],
     )
