@@ -2,8 +2,8 @@ rule pretrain:
     """CoMTIP pretraining on the training samples: image and gene-sentence encoders aligned.
 
     Resumable: a killed run continues from results/models/pretrain/{model}.resume/ when rerun
-    with the same configuration. One process (one GPU here); comtip.training.pretrain also runs
-    under torchrun for several GPUs (docs/pretraining.md).
+    with the same configuration. One process per GPU: with resources gpu=N > 1 the script runs
+    N processes under torchrun on the node (docs/pretraining.md).
     """
     input:
         unpack(training_inputs),
