@@ -4,18 +4,21 @@ Entry point only: config + validation + includes. Logic lives in the `comtip` pa
 stages in workflow/rules/*.smk. See README.md.
 """
 
+import os
 import sys
 from pathlib import Path
 
-# The rule scripts import the package from this checkout, also inside per-rule conda envs
-# and on cluster nodes, where it is not pip-installed: put src/ first on the import path of
-# this process and of every job it starts.
+# The rule scripts import the package from this checkout: put src/ first on the import path of
+# this process and of every job it starts (also when the package is not pip-installed, e.g.
+# `--sdm conda` before an env's post-deploy script ran). COMTIP_PIPELINE_DIR tells the conda
+# envs' post-deploy scripts (envs/*.post-deploy.sh) which checkout to install into the env.
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from comtip.config import validate_config  # noqa: E402
 from comtip.runtime import prepend_pythonpath  # noqa: E402
 
 prepend_pythonpath(Path(workflow.basedir) / "src")
+os.environ["COMTIP_PIPELINE_DIR"] = str(Path(workflow.basedir).resolve())
 
 
 configfile: "config/config.yaml"
@@ -25,6 +28,30 @@ report: "workflow/report/workflow.rst"
 
 
 validate_config(config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
+
+
+# Provenance: every run with jobs to do records config, sample sheet, package versions and git
+# commit under results/provenance/{run_id}/ (comtip.provenance); only the main process does.
+from comtip import provenance  # noqa: E402
+
+RUN_RECORD = {}
+
+
+onstart:
+    RUN_RECORD["dir"] = provenance.start_run_record(
+        "results", config, sample_sheet=config["samples"], pipeline_dir=workflow.basedir
+    )
+    print(f"provenance of this run: {RUN_RECORD['dir']}")
+
+
+onsuccess:
+    if "dir" in RUN_RECORD:
+        provenance.finish_run_record(RUN_RECORD["dir"], "success")
+
+
+onerror:
+    if "dir" in RUN_RECORD:
+        provenance.finish_run_record(RUN_RECORD["dir"], "failed")
 
 
 include: "workflow/rules/common.smk"

@@ -30,3 +30,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """The whole workflow run once, locally, on the tiny synthetic cohort of test_workflow_e2e."""
+    from test_workflow_e2e import snakemake, write_tiny_run_folder
+
+    root = write_tiny_run_folder(tmp_path_factory.mktemp("run"))
+    snakemake(root)
+    return root

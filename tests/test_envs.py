@@ -1,9 +1,14 @@
-"""Conda env files: they parse, every rule names one, and their pins agree with pyproject."""
+"""Conda env files: they parse, every rule names one, their pins agree with pyproject, and each
+env installs the comtip package (its post-deploy script, run here in a fresh venv)."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import tomllib
+from pathlib import Path
 
 import pytest
 import yaml
@@ -38,7 +43,8 @@ def _env_pins(env: dict) -> dict[str, str]:
                 pins[name.strip().lower()] = version.strip()
         else:
             name = re.split(r"[=<>]", dep)[0].strip()
-            assert name in {"python", "pip"}, f"conda package {dep!r}: list it under pip: with the pyproject pin"
+            assert name in {"python", "pip", "setuptools"}, \
+                f"conda package {dep!r}: list it under pip: with the pyproject pin"
     return pins
 
 
@@ -70,3 +76,54 @@ def test_every_rule_has_conda_log_benchmark_threads_resources():
                 assert f"    {key}" in block, f"{smk.name}: {name} has no {key}"
             env = re.search(r'conda:\s*\n\s*"([^"]+)"', block).group(1)
             assert (smk.parent / env).resolve().exists(), f"{smk.name}: {name} names missing env {env}"
+
+
+@pytest.mark.parametrize("path", ENVS, ids=lambda p: p.name)
+def test_env_can_build_the_package(path):
+    """setuptools in the env satisfies pyproject's build requirement (editable, no isolation)."""
+    env = yaml.safe_load(path.read_text())
+    build = tomllib.loads((REPO / "pyproject.toml").read_text())["build-system"]["requires"]
+    assert build == ["setuptools>=68"], "update the env files' setuptools when the build backend changes"
+    assert "setuptools>=70.1" in env["dependencies"], f"{path.name}: needs setuptools>=70.1 (PEP 660 without wheel)"
+
+
+@pytest.mark.parametrize("path", ENVS, ids=lambda p: p.name)
+def test_every_env_has_a_post_deploy_script_that_installs_the_package(path):
+    script = path.with_name(path.stem + ".post-deploy.sh")
+    assert script.exists(), f"{script.name} missing: the env would not contain the comtip package"
+    text = script.read_text()
+    assert "pip install --no-deps" in text and '-e "$COMTIP_PIPELINE_DIR"' in text
+    assert "set -euo pipefail" in text
+
+
+def test_snakefile_tells_the_post_deploy_scripts_where_the_checkout_is():
+    assert 'os.environ["COMTIP_PIPELINE_DIR"]' in (REPO / "Snakefile").read_text()
+
+
+def test_post_deploy_script_installs_the_package_into_a_fresh_environment(tmp_path):
+    """What Snakemake does after creating an env, with a venv standing in for the conda env
+    (same python + pip + setuptools>=70.1, no comtip): afterwards the env imports this checkout's
+    package from any folder."""
+    venv = tmp_path / "env"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
+    python = venv / "bin" / "python"
+    setup = subprocess.run([str(python), "-m", "pip", "install", "-q", "setuptools>=70.1"], capture_output=True,
+                           text=True)
+    if setup.returncode != 0:
+        pytest.skip(f"cannot install setuptools into a fresh venv here (no package index?): {setup.stderr[-500:]}")
+    script = REPO / "envs" / "torch.post-deploy.sh"
+    env = {**os.environ, "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}", "COMTIP_PIPELINE_DIR": str(REPO)}
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    where = subprocess.run([str(python), "-c", "import comtip; print(comtip.__file__)"], capture_output=True,
+                           text=True, env=env, cwd=tmp_path)
+    assert where.returncode == 0, where.stderr
+    assert Path(where.stdout.strip()).resolve() == (REPO / "src" / "comtip" / "__init__.py").resolve()
+
+
+def test_post_deploy_script_without_the_checkout_variable_fails_clearly(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "COMTIP_PIPELINE_DIR"}
+    result = subprocess.run(["bash", str(REPO / "envs" / "imaging.post-deploy.sh")], capture_output=True, text=True,
+                            env=env, cwd=tmp_path)
+    assert result.returncode != 0 and "COMTIP_PIPELINE_DIR" in result.stderr

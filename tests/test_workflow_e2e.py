@@ -49,15 +49,19 @@ def write_run_folder(root: Path, rows: list[str]) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("run")
+def write_tiny_run_folder(root: Path) -> Path:
+    """The tiny cohort's run folder (config + sample sheet; the demo rule simulates the data)."""
     rows = [f"{s}\t../resources/demo/{s}/outs\t../resources/demo/{s}/slide.tif\t{split}\t\t\tdemo\t{s}"
             for s, split in SAMPLES.items()]
     rows.append(f"{PREDICT_SAMPLE}\t\t../resources/demo/{PREDICT_SAMPLE}/slide.tif\tpredict\t\t\t\t")
-    write_run_folder(root, rows)
-    snakemake(root)
-    return root
+    return write_run_folder(root, rows)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tiny_run) -> Path:
+    """The whole DAG run once locally (conftest's session fixture, shared with the SLURM and
+    rerun tests that compare their outputs with it)."""
+    return tiny_run
 
 
 @pytest.mark.parametrize("sample", list(SAMPLES))

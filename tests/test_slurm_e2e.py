@@ -1,0 +1,140 @@
+"""profiles/slurm proven on a real scheduler: a one-node SLURM cluster on localhost runs the tiny
+synthetic workflow through `snakemake --profile`, and its results equal the local run's.
+
+The cluster needs root and the Debian packages slurmctld, slurmd, slurm-client and munge, which
+.ci/run installs. On a machine without them the tests skip, unless COMTIP_REQUIRE_SLURM=1 (set
+by .ci/run), which turns the skip into a failure: in CI this test must run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from compare_results import assert_same_results
+from conftest import REPO
+from slurm_localhost import ClusterError, LocalSlurm, missing_requirements
+from test_workflow_e2e import write_tiny_run_folder
+
+pytestmark = pytest.mark.e2e
+
+PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
+OVERLAY = Path(__file__).with_name("slurm_overlay.yaml")
+GPU_RULES = {"pretrain", "finetune", "embed_spots", "predict_finetuned", "predict_slide"}
+
+
+def merge(base: dict, overlay: dict) -> dict:
+    """``overlay`` over ``base``, key by key into nested mappings; a None value removes the key."""
+    merged = dict(base)
+    for key, value in overlay.items():
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def test_overlay_merge_replaces_nested_keys_and_removes_nulls():
+    base = {"a": 1, "r": {"x": {"gpu": 1, "mem": 9}, "y": {"mem": 2}}, "d": {"acct": "X", "p": "cpu"}}
+    over = {"a": None, "r": {"x": {"gpu": 0}}, "d": {"acct": None}}
+    assert merge(base, over) == {"r": {"x": {"gpu": 0, "mem": 9}, "y": {"mem": 2}}, "d": {"p": "cpu"}}
+
+
+def write_test_profile(folder: Path) -> Path:
+    profile = merge(yaml.safe_load(PROFILE.read_text()), yaml.safe_load(OVERLAY.read_text()))
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    missing = missing_requirements()
+    if missing:
+        message = "no SLURM cluster can start here: " + "; ".join(missing)
+        if os.environ.get("COMTIP_REQUIRE_SLURM") == "1":
+            pytest.fail(message + " (COMTIP_REQUIRE_SLURM=1: .ci/run installs slurmctld slurmd slurm-client munge)")
+        pytest.skip(message)
+    slurm = LocalSlurm(tmp_path_factory.mktemp("slurm"))
+    try:
+        slurm.start()
+    except ClusterError as error:
+        pytest.fail(str(error))
+    yield slurm
+    slurm.stop()
+
+
+def run_snakemake(cluster: LocalSlurm, root: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(root),
+           "--profile", str(root / "profile"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=2400, env=cluster.env)
+
+
+def slurm_job_logs(root: Path, tail: int = 40) -> str:
+    parts = []
+    for log in sorted((root / "logs" / "slurm").rglob("*.log")):
+        lines = log.read_text(errors="replace").splitlines()
+        if any("error" in line.lower() for line in lines):
+            parts.append(f"== {log} ==\n" + "\n".join(lines[-tail:]))
+    return "\n".join(parts[:5])
+
+
+@pytest.fixture(scope="module")
+def slurm_run(cluster, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    root = write_tiny_run_folder(tmp_path_factory.mktemp("slurm_run"))
+    write_test_profile(root / "profile")
+    result = run_snakemake(cluster, root)
+    if result.returncode != 0:
+        pytest.fail(f"snakemake --profile (slurm) failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+                    f"{result.stderr[-6000:]}\n{slurm_job_logs(root)}\n{cluster.logs()}")
+    return root, result
+
+
+def slurm_jobs(cluster: LocalSlurm) -> list[dict[str, str]]:
+    """Every job the cluster has seen: id, partition, state, comment (the plugin writes the rule)."""
+    out = subprocess.run(["squeue", "--states=all", "-h", "-o", "%i|%P|%T|%k"], capture_output=True, text=True,
+                         env=cluster.env, check=True).stdout
+    return [dict(zip(("id", "partition", "state", "comment"), line.split("|", 3), strict=True))
+            for line in out.splitlines() if line.strip()]
+
+
+def test_every_job_ran_on_slurm_in_its_partition(cluster, slurm_run):
+    root, result = slurm_run
+    log = result.stdout + result.stderr
+    submitted = re.findall(r"Job \d+ has been submitted with SLURM jobid (\d+)", log)
+    done = re.search(r"(\d+) of (\d+) steps \(100%\) done", log)
+    assert done and submitted, log[-3000:]
+    local = re.findall(r"^localrule (\w+):", log, re.M)
+    assert local == ["all"], local  # the target rule runs in the main process; it does no work
+    assert len(submitted) == int(done.group(2)) - 1, "every other job of the DAG is submitted to SLURM"
+    jobs = {j["id"]: j for j in slurm_jobs(cluster)}
+    rules_seen = set()
+    for jobid in submitted:
+        job = jobs[jobid]
+        assert job["state"] == "COMPLETED", job
+        rule = re.match(r"rule_(\w+?)(_wildcards_.*)?$", job["comment"]).group(1)
+        rules_seen.add(rule)
+        expected = "gpu" if rule in GPU_RULES else "cpu"
+        assert job["partition"] == expected, f"{rule} ran in {job['partition']}, the profile says {expected}"
+    assert {"pretrain", "finetune", "evaluate", "predict_slide", "ingest"} <= rules_seen
+
+
+def test_slurm_run_equals_the_local_run(slurm_run, tiny_run):
+    """Same config and seed, run from scratch twice (here, and locally): identical results."""
+    root, _ = slurm_run
+    assert_same_results(tiny_run, root)
+
+
+def test_rerun_through_the_profile_has_nothing_to_do(cluster, slurm_run):
+    root, _ = slurm_run
+    result = run_snakemake(cluster, root, "-n")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Nothing to be done" in result.stdout + result.stderr
