@@ -18,7 +18,6 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scanpy as sc
 from PIL import Image
 
 from comtip.atomic import atomic_path
@@ -122,6 +121,8 @@ def _duplicate_names_expected():
 
 def read_matrix(outs_dir: str | Path, *, sample: str | None = None) -> ad.AnnData:
     """Raw counts (spots × genes) from the ``.h5`` or the mtx folder; unique gene symbols."""
+    import scanpy as sc  # here, not at module level: the Snakefile imports this module at parse time
+
     files = spaceranger_files(outs_dir)
     if "matrix_h5" in files:
         path = files["matrix_h5"]
@@ -164,6 +165,8 @@ def read_spaceranger(outs_dir: str | Path, *, sample: str, min_counts: int = 1) 
     convention scanpy and squidpy use. ``uns["spatial"]`` carries the scale factors and the
     low-res image so ``sc.pl.spatial`` works on the file as it is.
     """
+    import scanpy as sc  # here, not at module level: the Snakefile imports this module at parse time
+
     outs = Path(outs_dir)
     if not outs.is_dir():
         raise PipelineInputError("Space Ranger outs/ folder does not exist", sample=sample, path=outs)

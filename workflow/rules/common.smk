@@ -125,7 +125,7 @@ def training_inputs(wildcards):
 
 # -- fine-tuning, prediction, evaluation -------------------------------------------------------
 
-from comtip.finetune import FinetuneConfig  # noqa: E402
+from comtip.finetune_config import FinetuneConfig  # noqa: E402
 from comtip.methods import BASELINE_METHODS  # noqa: E402
 
 TEST_SAMPLES = samples_with_split("test")
@@ -169,7 +169,7 @@ def baseline_inputs(wildcards):
     encoder = method.split("_", 1)[1] if "_" in method else "comtip"
     if method != "mean":
         inputs["test_embedding"] = f"results/embeddings/{encoder}/{wildcards.sample}.npz"
-    if method.startswith(("ridge_", "bleep_")):
+    if method.startswith(("ridge_", "bleep_", "mclstexp_")):
         inputs["train_embeddings"] = [f"results/embeddings/{encoder}/{s}.npz" for s in samples_with_split("train")]
     if method == "zeroshot":
         inputs["checkpoint"] = f"results/models/pretrain/{PRETRAIN_MODEL}.pt"

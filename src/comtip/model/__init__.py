@@ -1,41 +1,46 @@
 """CoMTIP model (torch + timm): ViT with Masked Feature Modeling, Gene-Text Encoder with
 Pair-aware Adversarial Training, InfoNCE alignment. Design choices: ``docs/model.md``."""
 
-from comtip.model.augment import subsample_sentences
-from comtip.model.comtip import CoMTIP
-from comtip.model.config import ModelConfig
-from comtip.model.gene_text import GeneTextEncoder, HashNameEncoder, MiniLMNameEncoder, name_ngrams, ngram_bucket
-from comtip.model.losses import gather_with_grad, info_nce
-from comtip.model.paat import PairDiscriminator, adversarial_delta, shuffle_values
-from comtip.model.vision import (
-    MaskFeatureGenerator,
-    VisionEncoder,
-    VisionOutput,
-    load_vit_weights,
-    n_visible_tokens,
-    preprocess_images,
-    random_masking,
-)
+# Names resolve on first use (PEP 562): importing a light submodule (e.g. the config
+# dataclasses, which the Snakefile reads at parse time) does not import torch and timm.
+from __future__ import annotations
 
-__all__ = [
-    "CoMTIP",
-    "GeneTextEncoder",
-    "HashNameEncoder",
-    "MaskFeatureGenerator",
-    "MiniLMNameEncoder",
-    "ModelConfig",
-    "PairDiscriminator",
-    "VisionEncoder",
-    "VisionOutput",
-    "adversarial_delta",
-    "gather_with_grad",
-    "info_nce",
-    "load_vit_weights",
-    "n_visible_tokens",
-    "name_ngrams",
-    "ngram_bucket",
-    "preprocess_images",
-    "random_masking",
-    "shuffle_values",
-    "subsample_sentences",
-]
+import importlib
+
+_EXPORTS = {
+    "subsample_sentences": "comtip.model.augment",
+    "CoMTIP": "comtip.model.comtip",
+    "ModelConfig": "comtip.model.config",
+    "GeneTextEncoder": "comtip.model.gene_text",
+    "HashNameEncoder": "comtip.model.gene_text",
+    "MiniLMNameEncoder": "comtip.model.gene_text",
+    "name_ngrams": "comtip.model.gene_text",
+    "ngram_bucket": "comtip.model.gene_text",
+    "gather_with_grad": "comtip.model.losses",
+    "info_nce": "comtip.model.losses",
+    "PairDiscriminator": "comtip.model.paat",
+    "adversarial_delta": "comtip.model.paat",
+    "shuffle_values": "comtip.model.paat",
+    "MaskFeatureGenerator": "comtip.model.vision",
+    "VisionEncoder": "comtip.model.vision",
+    "VisionOutput": "comtip.model.vision",
+    "load_vit_weights": "comtip.model.vision",
+    "n_visible_tokens": "comtip.model.vision",
+    "preprocess_images": "comtip.model.vision",
+    "random_masking": "comtip.model.vision",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

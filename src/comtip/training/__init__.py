@@ -1,22 +1,37 @@
 """CoMTIP pretraining: data from the patch and sentence files, the (DDP-capable, resumable) training
 loop, checkpoints and the retrieval check. Entry point: :func:`pretrain`."""
 
-from comtip.training.checkpoint import FORMAT_VERSION, load_pretrained, resume_dir
-from comtip.training.config import TrainConfig, derive_seed, lr_factor
-from comtip.training.data import BatchPlan, SpotData, sample_files
-from comtip.training.loop import pretrain
-from comtip.training.retrieval import retrieval_accuracy
+# Names resolve on first use (PEP 562): importing a light submodule (e.g. the config
+# dataclasses, which the Snakefile reads at parse time) does not import torch and timm.
+from __future__ import annotations
 
-__all__ = [
-    "FORMAT_VERSION",
-    "BatchPlan",
-    "SpotData",
-    "TrainConfig",
-    "derive_seed",
-    "load_pretrained",
-    "lr_factor",
-    "pretrain",
-    "resume_dir",
-    "retrieval_accuracy",
-    "sample_files",
-]
+import importlib
+
+_EXPORTS = {
+    "FORMAT_VERSION": "comtip.training.checkpoint",
+    "load_pretrained": "comtip.training.checkpoint",
+    "resume_dir": "comtip.training.checkpoint",
+    "TrainConfig": "comtip.training.config",
+    "derive_seed": "comtip.training.config",
+    "lr_factor": "comtip.training.config",
+    "BatchPlan": "comtip.training.data",
+    "SpotData": "comtip.training.data",
+    "sample_files": "comtip.training.data",
+    "pretrain": "comtip.training.loop",
+    "retrieval_accuracy": "comtip.training.retrieval",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
