@@ -61,6 +61,9 @@ def test_switched_off_parts_give_zero_losses():
     assert model.discriminator is None and model.vision.generator is None
     only_shuffle = CoMTIP(_cfg(paat_discriminator=False, paat_adversarial=False), GENES)
     assert only_shuffle(_batch())["loss_paat"].item() == 0.0  # hard negatives live in loss_infonce
+    warming_up = CoMTIP(_cfg(), GENES)(_batch(), paat=False)  # the training loop's PAAT warm-up
+    assert warming_up["loss_paat"].item() == 0.0
+    torch.testing.assert_close(warming_up["loss"], warming_up["loss_infonce"] + warming_up["loss_mfm"])
 
 
 def test_logit_scale_is_clamped():

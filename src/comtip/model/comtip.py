@@ -55,13 +55,18 @@ class CoMTIP(nn.Module):
         """Gene sentences (B, L) → (B, embed_dim) L2-normalised."""
         return self.text(gene_ids, values, bins, pad)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict[str, torch.Tensor], *, paat: bool = True) -> dict[str, torch.Tensor]:
         """Losses of one batch: ``loss`` (total), ``loss_infonce``, ``loss_mfm``, ``loss_paat``
-        (0-tensors for parts switched off) and ``logit_scale`` (the clamped scale, detached)."""
+        (0-tensors for parts switched off) and ``logit_scale`` (the clamped scale, detached).
+
+        ``paat=False`` skips every PAAT part for this batch even when ``cfg.paat`` is on (the
+        training loop's PAAT warm-up, ``pretrain.paat_warmup_steps``): the loss is then
+        InfoNCE + MFM and costs no extra text-encoder passes."""
         missing = [k for k in BATCH_KEYS if k not in batch]
         if missing:
             raise KeyError(f"batch lacks {missing}; needs {list(BATCH_KEYS)}")
         cfg = self.cfg
+        use_paat = cfg.paat and paat
         gene_ids, values, bins, pad = (batch[k] for k in BATCH_KEYS[1:])
         vision = self.vision(batch["images"])
         img = vision.embedding
@@ -71,7 +76,7 @@ class CoMTIP(nn.Module):
         scale = self.scale()
         loss_paat = img.new_zeros(())
         extra = extra_mask = None
-        if cfg.paat and (cfg.paat_shuffle_negatives or cfg.paat_discriminator):
+        if use_paat and (cfg.paat_shuffle_negatives or cfg.paat_discriminator):
             shuffled_values, shuffled_bins, changed = shuffle_values(values, bins, pad)
             shuffled_rep = self.text.encode_from_tokens(
                 self.text.token_embeddings(gene_ids, shuffled_values, shuffled_bins), pad)
@@ -80,7 +85,7 @@ class CoMTIP(nn.Module):
             if self.discriminator is not None:
                 loss_paat = loss_paat + self.discriminator.loss(rep, shuffled_rep, changed)
         loss_infonce = info_nce(img, txt, scale, extra, extra_mask)
-        if cfg.paat and cfg.paat_adversarial:
+        if use_paat and cfg.paat_adversarial:
             img_fixed, scale_fixed = img.detach(), scale.detach()
 
             def attacked_loss(perturbed: torch.Tensor) -> torch.Tensor:
@@ -89,6 +94,9 @@ class CoMTIP(nn.Module):
             delta = adversarial_delta(tokens, pad, attacked_loss, cfg.paat_epsilon, cfg.paat_steps)
             adv_txt = self.text.project(self.text.encode_from_tokens(tokens + delta, pad))
             loss_paat = loss_paat + info_nce(img, adv_txt, scale)
+        if self.discriminator is not None and not use_paat:
+            # still a function of the discriminator's parameters, so DDP sees them used
+            loss_paat = loss_paat + sum(p.sum() for p in self.discriminator.parameters()) * 0.0
         loss = loss_infonce + cfg.lambda_mfm * vision.loss_mfm + cfg.lambda_paat * loss_paat
         return {"loss": loss, "loss_infonce": loss_infonce, "loss_mfm": vision.loss_mfm,
                 "loss_paat": loss_paat, "logit_scale": scale.detach()}

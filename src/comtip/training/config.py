@@ -45,6 +45,7 @@ class TrainConfig:
     color_jitter: float = 0.1
     subsample_prob: float = 0.5
     subsample_min_len: int = 1
+    paat_warmup_steps: int = 0
     bf16: bool = True
     device: str = "auto"
     retrieval_spots: int = 1000
@@ -65,7 +66,7 @@ class TrainConfig:
     def check(self) -> None:
         """Range checks that the schema also states, repeated here for callers outside Snakemake."""
         minimum = {"epochs": 1, "batch_size": 1, "grad_accum": 1, "checkpoint_every": 1, "log_every": 1,
-                   "retrieval_spots": 1, "subsample_min_len": 1, "warmup_steps": 0, "num_workers": 0,
+                   "retrieval_spots": 1, "subsample_min_len": 1, "warmup_steps": 0, "paat_warmup_steps": 0, "num_workers": 0,
                    "seed": 0, "weight_decay": 0, "min_lr_ratio": 0, "color_jitter": 0, "subsample_prob": 0}
         maximum = {"min_lr_ratio": 1, "color_jitter": 0.99, "subsample_prob": 1}
         for key, low in minimum.items():

@@ -170,7 +170,7 @@ class Trainer:
             sync = contextlib.nullcontext() if self.ddp is None or last else self.ddp.no_sync()
             with sync:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda"):
-                    out = module(batch)
+                    out = module(batch, paat=self.step >= cfg.paat_warmup_steps)
                 (out["loss"] / cfg.grad_accum).backward()
             for key in LOSS_COLUMNS:
                 value = out[key].detach().float()
