@@ -4,7 +4,6 @@ Entry point only: config + validation + includes. Logic lives in the `comtip` pa
 stages in workflow/rules/*.smk. See README.md.
 """
 
-import os
 import sys
 from pathlib import Path
 
@@ -15,10 +14,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from comtip.config import validate_config  # noqa: E402
-from comtip.runtime import prepend_pythonpath  # noqa: E402
+from comtip.runtime import export_pipeline_dir, prepend_pythonpath  # noqa: E402
 
 prepend_pythonpath(Path(workflow.basedir) / "src")
-os.environ["COMTIP_PIPELINE_DIR"] = str(Path(workflow.basedir).resolve())
+export_pipeline_dir(workflow.basedir)
 
 
 configfile: "config/config.yaml"

@@ -96,8 +96,14 @@ def test_every_env_has_a_post_deploy_script_that_installs_the_package(path):
     assert "set -euo pipefail" in text
 
 
-def test_snakefile_tells_the_post_deploy_scripts_where_the_checkout_is():
-    assert 'os.environ["COMTIP_PIPELINE_DIR"]' in (REPO / "Snakefile").read_text()
+def test_snakefile_tells_the_post_deploy_scripts_where_the_checkout_is(monkeypatch, tmp_path):
+    from comtip.runtime import PIPELINE_DIR_VARIABLE, export_pipeline_dir
+
+    assert "export_pipeline_dir(workflow.basedir)" in (REPO / "Snakefile").read_text()
+    assert all(f'"${{{PIPELINE_DIR_VARIABLE}' in p.read_text() for p in (REPO / "envs").glob("*.post-deploy.sh"))
+    monkeypatch.delenv(PIPELINE_DIR_VARIABLE, raising=False)
+    export_pipeline_dir(tmp_path / "." / "checkout")
+    assert os.environ[PIPELINE_DIR_VARIABLE] == str((tmp_path / "checkout").resolve())
 
 
 def test_post_deploy_script_installs_the_package_into_a_fresh_environment(tmp_path):

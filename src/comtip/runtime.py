@@ -10,6 +10,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+PIPELINE_DIR_VARIABLE = "COMTIP_PIPELINE_DIR"
+
+
+def export_pipeline_dir(path: str | Path) -> None:
+    """Tell the jobs, and the conda envs' post-deploy scripts (``envs/*.post-deploy.sh``, which
+    install the package into a new env), which checkout this workflow runs from."""
+    os.environ[PIPELINE_DIR_VARIABLE] = str(Path(path).resolve())
+
+
 def prepend_pythonpath(path: str | Path) -> None:
     """Put ``path`` first on PYTHONPATH, for the jobs Snakemake starts from this process."""
     parts = [str(path)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(path)]
