@@ -120,3 +120,32 @@ def test_retrieval_rejects_bad_input():
         mclstexp_retrieval(REF, REF_VALUES, np.ones((1, 3)), k=2)
     with pytest.raises(ValueError, match="all zeros"):
         bleep_retrieval(REF, REF_VALUES, np.zeros((1, 2)), k=2)
+
+
+def test_spatial_neighbour_mean_follows_hexagonal_and_square_grids():
+    from comtip.baselines import spatial_neighbour_mean
+
+    rng = np.random.default_rng(5)
+    # Visium-like hexagonal lattice, pitch 100: an inner spot has 6 neighbours at 100, the next at 173
+    rows, cols = np.meshgrid(np.arange(5), np.arange(5), indexing="ij")
+    hex_xy = np.stack([100.0 * cols.ravel() + 50.0 * (rows.ravel() % 2), 100.0 * np.sqrt(3) / 2 * rows.ravel()], 1)
+    emb = rng.normal(size=(25, 4))
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    out = spatial_neighbour_mean(emb, hex_xy)
+    for i in range(25):
+        near = np.linalg.norm(hex_xy - hex_xy[i], axis=1) <= 150
+        expected = unit[near].sum(axis=0)
+        np.testing.assert_allclose(out[i], expected / np.linalg.norm(expected), rtol=1e-10)
+    assert (np.linalg.norm(hex_xy - hex_xy[12], axis=1) <= 150).sum() == 7  # itself + 6
+    # square grid (legacy ST), pitch 200: 8 neighbours with the diagonals; radius 1.2 keeps only 4
+    square = np.stack([200.0 * cols.ravel(), 200.0 * rows.ravel()], 1)
+    inner = unit[[6, 7, 8, 11, 12, 13, 16, 17, 18]].sum(axis=0)
+    np.testing.assert_allclose(spatial_neighbour_mean(emb, square)[12], inner / np.linalg.norm(inner), rtol=1e-10)
+    cross = unit[[7, 11, 12, 13, 17]].sum(axis=0)
+    np.testing.assert_allclose(spatial_neighbour_mean(emb, square, radius=1.2)[12], cross / np.linalg.norm(cross),
+                               rtol=1e-10)
+    # a lone spot far from the rest keeps its direction
+    far = np.vstack([square, [[1e5, 1e5]]])
+    np.testing.assert_allclose(spatial_neighbour_mean(np.vstack([emb, emb[:1]]), far)[-1], unit[0], rtol=1e-12)
+    with pytest.raises(ValueError, match="xy must be"):
+        spatial_neighbour_mean(emb, square[:3])

@@ -217,3 +217,40 @@ def _inverse_square_l1(query: np.ndarray, neighbours: np.ndarray, sims: np.ndarr
     exact = distance == 0
     with np.errstate(divide="ignore"):
         return np.where(exact.any(axis=1, keepdims=True), exact.astype(np.float64), 1.0 / distance ** 2)
+
+
+def spatial_neighbour_mean(embeddings: np.ndarray, xy: np.ndarray, *, radius: float = 1.5) -> np.ndarray:
+    """Each spot's embedding averaged (equal weights, itself included) with those of the spots of
+    the same slide whose centres lie within ``radius`` × the slide's spot pitch, then L2-normalised.
+
+    The pitch is the median distance from a spot to its nearest other spot, so the neighbourhood
+    follows the array without knowing it: with the default 1.5 a Visium spot (hexagonal, pitch
+    100 µm) averages with its 6 touching neighbours, a legacy ST spot (square, pitch 200 µm) with
+    its 8 (diagonals at √2 pitch). A spot with no neighbour in range keeps its own direction.
+    ``embeddings`` (N, D) and ``xy`` (N, 2) are rows of one slide in the same order. Returns
+    (N, D) float64 unit rows. Not part of mclSTExp (see ``docs/evaluation.md``).
+    """
+    from scipy.spatial import cKDTree
+
+    emb = _unit_rows(embeddings)
+    xy = np.asarray(xy, dtype=np.float64)
+    if xy.shape != (len(emb), 2):
+        raise ValueError(f"xy must be (N, 2) with N = {len(emb)} embedding rows, got {xy.shape}")
+    if not np.isfinite(xy).all():
+        raise ValueError("spot coordinates must be finite")
+    if radius <= 0:
+        raise ValueError(f"radius must be > 0, got {radius}")
+    if len(emb) < 2:
+        return emb
+    tree = cKDTree(xy)
+    nearest = tree.query(xy, k=2)[0][:, 1]
+    pitch = float(np.median(nearest))
+    if pitch == 0:
+        raise ValueError("spot centres coincide: the median nearest-neighbour distance is 0")
+    pairs = tree.query_pairs(radius * pitch, output_type="ndarray")
+    total = emb.copy()
+    np.add.at(total, pairs[:, 0], emb[pairs[:, 1]])
+    np.add.at(total, pairs[:, 1], emb[pairs[:, 0]])
+    log.info("spatial neighbour mean: pitch %.4g, radius %.4g, %.2f neighbours per spot on average",
+             pitch, radius * pitch, 2 * len(pairs) / len(emb))
+    return _unit_rows(total)

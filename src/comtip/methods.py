@@ -8,11 +8,22 @@ one test sample, from what the training samples teach it; nothing here looks at 
 | ``mean`` | mean expression of the training spots (the floor any method must beat) |
 | ``ridge_{encoder}`` | HEST-Benchmark probe on frozen image features: StandardScaler → PCA 256 → ridge |
 | ``bleep_{encoder}`` | BLEEP retrieval: average expression of the top-k training spots whose *sentence* embedding is closest to the test image embedding |
+| ``mclstexp_{encoder}`` | mclSTExp retrieval: the top-k (200) training spots by the same cosine, weighted by 1 / L1 distance² |
 | ``zeroshot`` | CoMTIP zero-shot: image embedding scored against "gene at value v" sentences |
 | ``finetune_{mode}`` | an expression head on the pretrained image encoder (``comtip.finetune``) |
 
+``mclstexp_`` is faithful to mclSTExp's ``evel_her2st.py`` in k, the weights and the roles
+(expression-side references queried with image embeddings). It is not mclSTExp in its spot
+context: mclSTExp embeds each reference spot's expression with learned x/y position embeddings
+and a Transformer over the spots of a batch (a trained model property); ours are CoMTIP's
+per-spot sentence embeddings, with no position and no neighbours. Optional and ours, not
+mclSTExp's: ``evaluate.mclstexp_smooth_query`` averages each test image embedding with its
+spatial neighbours' before retrieval. Details in ``docs/evaluation.md``.
+
 ``{encoder}`` is ``comtip`` (the pretrained checkpoint) or ``random`` (same architecture, random
-initialisation, seeded): the difference between the two is what pretraining bought.
+initialisation, seeded): the difference between the two is what pretraining bought. The
+retrieval methods (``bleep_``, ``mclstexp_``) run on ``comtip`` only: a random encoder's image and
+sentence spaces are not aligned, so cross-modal retrieval from it has no meaning.
 """
 
 from __future__ import annotations
@@ -21,11 +32,12 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import torch
 
 from comtip.atomic import atomic_path
-from comtip.baselines import bleep_retrieval, hest_ridge, mean_baseline
+from comtip.baselines import bleep_retrieval, hest_ridge, mclstexp_retrieval, mean_baseline, spatial_neighbour_mean
 from comtip.inference import default_value_grid, image_embeddings, image_features, zero_shot
 from comtip.model import CoMTIP, ModelConfig
 from comtip.predict import write_prediction_h5ad
@@ -34,7 +46,7 @@ from comtip.training.checkpoint import load_pretrained
 log = logging.getLogger(__name__)
 
 ENCODERS = ("comtip", "random")
-BASELINE_METHODS = ("mean", "ridge_comtip", "ridge_random", "bleep_comtip", "zeroshot")
+BASELINE_METHODS = ("mean", "ridge_comtip", "ridge_random", "bleep_comtip", "mclstexp_comtip", "zeroshot")
 
 
 def load_encoder(checkpoint: str | Path, encoder: str, seed: int) -> tuple[CoMTIP, dict]:
@@ -78,13 +90,47 @@ def _stack(npzs: Sequence[str | Path], key: str) -> np.ndarray:
     return np.concatenate([np.load(p)[key] for p in npzs], axis=0)
 
 
+def _test_rows(npz: str | Path, key: str, barcodes: np.ndarray) -> np.ndarray:
+    """``key`` of the test sample's embeddings, refused unless its rows are the test spots in order."""
+    data = np.load(npz)
+    if not np.array_equal(np.asarray(data["barcodes"], dtype=str), np.asarray(barcodes, dtype=str)):
+        raise ValueError(f"{Path(npz).absolute()}: embedding rows are not the test sample's spots in "
+                         "gene_sentences.npz order")
+    return data[key]
+
+
+def _check_k(key: str, k: int, n_train: int) -> None:
+    if not 1 <= k <= n_train:
+        raise ValueError(f"config key 'evaluate.{key}' = {k}: retrieval needs 1 <= k <= the number of "
+                         f"training spots ({n_train})")
+
+
+def _spot_xy(spots_h5ad: str | Path, barcodes: np.ndarray) -> np.ndarray:
+    """Spot centres (full-resolution px) of ``spots_h5ad``, checked to be the rows of ``barcodes``."""
+    spots = ad.read_h5ad(spots_h5ad, backed="r")
+    try:
+        if not np.array_equal(np.asarray(spots.obs_names, dtype=str), np.asarray(barcodes, dtype=str)):
+            raise ValueError(f"{Path(spots_h5ad).absolute()}: spots are not the test sample's gene_sentences.npz rows")
+        return np.asarray(spots.obsm["spatial"], dtype=np.float64)
+    finally:
+        spots.file.close()
+
+
 def predict_with_method(method: str, *, spots_h5ad: str | Path, test_sentences: str | Path,
                         train_sentences: Sequence[str | Path], out_h5ad: str | Path,
                         train_embeddings: Sequence[str | Path] = (), test_embedding: str | Path | None = None,
-                        checkpoint: str | Path | None = None, bleep_k: int = 50, ridge_pca_dim: int = 256,
+                        checkpoint: str | Path | None = None, bleep_k: int = 50, mclstexp_k: int = 200,
+                        mclstexp_smooth_query: bool = False, ridge_pca_dim: int = 256,
                         zeroshot_grid: int = 16, zeroshot_temperature: float | None = None,
                         device: str = "cpu") -> np.ndarray:
-    """Predict all panel genes of one test sample with ``method``; write the prediction h5ad."""
+    """Predict all panel genes of one test sample with ``method``; write the prediction h5ad.
+
+    Retrieval methods: ``bleep_*`` averages the top-``bleep_k`` training spots, ``mclstexp_*``
+    weights the top-``mclstexp_k`` by 1 / L1²; both rank training *sentence* embeddings against
+    the test *image* embeddings. ``mclstexp_smooth_query`` first averages each test image
+    embedding with its spatial neighbours' (``spatial_neighbour_mean`` on the test spots'
+    ``obsm["spatial"]``).
+    """
     test = np.load(test_sentences)
     genes = list(test["panel_genes"])
     train_values = _stack(train_sentences, "panel_values")
@@ -93,14 +139,24 @@ def predict_with_method(method: str, *, spots_h5ad: str | Path, test_sentences: 
         pred = mean_baseline(train_values, n_test)
     elif method.startswith("ridge_"):
         pred = hest_ridge(_stack(train_embeddings, "features"), train_values,
-                          np.load(test_embedding)["features"], pca_dim=ridge_pca_dim, fit_intercept=True)
+                          _test_rows(test_embedding, "features", test["barcodes"]), pca_dim=ridge_pca_dim,
+                          fit_intercept=True)
     elif method.startswith("bleep_"):
+        _check_k("bleep_k", bleep_k, len(train_values))
         pred = bleep_retrieval(_stack(train_embeddings, "sentence_embeddings"), train_values,
-                               np.load(test_embedding)["image_embeddings"], k=bleep_k, method="average")
+                               _test_rows(test_embedding, "image_embeddings", test["barcodes"]), k=bleep_k,
+                               method="average")
+    elif method.startswith("mclstexp_"):
+        _check_k("mclstexp_k", mclstexp_k, len(train_values))
+        query = _test_rows(test_embedding, "image_embeddings", test["barcodes"])
+        if mclstexp_smooth_query:
+            query = spatial_neighbour_mean(query, _spot_xy(spots_h5ad, test["barcodes"]))
+        pred = mclstexp_retrieval(_stack(train_embeddings, "sentence_embeddings"), train_values, query,
+                                  k=mclstexp_k)
     elif method == "zeroshot":
         model, info = load_pretrained(checkpoint)
         grid = default_value_grid(train_values, zeroshot_grid)
-        pred = zero_shot(model, np.load(test_embedding)["image_embeddings"], genes, grid,
+        pred = zero_shot(model, _test_rows(test_embedding, "image_embeddings", test["barcodes"]), genes, grid,
                          np.asarray(info["bin_edges"], np.float32), temperature=zeroshot_temperature, device=device)
     else:
         raise ValueError(f"unknown method {method!r}")

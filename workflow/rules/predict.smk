@@ -26,7 +26,7 @@ rule embed_spots:
 
 rule predict_baseline:
     """Predicted panel expression of a test slide by one comparison method (mean, HEST ridge,
-    BLEEP retrieval, CoMTIP zero-shot); same split and genes for every method."""
+    BLEEP or mclSTExp retrieval, CoMTIP zero-shot); same split and genes for every method."""
     input:
         unpack(baseline_inputs),
         spots="results/{sample}/spots.h5ad",

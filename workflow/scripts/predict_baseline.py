@@ -15,6 +15,8 @@ with rule_logging(snakemake.log[0]):
         checkpoint=inp.get("checkpoint"),
         out_h5ad=snakemake.output.prediction,
         bleep_k=cfg["bleep_k"],
+        mclstexp_k=cfg["mclstexp_k"],
+        mclstexp_smooth_query=cfg["mclstexp_smooth_query"],
         ridge_pca_dim=cfg["ridge_pca_dim"],
         zeroshot_grid=cfg["zeroshot_grid"],
         zeroshot_temperature=cfg["zeroshot_temperature"],

@@ -1,0 +1,80 @@
+"""Benchmark helpers: BENCHMARKS.md sections (benchmarks/_markdown.py) and the her2st folds of
+benchmarks/bench_quality.py."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from _markdown import write_section  # noqa: E402
+from bench_quality import FIXED_SPLIT, HER2ST_SECTIONS, loso_split  # noqa: E402
+
+DOC = """# Benchmarks
+
+## A
+
+a text
+```bash
+# a comment, not a heading
+```
+
+## Quality
+
+intro
+
+### demo
+
+demo table
+
+### fixed
+
+fixed table
+
+## Z
+
+z text
+"""
+
+
+def test_sections_and_subsections_are_replaced_in_place(tmp_path):
+    path = tmp_path / "B.md"
+    path.write_text(DOC)
+    write_section(path, "### demo", "### demo\n\nnew demo\n")
+    text = path.read_text()
+    assert "new demo" in text and "demo table" not in text and "fixed table" in text and "z text" in text
+    assert text.index("new demo") < text.index("### fixed")
+    write_section(path, "## Quality", "## Quality\n\nall new")
+    text = path.read_text()
+    assert "### fixed" not in text and "intro" not in text and text.index("all new") < text.index("## Z")
+    write_section(path, "## A", "## A\n\nnew a\n")
+    text = path.read_text()
+    assert "a comment" not in text and "new a" in text  # a '# ' line inside the section did not end it
+
+
+def test_new_subsection_goes_at_the_end_of_its_parent(tmp_path):
+    path = tmp_path / "B.md"
+    path.write_text(DOC)
+    write_section(path, "### loso", "### loso\n\nloso table\n", parent="## Quality")
+    text = path.read_text()
+    assert text.index("fixed table") < text.index("### loso") < text.index("## Z")
+    assert "# a comment, not a heading" in text
+    write_section(path, "### loso", "### loso\n\nloso v2\n", parent="## Quality")
+    assert "loso table" not in path.read_text() and path.read_text().count("### loso") == 1
+    write_section(path, "### other", "### other\n\nx\n", parent="## Missing")
+    assert path.read_text().rstrip().endswith("## Missing\n\n### other\n\nx")
+    with pytest.raises(ValueError, match="higher-level"):
+        write_section(path, "## B", "## B\n", parent="### loso")
+
+
+def test_leave_one_section_out_folds():
+    folds = [loso_split(s) for s in HER2ST_SECTIONS]
+    for section, split in zip(HER2ST_SECTIONS, folds):
+        assert split[section] == "test" and list(split.values()).count("val") == 1
+        assert list(split.values()).count("train") == len(HER2ST_SECTIONS) - 2
+    # every section is tested once and validates once; the C5 fold is the fixed split
+    assert sorted(s for f in folds for s, r in f.items() if r == "val") == sorted(HER2ST_SECTIONS)
+    assert loso_split("C5") == FIXED_SPLIT

@@ -1,0 +1,125 @@
+"""The comparison methods as the predict_baseline rule runs them (``predict_with_method``): each
+method reads the right arrays and options and equals a direct call of its baseline function."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from comtip.baselines import bleep_retrieval, mclstexp_retrieval, spatial_neighbour_mean
+from comtip.methods import BASELINE_METHODS, predict_with_method
+from conftest import CONFIG_SCHEMA, REPO
+
+GENES = [f"G{i}" for i in range(6)]
+D = 8  # embedding width
+
+
+def _barcodes(sample: str, n: int) -> np.ndarray:
+    return np.array([f"{sample}_{i:03d}" for i in range(n)])
+
+
+def _write_sample(root, sample: str, n: int, rng: np.random.Generator, grid_cols: int = 5) -> dict:
+    """gene_sentences.npz (panel values only), embeddings npz and spots.h5ad of one sample; the
+    spots lie on a square grid of pitch 200 px, like legacy ST."""
+    barcodes = _barcodes(sample, n)
+    values = rng.gamma(1.0, 1.0, (n, len(GENES))).astype(np.float32)
+    emb = {key: rng.normal(size=(n, D)).astype(np.float32)
+           for key in ("features", "image_embeddings", "sentence_embeddings")}
+    paths = {"sentences": root / f"{sample}_sentences.npz", "embeddings": root / f"{sample}_emb.npz",
+             "spots": root / f"{sample}_spots.h5ad"}
+    np.savez(paths["sentences"], barcodes=barcodes, panel_genes=np.array(GENES), panel_values=values)
+    np.savez(paths["embeddings"], barcodes=barcodes, **emb)
+    spots = ad.AnnData(X=np.zeros((n, 1), np.float32), obs=pd.DataFrame(index=barcodes))
+    idx = np.arange(n)
+    spots.obsm["spatial"] = np.stack([1000 + 200.0 * (idx % grid_cols), 500 + 200.0 * (idx // grid_cols)], axis=1)
+    spots.write_h5ad(paths["spots"])
+    return {**paths, "values": values, **emb, "xy": spots.obsm["spatial"]}
+
+
+@pytest.fixture
+def cohort(tmp_path):
+    rng = np.random.default_rng(3)
+    train = [_write_sample(tmp_path, s, n, rng) for s, n in (("a", 23), ("b", 17))]
+    test = _write_sample(tmp_path, "t", 20, rng)
+    return tmp_path, train, test
+
+
+def _predict(method, cohort, **options):
+    root, train, test = cohort
+    return predict_with_method(
+        method, spots_h5ad=test["spots"], test_sentences=test["sentences"],
+        train_sentences=[t["sentences"] for t in train], train_embeddings=[t["embeddings"] for t in train],
+        test_embedding=test["embeddings"], out_h5ad=root / f"{method}.h5ad", **options)
+
+
+def _reference(train, key):
+    return np.concatenate([t[key] for t in train])
+
+
+def test_mclstexp_method_is_mclstexp_retrieval_of_sentences_queried_with_images(cohort):
+    root, train, test = cohort
+    pred = _predict("mclstexp_comtip", cohort, mclstexp_k=7, bleep_k=3)
+    values = _reference(train, "values")
+    expected = mclstexp_retrieval(_reference(train, "sentence_embeddings"), values, test["image_embeddings"], k=7)
+    np.testing.assert_allclose(pred, expected, rtol=1e-12)
+    # what a mis-wiring would give instead: another k, BLEEP's plain mean, the wrong side as reference or query
+    for wrong in (mclstexp_retrieval(_reference(train, "sentence_embeddings"), values, test["image_embeddings"], k=3),
+                  bleep_retrieval(_reference(train, "sentence_embeddings"), values, test["image_embeddings"], k=7),
+                  mclstexp_retrieval(_reference(train, "image_embeddings"), values, test["image_embeddings"], k=7),
+                  mclstexp_retrieval(_reference(train, "sentence_embeddings"), values, test["sentence_embeddings"],
+                                     k=7)):
+        assert np.abs(pred - wrong).max() > 1e-3
+    written = ad.read_h5ad(root / "mclstexp_comtip.h5ad")
+    np.testing.assert_allclose(written.X, pred.astype(np.float32))
+    assert list(written.obs_names) == list(_barcodes("t", 20)) and list(written.var_names) == GENES
+    assert written.uns["comtip_prediction"]["method"] == "mclstexp_comtip"
+
+
+def test_mclstexp_default_k_is_mclstexps_200(cohort):
+    root, train, test = cohort
+    with pytest.raises(ValueError, match=r"evaluate\.mclstexp_k' = 200.*\(40\)"):
+        _predict("mclstexp_comtip", cohort)  # 40 training spots < 200
+
+
+def test_bleep_method_is_bleep_average(cohort):
+    root, train, test = cohort
+    pred = _predict("bleep_comtip", cohort, bleep_k=5, mclstexp_k=9)
+    expected = bleep_retrieval(_reference(train, "sentence_embeddings"), _reference(train, "values"),
+                               test["image_embeddings"], k=5)
+    np.testing.assert_allclose(pred, expected, rtol=1e-12)
+
+
+def test_smoothed_query_averages_the_test_image_embedding_with_its_grid_neighbours(cohort):
+    root, train, test = cohort
+    pred = _predict("mclstexp_comtip", cohort, mclstexp_k=7, mclstexp_smooth_query=True)
+    ref, values = _reference(train, "sentence_embeddings"), _reference(train, "values")
+    smoothed = spatial_neighbour_mean(test["image_embeddings"], test["xy"])
+    np.testing.assert_allclose(pred, mclstexp_retrieval(ref, values, smoothed, k=7), rtol=1e-12)
+    assert np.abs(pred - mclstexp_retrieval(ref, values, test["image_embeddings"], k=7)).max() > 1e-3
+    # spot 6 (row 1, col 1 of the 5-wide grid) has 8 neighbours: rows 0-2 x cols 0-2
+    query = test["image_embeddings"].astype(np.float64)
+    unit = query / np.linalg.norm(query, axis=1, keepdims=True)
+    block = unit[[0, 1, 2, 5, 6, 7, 10, 11, 12]].sum(axis=0)
+    np.testing.assert_allclose(smoothed[6], block / np.linalg.norm(block), rtol=1e-10)
+
+
+def test_test_embeddings_of_other_spots_are_refused(cohort):
+    root, train, test = cohort
+    data = dict(np.load(test["embeddings"]))
+    data["barcodes"] = data["barcodes"][::-1]
+    np.savez(test["embeddings"], **data)
+    with pytest.raises(ValueError, match="not the test sample's spots"):
+        _predict("mclstexp_comtip", cohort, mclstexp_k=7)
+    assert not (root / "mclstexp_comtip.h5ad").exists()
+
+
+def test_every_configurable_baseline_is_a_method_the_rule_runs():
+    schema = yaml.safe_load(CONFIG_SCHEMA.read_text())["properties"]["evaluate"]["properties"]
+    enum = set(schema["methods"]["items"]["enum"])
+    assert {m for m in enum if not m.startswith("finetune_")} == set(BASELINE_METHODS)
+    assert schema["mclstexp_k"]["default"] == 200
+    shipped = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["evaluate"]
+    assert "mclstexp_comtip" in shipped["methods"] and shipped["mclstexp_k"] == 200
