@@ -9,7 +9,7 @@ one test sample, from what the training samples teach it; nothing here looks at 
 | ``ridge_{encoder}`` | HEST-Benchmark probe on frozen image features: StandardScaler → PCA 256 → ridge |
 | ``bleep_{encoder}`` | BLEEP retrieval: average expression of the top-k training spots whose *sentence* embedding is closest to the test image embedding |
 | ``mclstexp_{encoder}`` | mclSTExp retrieval: the top-k (200) training spots by the same cosine, weighted by 1 / L1 distance² |
-| ``zeroshot`` | CoMTIP zero-shot: image embedding scored against "gene at value v" sentences |
+| ``zeroshot`` | CoMTIP zero-shot: image embedding scored against "gene at value v" sentences, with a training value prior |
 | ``finetune_{mode}`` | an expression head on the pretrained image encoder (``comtip.finetune``) |
 
 ``mclstexp_`` is faithful to mclSTExp's ``evel_her2st.py`` in k, the weights and the roles
@@ -38,7 +38,7 @@ import torch
 
 from comtip.atomic import atomic_path
 from comtip.baselines import bleep_retrieval, hest_ridge, mclstexp_retrieval, mean_baseline, spatial_neighbour_mean
-from comtip.inference import default_value_grid, image_embeddings, image_features, zero_shot
+from comtip.inference import image_embeddings, image_features, zero_shot, zero_shot_grid_and_prior
 from comtip.model import CoMTIP, ModelConfig
 from comtip.predict import write_prediction_h5ad
 from comtip.training.checkpoint import load_pretrained
@@ -122,6 +122,7 @@ def predict_with_method(method: str, *, spots_h5ad: str | Path, test_sentences: 
                         checkpoint: str | Path | None = None, bleep_k: int = 50, mclstexp_k: int = 200,
                         mclstexp_smooth_query: bool = False, ridge_pca_dim: int = 256,
                         zeroshot_grid: int = 16, zeroshot_temperature: float | None = None,
+                        zeroshot_grid_kind: str = "quantile", zeroshot_prior: str = "training",
                         device: str = "cpu") -> np.ndarray:
     """Predict all panel genes of one test sample with ``method``; write the prediction h5ad.
 
@@ -129,7 +130,8 @@ def predict_with_method(method: str, *, spots_h5ad: str | Path, test_sentences: 
     weights the top-``mclstexp_k`` by 1 / L1²; both rank training *sentence* embeddings against
     the test *image* embeddings. ``mclstexp_smooth_query`` first averages each test image
     embedding with its spatial neighbours' (``spatial_neighbour_mean`` on the test spots'
-    ``obsm["spatial"]``).
+    ``obsm["spatial"]``). ``zeroshot`` takes its value grid (``zeroshot_grid`` points, kind
+    ``zeroshot_grid_kind``) and value prior (``zeroshot_prior``) from the training values only.
     """
     test = np.load(test_sentences)
     genes = list(test["panel_genes"])
@@ -155,9 +157,11 @@ def predict_with_method(method: str, *, spots_h5ad: str | Path, test_sentences: 
                                   k=mclstexp_k)
     elif method == "zeroshot":
         model, info = load_pretrained(checkpoint)
-        grid = default_value_grid(train_values, zeroshot_grid)
+        grid, prior = zero_shot_grid_and_prior(train_values, zeroshot_grid, grid=zeroshot_grid_kind,
+                                               prior=zeroshot_prior)
         pred = zero_shot(model, _test_rows(test_embedding, "image_embeddings", test["barcodes"]), genes, grid,
-                         np.asarray(info["bin_edges"], np.float32), temperature=zeroshot_temperature, device=device)
+                         np.asarray(info["bin_edges"], np.float32), temperature=zeroshot_temperature, prior=prior,
+                         device=device)
     else:
         raise ValueError(f"unknown method {method!r}")
     log.info("%s: predicted %d spots x %d genes", method, *pred.shape)

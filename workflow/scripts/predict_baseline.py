@@ -20,4 +20,6 @@ with rule_logging(snakemake.log[0]):
         ridge_pca_dim=cfg["ridge_pca_dim"],
         zeroshot_grid=cfg["zeroshot_grid"],
         zeroshot_temperature=cfg["zeroshot_temperature"],
+        zeroshot_grid_kind=cfg["zeroshot_grid_kind"],
+        zeroshot_prior=cfg["zeroshot_prior"],
     )
