@@ -39,14 +39,12 @@ import torch
 from comtip.atomic import atomic_path
 from comtip.baselines import bleep_retrieval, hest_ridge, mclstexp_retrieval, mean_baseline, spatial_neighbour_mean
 from comtip.inference import image_embeddings, image_features, zero_shot, zero_shot_grid_and_prior
+from comtip.method_names import BASELINE_METHODS, ENCODERS  # noqa: F401 (re-exported)
 from comtip.model import CoMTIP, ModelConfig
 from comtip.predict import write_prediction_h5ad
 from comtip.training.checkpoint import load_pretrained
 
 log = logging.getLogger(__name__)
-
-ENCODERS = ("comtip", "random")
-BASELINE_METHODS = ("mean", "ridge_comtip", "ridge_random", "bleep_comtip", "mclstexp_comtip", "zeroshot")
 
 
 def load_encoder(checkpoint: str | Path, encoder: str, seed: int) -> tuple[CoMTIP, dict]:

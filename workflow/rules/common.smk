@@ -126,7 +126,7 @@ def training_inputs(wildcards):
 # -- fine-tuning, prediction, evaluation -------------------------------------------------------
 
 from comtip.finetune_config import FinetuneConfig  # noqa: E402
-from comtip.methods import BASELINE_METHODS  # noqa: E402
+from comtip.method_names import BASELINE_METHODS  # noqa: E402
 
 TEST_SAMPLES = samples_with_split("test")
 PREDICT_SAMPLES = [s for s in SAMPLES.index if SAMPLES.loc[s, "split"] == "predict" and s not in ST_SAMPLES]
