@@ -395,3 +395,14 @@ def test_torchrun_with_two_processes_shards_batches_and_writes_once(cohort, tmp_
     model, info = load_pretrained(tmp_path / "comtip.pt")
     assert info["step"] == 6
     assert not (tmp_path / "comtip.resume").exists()
+
+
+def test_checkpoint_bytes_do_not_depend_on_the_file_name(tmp_path):
+    """Atomic writes use a temporary name with the pid in it; the checkpoint's bytes (and so the
+    sha256 the fine-tuned checkpoint records of its pretrained one) must not depend on it."""
+    from comtip.training.checkpoint import save_torch
+
+    state = {"model_state": {"w": torch.arange(6.0).reshape(2, 3)}, "step": 3, "config": {"a": [1, 2]}}
+    save_torch(state, tmp_path / ".comtip.tmp-123.pt")
+    save_torch(state, tmp_path / "comtip.pt")
+    assert (tmp_path / ".comtip.tmp-123.pt").read_bytes() == (tmp_path / "comtip.pt").read_bytes()

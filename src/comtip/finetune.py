@@ -39,7 +39,7 @@ from comtip.finetune_config import DEVICES, MODES, FinetuneConfig  # noqa: F401 
 from comtip.model import ModelConfig, preprocess_images
 from comtip.training import derive_seed, load_pretrained
 from comtip.training.augment import flip_and_rotate
-from comtip.training.checkpoint import plain
+from comtip.training.checkpoint import plain, save_torch
 from comtip.training.loop import deterministic_on_cpu
 
 log = logging.getLogger(__name__)
@@ -353,7 +353,7 @@ def finetune(pretrained_ckpt: str | Path, train: Sequence[tuple[str | Path, str 
     }
     metrics = pd.DataFrame(rows, columns=list(METRIC_COLUMNS))
     with atomic_paths(out_ckpt, out_metrics_tsv) as (tmp_ckpt, tmp_metrics):
-        torch.save(state, tmp_ckpt)
+        save_torch(state, tmp_ckpt)
         metrics.to_csv(tmp_metrics, sep="\t", index=False, float_format="%.8g", na_rep="NA")
     return metrics
 

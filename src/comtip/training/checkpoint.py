@@ -71,10 +71,19 @@ def load_resume(folder: Path, definition: dict) -> dict | None:
     return state
 
 
+def save_torch(obj: Any, path: str | Path) -> None:
+    """``torch.save`` through a file handle: given a path, torch names the zip archive's folder
+    after the file, so the same state written under two temporary names (``comtip.atomic`` adds
+    the pid) gives different bytes. Through a handle the folder is always ``archive``: the same
+    state gives the same file, and sha256 records of checkpoints are reproducible."""
+    with open(path, "wb") as fh:
+        torch.save(obj, fh)
+
+
 def save_resume(folder: Path, state: dict) -> None:
     """Write ``last.pt`` atomically: a kill during the write leaves the previous one intact."""
     with atomic_path(folder / RESUME_FILE) as tmp:
-        torch.save(state, tmp)
+        save_torch(state, tmp)
 
 
 def rng_states() -> dict[str, Any]:

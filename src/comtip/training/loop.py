@@ -310,7 +310,7 @@ def pretrain(samples: Sequence[str], patches: Sequence[str | Path], indexes: Seq
                 return None
             table = trainer.retrieval()
             with atomic_paths(out_checkpoint, out_metrics, out_retrieval) as (tmp_ckpt, tmp_metrics, tmp_retrieval):
-                torch.save(trainer.final_state(), tmp_ckpt)
+                ckpt.save_torch(trainer.final_state(), tmp_ckpt)
                 shutil.copyfile(trainer.folder / "metrics.tsv", tmp_metrics)
                 table.to_csv(tmp_retrieval, sep="\t", index=False, float_format="%.6g")
             shutil.rmtree(trainer.folder)
