@@ -17,8 +17,9 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from comtip.training.metrics import TIMING_COLUMNS
+
 EXCLUDED_DIRS = ("provenance",)
-TIMING_COLUMNS = ("samples_per_s", "data_wait_fraction", "seconds")
 
 
 def result_files(root: Path) -> list[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,25 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 CONFIG_SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 SAMPLES_SCHEMA = REPO / "workflow" / "schemas" / "samples.schema.yaml"
+
+
+def rule_blocks() -> Iterator[tuple[Path, str, str]]:
+    """(.smk file, rule name, rule text) of every rule under workflow/rules."""
+    for smk in sorted((REPO / "workflow" / "rules").glob("*.smk")):
+        for block in re.split(r"\n(?=rule \w+:)", smk.read_text()):
+            head = re.match(r"rule (\w+):", block)
+            if head:
+                yield smk, head.group(1), block
+
+
+def dry_run_jobs(text: str) -> list[tuple[str, str]]:
+    """(rule, printed block) of every job in the output of ``snakemake -n``."""
+    jobs = []
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", text):
+        head = re.match(r"(?:local)?rule (\w+):", block)
+        if head:
+            jobs.append((head.group(1), block))
+    return jobs
 
 
 def shared_data(*parts: str) -> Path:

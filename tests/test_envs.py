@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, rule_blocks
 
 ENVS = sorted((REPO / "envs").glob("*.yaml"))
 
@@ -66,16 +66,13 @@ def test_env_parses_and_pins_agree_with_pyproject(path):
 
 
 def test_every_rule_has_conda_log_benchmark_threads_resources():
-    for smk in (REPO / "workflow" / "rules").glob("*.smk"):
-        text = smk.read_text()
-        for block in re.split(r"\n(?=rule \w+:)", text):
-            if not block.startswith("rule "):
-                continue
-            name = block.split(":")[0]
-            for key in ("log:", "benchmark:", "threads:", "resources:", "conda:"):
-                assert f"    {key}" in block, f"{smk.name}: {name} has no {key}"
-            env = re.search(r'conda:\s*\n\s*"([^"]+)"', block).group(1)
-            assert (smk.parent / env).resolve().exists(), f"{smk.name}: {name} names missing env {env}"
+    rules = list(rule_blocks())
+    assert rules, "no rule found under workflow/rules"
+    for smk, name, block in rules:
+        for key in ("log:", "benchmark:", "threads:", "resources:", "conda:"):
+            assert f"    {key}" in block, f"{smk.name}: rule {name} has no {key}"
+        env = re.search(r'conda:\s*\n\s*"([^"]+)"', block).group(1)
+        assert (smk.parent / env).resolve().exists(), f"{smk.name}: rule {name} names missing env {env}"
 
 
 @pytest.mark.parametrize("path", ENVS, ids=lambda p: p.name)

@@ -8,10 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, dry_run_jobs, rule_blocks
 from test_workflow_e2e import write_tiny_run_folder
 
 SLURM = REPO / "profiles" / "slurm" / "config.yaml"
@@ -20,13 +19,7 @@ GPU_RULES = {"pretrain", "finetune", "embed_spots", "predict_finetuned", "predic
 
 
 def _rules_declaring_gpu() -> set[str]:
-    rules = set()
-    for smk in (REPO / "workflow" / "rules").glob("*.smk"):
-        for block in re.split(r"\n(?=rule \w+:)", smk.read_text()):
-            head = re.match(r"rule (\w+):", block)
-            if head and re.search(r"^\s+gpu=1,", block, re.M):
-                rules.add(head.group(1))
-    return rules
+    return {name for _, name, block in rule_blocks() if re.search(r"^\s+gpu=1,", block, re.M)}
 
 
 def test_gpu_rules_of_the_workflow_are_the_profiles_gpu_rules():
@@ -62,11 +55,10 @@ def test_local_profile_runs_here_without_conda_or_scheduler():
 
 def _job_resources(dry_run_output: str) -> list[tuple[str, dict[str, str]]]:
     jobs = []
-    for block in re.split(r"\n(?=(?:local)?rule \w+:)", dry_run_output):
-        head = re.match(r"(?:local)?rule (\w+):", block)
+    for rule, block in dry_run_jobs(dry_run_output):
         res = re.search(r"^\s+resources: (.*)$", block, re.M)
-        if head and res:
-            jobs.append((head.group(1), dict(kv.split("=", 1) for kv in res.group(1).split(", "))))
+        if res:
+            jobs.append((rule, dict(kv.split("=", 1) for kv in res.group(1).split(", "))))
     return jobs
 
 

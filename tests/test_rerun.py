@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from compare_results import assert_same_results
-from conftest import REPO
+from conftest import REPO, dry_run_jobs
 from test_workflow_e2e import PREDICT_SAMPLE, SAMPLES, snakemake, write_tiny_run_folder
 
 pytestmark = pytest.mark.e2e
@@ -64,11 +64,9 @@ def test_killed_run_reruns_incomplete_jobs_resumes_pretraining_and_ends_identica
 def _planned_jobs(text: str) -> set[tuple[str, str]]:
     """(rule, wildcards) of every job a dry run lists."""
     jobs = set()
-    for block in re.split(r"\n(?=(?:local)?rule \w+:)", text):
-        head = re.match(r"(?:local)?rule (\w+):", block)
-        if head:
-            wildcards = re.search(r"^\s+wildcards: (.*)$", block, re.M)
-            jobs.add((head.group(1), wildcards.group(1).strip() if wildcards else ""))
+    for rule, block in dry_run_jobs(text):
+        wildcards = re.search(r"^\s+wildcards: (.*)$", block, re.M)
+        jobs.add((rule, wildcards.group(1).strip() if wildcards else ""))
     return jobs
 
 

@@ -20,13 +20,13 @@ import yaml
 from compare_results import assert_same_results
 from conftest import REPO
 from slurm_localhost import ClusterError, LocalSlurm, missing_requirements
+from test_profiles import GPU_RULES
 from test_workflow_e2e import write_tiny_run_folder
 
 pytestmark = pytest.mark.e2e
 
 PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
 OVERLAY = Path(__file__).with_name("slurm_overlay.yaml")
-GPU_RULES = {"pretrain", "finetune", "embed_spots", "predict_finetuned", "predict_slide"}
 
 
 def merge(base: dict, overlay: dict) -> dict:

@@ -53,7 +53,13 @@ def write_sample(root: Path, name: str, n: int, *, seed: int, size: int = 32,
     picked = np.take_along_axis(values, order, axis=1)
     pad = picked <= 0
     vocab = vocabulary or [f"GENE{i}" for i in range(N_GENES)]
-    barcodes = np.array([f"{name}-{i:04d}" for i in range(n)])
+    return _save_sample(root, name, images, order, picked, pad, vocab, values)
+
+
+def _save_sample(root: Path, name: str, images: np.ndarray, order: np.ndarray, picked: np.ndarray, pad: np.ndarray,
+                 vocab: list[str], values: np.ndarray) -> dict[str, Path]:
+    """Patches, patch index and gene sentences of one sample, as the pipeline writes them."""
+    barcodes = np.array([f"{name}-{i:04d}" for i in range(len(images))])
     folder = root / name
     folder.mkdir(parents=True)
     files = {"patches": folder / "spot_patches.npy", "index": folder / "spot_patches.parquet",
@@ -81,18 +87,7 @@ def write_dense_sample(root: Path, name: str, n: int, *, seed: int, size: int = 
     order = np.argsort(-values, axis=1, kind="stable")
     picked = np.take_along_axis(values, order, axis=1)
     vocab = [f"GENE{i}" for i in range(n_genes)]
-    barcodes = np.array([f"{name}-{i:04d}" for i in range(n)])
-    folder = root / name
-    folder.mkdir(parents=True)
-    files = {"patches": folder / "spot_patches.npy", "index": folder / "spot_patches.parquet",
-             "sentences": folder / "gene_sentences.npz"}
-    np.save(files["patches"], images.clip(0, 255).astype(np.uint8))
-    pd.DataFrame({"barcode": barcodes}).to_parquet(files["index"])
-    np.savez_compressed(files["sentences"], barcodes=barcodes, gene_ids=order.astype(np.int32),
-                        values=picked.astype(np.float32), bins=(np.digitize(picked, EDGES) + 1).astype(np.int16),
-                        pad=np.zeros(picked.shape, bool), vocabulary=np.array(vocab), panel_genes=np.array(vocab),
-                        panel_values=values.astype(np.float32))
-    return files
+    return _save_sample(root, name, images, order, picked, np.zeros(picked.shape, bool), vocab, values)
 
 
 def make_cohort(root: Path, n: int = 40, writer=write_sample) -> dict:

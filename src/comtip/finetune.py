@@ -18,7 +18,6 @@ epoch's weights; with no validation sample the run trains the fixed number of ep
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -37,6 +36,7 @@ from comtip.atomic import atomic_paths
 from comtip.errors import ConfigError, PipelineInputError
 from comtip.finetune_config import DEVICES, MODES, FinetuneConfig  # noqa: F401 (re-exported)
 from comtip.model import ModelConfig, preprocess_images
+from comtip.provenance import file_sha256
 from comtip.training import derive_seed, load_pretrained
 from comtip.training.augment import flip_and_rotate
 from comtip.training.checkpoint import plain, save_torch
@@ -102,14 +102,6 @@ def build_vit(model_config: dict[str, Any]) -> nn.Module:
     cfg = ModelConfig.from_dict(model_config)
     return timm.create_model(cfg.vision_model, pretrained=False, img_size=cfg.image_size, num_classes=0,
                              **cfg.vision_kwargs)
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # -- data ----------------------------------------------------------------------------------------

@@ -46,7 +46,8 @@ def _utc_now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks (also used by comtip.finetune)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -93,8 +94,9 @@ def package_versions(names: Sequence[str]) -> dict[str, str | None]:
     return versions
 
 
-def run_record(config: Mapping, *, sample_sheet: Path, pipeline_dir: Path, run_id: str,
+def run_record(config: dict, *, sample_sheet: Path, pipeline_dir: Path, run_id: str,
                argv: Sequence[str]) -> dict:
+    """The run's ``run.json``; ``config`` as plain YAML types (see :func:`_plain`)."""
     pipeline_dir = Path(pipeline_dir)
     return {
         "run_id": run_id,
@@ -112,9 +114,9 @@ def run_record(config: Mapping, *, sample_sheet: Path, pipeline_dir: Path, run_i
         "packages": package_versions(pinned_packages(pipeline_dir)),
         "seed": config.get("seed"),
         "sha256": {
-            "config": hashlib.sha256(yaml.safe_dump(dict(config), sort_keys=True).encode()).hexdigest(),
-            "samples": _sha256(sample_sheet),
-            **{f"envs/{p.name}": _sha256(p) for p in sorted((pipeline_dir / "envs").glob("*.yaml"))},
+            "config": hashlib.sha256(yaml.safe_dump(config, sort_keys=True).encode()).hexdigest(),
+            "samples": file_sha256(sample_sheet),
+            **{f"envs/{p.name}": file_sha256(p) for p in sorted((pipeline_dir / "envs").glob("*.yaml"))},
         },
     }
 
@@ -128,13 +130,14 @@ def start_run_record(results_dir: str | Path, config: Mapping, *, sample_sheet: 
     base = Path(results_dir) / "provenance"
     base.mkdir(parents=True, exist_ok=True)
     run_id = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+    config = _plain(config)
     record = run_record(config, sample_sheet=sample_sheet, pipeline_dir=Path(pipeline_dir), run_id=run_id,
                         argv=sys.argv if argv is None else argv)
     staging = base / f".{run_id}.tmp"
     staging.mkdir()
     try:
         (staging / "run.json").write_text(json.dumps(record, indent=2) + "\n")
-        (staging / "config.yaml").write_text(yaml.safe_dump(_plain(config), sort_keys=False))
+        (staging / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         shutil.copyfile(sample_sheet, staging / "samples.tsv")
         staging.rename(base / run_id)
     except BaseException:

@@ -1,11 +1,10 @@
 """CoMTIP model (torch + timm): ViT with Masked Feature Modeling, Gene-Text Encoder with
 Pair-aware Adversarial Training, InfoNCE alignment. Design choices: ``docs/model.md``."""
 
-# Names resolve on first use (PEP 562): importing a light submodule (e.g. the config
-# dataclasses, which the Snakefile reads at parse time) does not import torch and timm.
+# Names resolve on first use (comtip._lazy): importing a light submodule does not import torch.
 from __future__ import annotations
 
-import importlib
+from comtip._lazy import lazy_exports
 
 _EXPORTS = {
     "subsample_sentences": "comtip.model.augment",
@@ -32,15 +31,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
