@@ -238,6 +238,23 @@ def loso_markdown(folds: list[dict], not_run: list[str], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def apply_overrides(config: dict, overrides: list[str]) -> dict:
+    """``["pretrain.epochs=30", ...]`` applied to a copy of ``config`` (values parsed as YAML)."""
+    config = yaml.safe_load(yaml.safe_dump(config))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        parts = key.split(".")
+        if not sep or not all(parts):
+            raise ValueError(f"--set {item!r}: expected SECTION.KEY=VALUE")
+        node = config
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {item!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(value)
+    return config
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("cohort", choices=["her2st", "demo"])
@@ -248,8 +265,14 @@ def main() -> int:
                         help="loso: the folds to run, by test section (default: all)")
     parser.add_argument("--reuse", action="store_true", help="loso: keep folds already run in --out")
     parser.add_argument("--markdown", type=Path, help="loso: write the tables into this file (BENCHMARKS.md)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
+                        help="override config/config.yaml, e.g. pretrain.epochs=30 (VALUE is read as YAML)")
     args = parser.parse_args()
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    try:
+        config = apply_overrides(config, args.overrides)
+    except ValueError as err:
+        parser.error(str(err))
     if args.folds == "loso":
         if args.cohort != "her2st":
             parser.error("--folds loso is for her2st")

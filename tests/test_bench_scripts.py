@@ -78,3 +78,34 @@ def test_leave_one_section_out_folds():
     # every section is tested once and validates once; the C5 fold is the fixed split
     assert sorted(s for f in folds for s, r in f.items() if r == "val") == sorted(HER2ST_SECTIONS)
     assert loso_split("C5") == FIXED_SPLIT
+
+
+@pytest.mark.e2e
+def test_retrieval_ceiling_reads_the_simulators_latent_values(tiny_run):
+    """benchmarks/bench_retrieval.py's oracle on the tiny cohort: spots pair with their own
+    expression far above chance (the simulator's latent values do drive expression), and
+    shuffling the latent values across spots brings it back to chance."""
+    from bench_retrieval import _samples, oracle
+    from comtip.training import load_pretrained
+
+    results = tiny_run / "results"
+    train, evaluate = _samples(tiny_run)
+    assert train and evaluate and not set(train) & set(evaluate)
+    vocabulary = load_pretrained(results / "models" / "pretrain" / "comtip.pt")[1]["vocabulary"]
+    ceiling = oracle(tiny_run, results, train, vocabulary)
+    assert ceiling["median_rank"] < 0.25 * ceiling["chance_median_rank"], ceiling
+    assert ceiling["top5"] > 3 * ceiling["chance_top5"], ceiling
+    shuffled = oracle(tiny_run, results, train, vocabulary, shuffle_seed=0)
+    assert shuffled["median_rank"] > 0.6 * shuffled["chance_median_rank"], shuffled
+
+
+def test_quality_benchmark_config_overrides():
+    from bench_quality import apply_overrides
+
+    config = {"seed": 0, "pretrain": {"epochs": 8, "lr": 0.001}}
+    out = apply_overrides(config, ["pretrain.epochs=30", "model.paat=false", "seed=3"])
+    assert out == {"seed": 3, "pretrain": {"epochs": 30, "lr": 0.001}, "model": {"paat": False}}
+    assert config["pretrain"]["epochs"] == 8  # the input is not changed
+    for bad in ("pretrain.epochs", "=3", "seed.x=1"):
+        with pytest.raises(ValueError, match="--set"):
+            apply_overrides(config, [bad])

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from comtip.model import subsample_sentences
+from comtip.model.augment import value_probes
 
 
 def _sentences(rows: int = 64, length: int = 8, seed: int = 0):
@@ -22,9 +23,11 @@ def _tokens(ids, values, bins, pad, row):
     return list(zip(ids[row][keep].tolist(), values[row][keep].tolist(), bins[row][keep].tolist()))
 
 
-def test_subsentences_keep_order_and_lengths():
+@pytest.mark.parametrize("length", ["uniform", "log_uniform"])
+def test_subsentences_keep_order_and_lengths(length):
     ids, values, bins, pad = _sentences()
-    out = subsample_sentences(ids, values, bins, pad, torch.Generator().manual_seed(3), prob=1.0, min_len=1)
+    out = subsample_sentences(ids, values, bins, pad, torch.Generator().manual_seed(3), prob=1.0, min_len=1,
+                              length=length)
     new_ids, new_values, new_bins, new_pad = out
     assert all(a.shape == b.shape for a, b in zip(out, (ids, values, bins, pad)))
     n_old, n_new = (~pad).sum(1), (~new_pad).sum(1)
@@ -51,8 +54,55 @@ def test_probability_zero_and_min_len():
         subsample_sentences(ids, values, bins, pad, None, min_len=0)
 
 
+def _cut_lengths(length: str, min_len: int = 1, rows: int = 40000, width: int = 127) -> torch.Tensor:
+    ids = torch.arange(1, width + 1).repeat(rows, 1)
+    pad = torch.zeros(rows, width, dtype=torch.bool)
+    out = subsample_sentences(ids, ids.float(), ids, pad, torch.Generator().manual_seed(1), prob=1.0,
+                              min_len=min_len, length=length)
+    return (~out[3]).sum(1)
+
+
+def test_length_distributions_against_their_formulas():
+    """Uniform: P(k) = 1/127 for k in 1..127. Log-uniform: P(k) = log((k+1)/k) / log(128), so a
+    cut 127-token sentence keeps one gene with probability log 2 / log 128 = 1/7 and at most
+    7 genes with probability 3/7. 40,000 draws: standard errors <= 0.0025."""
+    uniform, log_uniform = _cut_lengths("uniform"), _cut_lengths("log_uniform")
+    assert uniform.min() >= 1 and uniform.max() <= 127 and log_uniform.min() >= 1 and log_uniform.max() <= 127
+    assert (uniform == 1).float().mean().item() == pytest.approx(1 / 127, abs=0.003)
+    assert (uniform <= 64).float().mean().item() == pytest.approx(64 / 127, abs=0.01)
+    assert (log_uniform == 1).float().mean().item() == pytest.approx(1 / 7, abs=0.01)
+    assert (log_uniform <= 7).float().mean().item() == pytest.approx(3 / 7, abs=0.01)
+    assert (log_uniform == 127).any()
+    shifted = _cut_lengths("log_uniform", min_len=4)
+    assert shifted.min() == 4 and shifted.max() <= 127
+    # P(k = 4) = log(5/4) / log(128/4)
+    assert (shifted == 4).float().mean().item() == pytest.approx(0.0644, abs=0.006)
+    with pytest.raises(ValueError, match="length"):
+        _cut_lengths("normal", rows=2)
+
+
 def test_seeded():
     ids, values, bins, pad = _sentences()
     a = subsample_sentences(ids, values, bins, pad, torch.Generator().manual_seed(5))
     b = subsample_sentences(ids, values, bins, pad, torch.Generator().manual_seed(5))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_value_probes_read_each_spots_value_or_zero():
+    ids = torch.tensor([[5, 2, 9, 0], [2, 7, 0, 0], [9, 0, 0, 0]])
+    values = torch.tensor([[3.0, 2.0, 1.0, 0.0], [4.0, 0.5, 0.0, 0.0], [2.5, 0.0, 0.0, 0.0]])
+    bins = torch.tensor([[6, 4, 2, 0], [7, 1, 0, 0], [5, 0, 0, 0]])
+    pad = values == 0
+    genes, pv, pb = value_probes(ids, values, bins, pad, n_genes=10, generator=torch.Generator().manual_seed(0))
+    assert sorted(genes.tolist()) == [2, 5, 7, 9]  # every gene present (fewer than n_genes); 0 only as padding
+    expected = {2: ([2.0, 4.0, 0.0], [4, 7, 0]), 5: ([3.0, 0.0, 0.0], [6, 0, 0]),
+                7: ([0.0, 0.5, 0.0], [0, 1, 0]), 9: ([1.0, 0.0, 2.5], [2, 0, 5])}
+    for k, g in enumerate(genes.tolist()):
+        assert pv[k].tolist() == expected[g][0] and pb[k].tolist() == expected[g][1]
+    two, _, _ = value_probes(ids, values, bins, pad, n_genes=2, generator=torch.Generator().manual_seed(0))
+    again, _, _ = value_probes(ids, values, bins, pad, n_genes=2, generator=torch.Generator().manual_seed(0))
+    assert len(two) == 2 and len(set(two.tolist())) == 2 and torch.equal(two, again)
+    empty, ev, eb = value_probes(ids, values, bins, torch.ones_like(pad), n_genes=3)
+    assert empty.shape == (0,) and ev.shape == (0, 3) and eb.shape == (0, 3)
+    with pytest.raises(ValueError, match="n_genes"):
+        value_probes(ids, values, bins, pad, n_genes=0)

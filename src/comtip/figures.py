@@ -117,7 +117,7 @@ def training_curves(pretrain_metrics: str | Path, finetune_metrics: Mapping[str,
     """Pretraining loss terms per step and fine-tuning train/val loss per epoch."""
     pre = pd.read_csv(pretrain_metrics, sep="\t")
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for column in ("loss", "loss_infonce", "loss_mfm", "loss_paat"):
+    for column in ("loss", "loss_infonce", "loss_mfm", "loss_paat", "loss_value"):
         if column in pre and pre[column].abs().sum() > 0:
             axes[0].plot(pre["step"], pre[column], label=column)
     axes[0].set_xlabel("optimiser step")

@@ -6,14 +6,25 @@ from __future__ import annotations
 
 import torch
 
+LENGTH_DISTRIBUTIONS = ("uniform", "log_uniform")
+
 
 def subsample_sentences(gene_ids: torch.Tensor, values: torch.Tensor, bins: torch.Tensor, pad: torch.Tensor,
                         generator: torch.Generator | None = None, prob: float = 0.5,
-                        min_len: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                        min_len: int = 1, length: str = "uniform",
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keep a random subset of tokens in some sentences; returns (gene_ids, values, bins, pad).
 
     Each sentence with ``n >= min_len`` tokens is, with probability ``prob``, cut to a random
-    subset of ``k`` tokens, ``k`` uniform in ``[min_len, n]``; the kept tokens keep their relative
+    subset of ``k`` tokens, ``k`` in ``[min_len, n]`` drawn by ``length``:
+
+    * ``"uniform"``: every ``k`` equally likely. With 128-token sentences a cut sentence has one
+      gene with probability 1/128, so single-gene sentences stay rare;
+    * ``"log_uniform"``: ``k = floor(min_len · ((n + 1) / min_len)^u)``, ``u`` uniform in [0, 1):
+      ``P(k) ∝ log((k + 1) / k)``, as many cut sentences with 1 gene as with 2–3, 4–7, 8–15...
+      (for 128 tokens, one gene with probability 1/7).
+
+    The kept tokens keep their relative
     order (by value, descending) and are packed to the front, the rest becomes padding (gene id 0,
     value 0, bin 0, as in gene_sentences.npz). Other sentences are returned unchanged (re-packed to
     the front if their padding was not at the end). Shapes are kept; one pass, no loop over rows.
@@ -22,23 +33,55 @@ def subsample_sentences(gene_ids: torch.Tensor, values: torch.Tensor, bins: torc
         raise ValueError(f"prob must be in [0, 1], got {prob}")
     if min_len < 1:
         raise ValueError(f"min_len must be >= 1, got {min_len}")
+    if length not in LENGTH_DISTRIBUTIONS:
+        raise ValueError(f"length must be one of {LENGTH_DISTRIBUTIONS}, got {length!r}")
     pad = pad.bool()
-    rows, length = pad.shape
+    rows, width = pad.shape
     device = pad.device
     n = (~pad).sum(dim=1)
     draw = torch.rand(rows, 2, device=device, generator=generator)
     apply = (draw[:, 0] < prob) & (n >= min_len)
-    k = min_len + (draw[:, 1] * (n - min_len + 1).clamp(min=1)).floor().long()
+    if length == "uniform":
+        k = min_len + (draw[:, 1] * (n - min_len + 1).clamp(min=1)).floor().long()
+    else:
+        ratio = ((n + 1).double() / min_len).clamp(min=1.0)
+        k = (min_len * ratio.pow(draw[:, 1].double())).floor().long()
+    k = torch.minimum(k.clamp(min=min_len), n)
     k = torch.where(apply, k, n)
     # rank the non-pad slots in a random order; the first k of that order survive
-    keys = torch.rand(rows, length, device=device, generator=generator).masked_fill(pad, 2.0)
+    keys = torch.rand(rows, width, device=device, generator=generator).masked_fill(pad, 2.0)
     rank = keys.argsort(dim=1).argsort(dim=1)
     keep = ~pad & (rank < k[:, None])
     # re-pack: kept slots first, in their original order
-    position = torch.arange(length, device=device)[None, :]
-    order = (position + (~keep).long() * length).argsort(dim=1)
+    position = torch.arange(width, device=device)[None, :]
+    order = (position + (~keep).long() * width).argsort(dim=1)
     keep = keep.gather(1, order)
     out_ids = gene_ids.gather(1, order).masked_fill(~keep, 0)
     out_values = values.gather(1, order).masked_fill(~keep, 0.0)
     out_bins = bins.gather(1, order).masked_fill(~keep, 0)
     return out_ids, out_values, out_bins, ~keep
+
+
+def value_probes(gene_ids: torch.Tensor, values: torch.Tensor, bins: torch.Tensor, pad: torch.Tensor,
+                 n_genes: int, generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One-gene prompts "g at v_i(g)" for ``n_genes`` genes of a batch, one per spot.
+
+    ``n_genes`` genes are drawn without replacement (uniformly) among the genes that occur in
+    the batch's sentences (all of them when fewer occur). For gene ``g_k`` and spot ``i`` the
+    value is ``g_k``'s value in spot ``i``'s sentence and its bin, or 0 and bin 0 when ``g_k``
+    is not in that sentence (not expressed, or cut by ``genes.max_len``: the lowest values).
+    Pass the sentences *before* sub-sampling, so that a gene is not read as 0 only because a
+    sub-sentence dropped it. Returns ``genes`` (K,), ``probe_values`` (K, B), ``probe_bins``
+    (K, B), K = min(n_genes, distinct genes in the batch); K = 0 when the batch has no token.
+    """
+    if n_genes < 1:
+        raise ValueError(f"n_genes must be >= 1, got {n_genes}")
+    pad = pad.bool()
+    present = torch.unique(gene_ids[~pad])
+    order = torch.randperm(len(present), device=present.device, generator=generator)
+    genes = present[order[:n_genes]]
+    match = (gene_ids[None, :, :] == genes[:, None, None]) & ~pad[None]  # (K, B, L)
+    probe_values = (match * values[None]).sum(dim=2).to(values.dtype)
+    probe_bins = (match * bins[None]).sum(dim=2).to(bins.dtype)
+    return genes, probe_values, probe_bins

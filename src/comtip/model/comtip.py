@@ -1,8 +1,9 @@
 """CoMTIP: image encoder (ViT + MFM) and Gene-Text Encoder (+ PAAT) aligned with InfoNCE.
 
-Loss = InfoNCE + lambda_mfm · MFM + lambda_paat · PAAT, where PAAT = discriminator BCE +
-InfoNCE of adversarially perturbed sentences (each part only when switched on); PAAT's shuffled
-hard negatives enter the InfoNCE term itself (image→text direction).
+Loss = InfoNCE + lambda_mfm · MFM + lambda_paat · PAAT + lambda_value · VALUE, where PAAT =
+discriminator BCE + InfoNCE of adversarially perturbed sentences (each part only when switched
+on); PAAT's shuffled hard negatives enter the InfoNCE term itself (image→text direction); VALUE
+is the gene-value contrast of one-gene prompts (ours, ``losses.value_contrast``).
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ import torch
 from torch import nn
 
 from comtip.model.config import ModelConfig
+from comtip.model.augment import value_probes
 from comtip.model.gene_text import GeneTextEncoder
-from comtip.model.losses import info_nce
+from comtip.model.losses import info_nce, value_contrast
 from comtip.model.paat import PairDiscriminator, adversarial_delta, shuffle_values
 from comtip.model.vision import VisionEncoder
 
 BATCH_KEYS = ("images", "gene_ids", "values", "bins", "pad")
+PROBE_KEYS = ("probe_genes", "probe_values", "probe_bins")  # optional; see CoMTIP.forward
 
 
 class CoMTIP(nn.Module):
@@ -56,12 +59,18 @@ class CoMTIP(nn.Module):
         return self.text(gene_ids, values, bins, pad)
 
     def forward(self, batch: dict[str, torch.Tensor], *, paat: bool = True) -> dict[str, torch.Tensor]:
-        """Losses of one batch: ``loss`` (total), ``loss_infonce``, ``loss_mfm``, ``loss_paat``
-        (0-tensors for parts switched off) and ``logit_scale`` (the clamped scale, detached).
+        """Losses of one batch: ``loss`` (total), ``loss_infonce``, ``loss_mfm``, ``loss_paat``,
+        ``loss_value`` (0-tensors for parts switched off) and ``logit_scale`` (the clamped scale,
+        detached).
 
         ``paat=False`` skips every PAAT part for this batch even when ``cfg.paat`` is on (the
         training loop's PAAT warm-up, ``pretrain.paat_warmup_steps``): the loss is then
-        InfoNCE + MFM and costs no extra text-encoder passes."""
+        InfoNCE + MFM (+ value contrast) and costs no extra text-encoder passes.
+
+        The value contrast's prompts come from ``batch["probe_genes"/"probe_values"/"probe_bins"]``
+        (:func:`comtip.model.augment.value_probes` of the sentences before sub-sampling, as the
+        training loop passes them); without those keys they are drawn here from the batch's
+        own sentences with the global torch RNG."""
         missing = [k for k in BATCH_KEYS if k not in batch]
         if missing:
             raise KeyError(f"batch lacks {missing}; needs {list(BATCH_KEYS)}")
@@ -97,6 +106,25 @@ class CoMTIP(nn.Module):
         if self.discriminator is not None and not use_paat:
             # still a function of the discriminator's parameters, so DDP sees them used
             loss_paat = loss_paat + sum(p.sum() for p in self.discriminator.parameters()) * 0.0
-        loss = loss_infonce + cfg.lambda_mfm * vision.loss_mfm + cfg.lambda_paat * loss_paat
+        loss_value = img.new_zeros(())
+        if cfg.value_contrast:
+            if all(k in batch for k in PROBE_KEYS):
+                genes, probe_values, probe_bins = (batch[k] for k in PROBE_KEYS)
+            else:
+                genes, probe_values, probe_bins = value_probes(gene_ids, values, bins, pad, cfg.value_contrast_genes)
+            loss_value = self._value_loss(img, genes, probe_values, probe_bins, scale)
+        loss = (loss_infonce + cfg.lambda_mfm * vision.loss_mfm + cfg.lambda_paat * loss_paat
+                + cfg.lambda_value * loss_value)
         return {"loss": loss, "loss_infonce": loss_infonce, "loss_mfm": vision.loss_mfm,
-                "loss_paat": loss_paat, "logit_scale": scale.detach()}
+                "loss_paat": loss_paat, "loss_value": loss_value, "logit_scale": scale.detach()}
+
+    def _value_loss(self, img: torch.Tensor, genes: torch.Tensor, probe_values: torch.Tensor,
+                    probe_bins: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Embed the K × B one-gene prompts in one pass and score them (losses.value_contrast)."""
+        n_genes, rows = probe_values.shape
+        if n_genes == 0:  # a batch without any token: nothing to probe
+            return img.sum() * 0.0
+        ids = genes[:, None].expand(n_genes, rows).reshape(-1, 1)
+        pad = torch.zeros_like(ids, dtype=torch.bool)
+        txt = self.text(ids, probe_values.reshape(-1, 1), probe_bins.reshape(-1, 1), pad)
+        return value_contrast(img, txt.view(n_genes, rows, -1), probe_values, scale)

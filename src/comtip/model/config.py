@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 NAME_ENCODERS = ("hash", "minilm")
+TEXT_POOLINGS = ("cls", "mean")
 
 
 @dataclass
@@ -37,6 +38,7 @@ class ModelConfig:
     text_layers: int = 2
     text_heads: int = 4
     text_ff: int = 256
+    text_pooling: str = "cls"  # "cls" (CLS slot) | "mean" (mean of the gene tokens' outputs)
     dropout: float = 0.1
     n_bins: int = 16
     # Pair-aware Adversarial Training
@@ -46,6 +48,12 @@ class ModelConfig:
     paat_adversarial: bool = True
     paat_epsilon: float = 0.05  # L-inf radius, relative to the RMS of the token embeddings
     paat_steps: int = 1  # 1 = FGSM, > 1 = PGD
+    # Gene-value contrast (ours, off by default: measured no better on the demo, docs/model.md):
+    # one-gene prompts "g at v" for the spots of a batch, each image must pick its own value
+    # (losses.value_contrast), so that the zero-shot prompts themselves are trained
+    value_contrast: bool = False
+    value_contrast_genes: int = 8  # genes probed per batch
+    lambda_value: float = 1.0
     # Loss
     lambda_mfm: float = 1.0
     lambda_paat: float = 0.5
@@ -70,10 +78,13 @@ class ModelConfig:
             ("text_heads", self.text_heads >= 1 and self.text_dim % self.text_heads == 0,
              "must be >= 1 and divide text_dim"),
             ("text_ff", self.text_ff >= 1, "must be >= 1"),
+            ("text_pooling", self.text_pooling in TEXT_POOLINGS, f"must be one of {TEXT_POOLINGS}"),
             ("dropout", 0.0 <= self.dropout < 1.0, "must be in [0, 1)"),
             ("n_bins", self.n_bins >= 2, "must be >= 2 (bin 0 is zero expression)"),
             ("paat_epsilon", self.paat_epsilon >= 0.0, "must be >= 0"),
             ("paat_steps", self.paat_steps >= 1, "must be >= 1"),
+            ("value_contrast_genes", self.value_contrast_genes >= 1, "must be >= 1"),
+            ("lambda_value", self.lambda_value >= 0.0, "must be >= 0"),
             ("lambda_mfm", self.lambda_mfm >= 0.0, "must be >= 0"),
             ("lambda_paat", self.lambda_paat >= 0.0, "must be >= 0"),
             ("temperature_init", self.temperature_init > 0.0, "must be > 0"),

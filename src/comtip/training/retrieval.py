@@ -55,10 +55,13 @@ def retrieval_accuracy(model: torch.nn.Module, images_uint8: np.ndarray, sentenc
 
 def accuracy_from_embeddings(image_emb: torch.Tensor, text_emb: torch.Tensor, k: Sequence[int] = (1, 5),
                              batch: int = 256) -> dict[str, float]:
-    """Top-k accuracy of paired rows (row i of each is spot i), as :func:`retrieval_accuracy`.
+    """Top-k accuracy of paired rows (row i of each is spot i), as :func:`retrieval_accuracy`,
+    plus ``median_rank`` of the true sentence (0 = first) and its chance level ``(N - 1) / 2``.
 
     The rank of the true sentence counts the candidates scoring strictly higher, so ties do not
-    help; similarities are computed in blocks of ``batch`` images (memory O(batch × N)).
+    help; similarities are computed in blocks of ``batch`` images (memory O(batch × N)). The
+    median rank uses every spot, not only the few in the top k, so it is the steadier of the
+    measures when exact matches are rare (spots whose expression differs mostly by counting noise).
     """
     n = len(image_emb)
     ranks = []
@@ -67,7 +70,8 @@ def accuracy_from_embeddings(image_emb: torch.Tensor, text_emb: torch.Tensor, k:
         true = sims[torch.arange(len(sims)), torch.arange(lo, lo + len(sims))]
         ranks.append((sims > true[:, None]).sum(dim=1))
     rank = torch.cat(ranks)
-    out: dict[str, float] = {"n": float(n)}
+    out: dict[str, float] = {"n": float(n), "median_rank": float(np.median(rank.numpy())) if n else float("nan"),
+                             "chance_median_rank": (n - 1) / 2}
     for kk in k:
         out[f"top{kk}"] = float((rank < kk).float().mean())
         out[f"chance_top{kk}"] = min(1.0, kk / n)
@@ -75,8 +79,10 @@ def accuracy_from_embeddings(image_emb: torch.Tensor, text_emb: torch.Tensor, k:
 
 
 def retrieval_table(results: Mapping[str, Mapping[str, float]], k: Sequence[int]) -> pd.DataFrame:
-    """Long table: one row per (set of spots, k) with accuracy and chance."""
+    """Long table: one row per (set of spots, k) with accuracy and chance; the set's median rank
+    of the true sentence and its chance level are repeated on each of its rows."""
     rows = [{"spots": name, "n_spots": int(r["n"]), "k": kk, "accuracy": r[f"top{kk}"],
-             "chance": r[f"chance_top{kk}"], "fold_over_chance": r[f"top{kk}"] / r[f"chance_top{kk}"]}
+             "chance": r[f"chance_top{kk}"], "fold_over_chance": r[f"top{kk}"] / r[f"chance_top{kk}"],
+             "median_rank": r["median_rank"], "chance_median_rank": r["chance_median_rank"]}
             for name, r in results.items() for kk in k]
     return pd.DataFrame(rows)
