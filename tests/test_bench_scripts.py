@@ -93,10 +93,12 @@ def test_retrieval_ceiling_reads_the_simulators_latent_values(tiny_run):
     assert train and evaluate and not set(train) & set(evaluate)
     vocabulary = load_pretrained(results / "models" / "pretrain" / "comtip.pt")[1]["vocabulary"]
     ceiling = oracle(tiny_run, results, train, vocabulary)
-    assert ceiling["median_rank"] < 0.25 * ceiling["chance_median_rank"], ceiling
-    assert ceiling["top5"] > 3 * ceiling["chance_top5"], ceiling
+    # measured: median rank 14 of 164 (chance 81.5), top-5 7.2x chance; shuffled 92, 0x
+    assert ceiling["median_rank"] < 0.3 * ceiling["chance_median_rank"], ceiling
+    assert ceiling["top5"] > 4 * ceiling["chance_top5"], ceiling
     shuffled = oracle(tiny_run, results, train, vocabulary, shuffle_seed=0)
-    assert shuffled["median_rank"] > 0.6 * shuffled["chance_median_rank"], shuffled
+    assert shuffled["median_rank"] > 0.8 * shuffled["chance_median_rank"], shuffled
+    assert shuffled["top5"] < 2 * shuffled["chance_top5"], shuffled
 
 
 def test_quality_benchmark_config_overrides():
