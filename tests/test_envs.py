@@ -130,3 +130,12 @@ def test_post_deploy_script_without_the_checkout_variable_fails_clearly(tmp_path
     result = subprocess.run(["bash", str(REPO / "envs" / "imaging.post-deploy.sh")], capture_output=True, text=True,
                             env=env, cwd=tmp_path)
     assert result.returncode != 0 and "COMTIP_PIPELINE_DIR" in result.stderr
+
+
+def test_report_dependency_is_a_core_dependency_not_only_a_test_one():
+    """`snakemake --report report.html` is a README step after a plain `pip install -e .`; it
+    needs pygments, which only pytest pulled in before (found by running the README from a
+    fresh clone)."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    core = {spec.partition("==")[0].strip().lower() for spec in project["dependencies"]}
+    assert "pygments" in core
