@@ -35,6 +35,7 @@ import yaml
 from sklearn.linear_model import Ridge
 from sklearn.model_selection import KFold, cross_val_predict
 
+from comtip.evaluate import gene_metrics
 from comtip.inference import image_embeddings, zero_shot, zero_shot_grid_and_prior
 from comtip.training import load_pretrained, pretrain
 from comtip.training.retrieval import accuracy_from_embeddings
@@ -132,10 +133,8 @@ def zero_shot_pearson(ckpt: Path, results: Path, train: list[str], evaluate: lis
         held = panel.loc[genes, "heldout"].to_numpy(bool)
         emb = image_embeddings(model, np.load(results / s / "spot_patches.npy", mmap_mode="r"),
                                int(info["model_config"]["image_size"]), batch_size=128)
-        pred = zero_shot(model, emb, genes, grid, edges, prior=prior)
-        r = np.array([np.corrcoef(pred[:, j], truth[:, j])[0, 1] if pred[:, j].std() > 0 and truth[:, j].std() > 0
-                      else np.nan for j in range(len(genes))])
-        rows.append((np.nanmean(r), np.nanmean(r[held])))
+        pearson = gene_metrics(truth, zero_shot(model, emb, genes, grid, edges, prior=prior), genes)["pearson"]
+        rows.append((pearson.mean(), pearson[held].mean()))
     return float(np.mean([a for a, _ in rows])), float(np.mean([b for _, b in rows]))
 
 

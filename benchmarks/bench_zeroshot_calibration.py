@@ -26,23 +26,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from comtip.genes import value_bins
-from comtip.inference import zero_shot_grid_and_prior
+from comtip.evaluate import gene_metrics
+from comtip.inference import prompt_embeddings, zero_shot_grid_and_prior
 from comtip.training import load_pretrained
-
-
-def prompt_embeddings(model, genes: list[str], values: np.ndarray, edges: np.ndarray) -> torch.Tensor:
-    """(len(genes), V, D) embeddings of "gene at value" one-gene sentences (values: (len(genes), V))."""
-    ids = torch.arange(len(genes)).repeat_interleave(values.shape[1]).unsqueeze(1)
-    v = torch.from_numpy(values.reshape(-1).astype(np.float32)).unsqueeze(1)
-    b = torch.from_numpy(value_bins(v.numpy(), edges).astype(np.int64))
-    model.set_vocabulary(list(genes))
-    model.eval()
-    with torch.no_grad():
-        out = torch.cat([model.encode_sentences(ids[i:i + 4096], v[i:i + 4096], b[i:i + 4096],
-                                                torch.zeros(len(ids[i:i + 4096]), 1, dtype=torch.bool))
-                         for i in range(0, len(ids), 4096)])
-    return out.reshape(len(genes), values.shape[1], -1)
 
 
 def main() -> None:
@@ -76,9 +62,8 @@ def main() -> None:
         for name, t in (("plain", text), ("calibrated", text - reference)):
             scores = torch.einsum("nd,gvd->ngv", x, t) * scale
             pred = (F.softmax(scores + log_prior, -1) * torch.from_numpy(grid)).sum(-1).numpy()
-            r = np.array([np.corrcoef(pred[:, j], truth[:, j])[0, 1] if pred[:, j].std() > 0 and truth[:, j].std() > 0
-                          else np.nan for j in range(len(genes))])
-            print(f"{s} {name:10s} Pearson {np.nanmean(r):+.3f}  MSE {np.mean((pred - truth) ** 2):.3f}  "
+            metrics = gene_metrics(truth, pred, genes)
+            print(f"{s} {name:10s} Pearson {metrics['pearson'].mean():+.3f}  MSE {metrics['mse'].mean():.3f}  "
                   f"corr(mean prediction, log counts) {np.corrcoef(pred.mean(1), log_counts)[0, 1]:+.2f}")
         print(f"{s} corr(mean truth, log counts) {np.corrcoef(truth.mean(1), log_counts)[0, 1]:+.2f}; "
               f"corr(sentence length, log counts) {np.corrcoef(length, log_counts)[0, 1]:+.2f}")

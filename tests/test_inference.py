@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from comtip.genes import value_bins
-from comtip.inference import (default_value_grid, image_embeddings, image_features, quantile_value_grid,
-                              value_prior, zero_shot, zero_shot_grid_and_prior)
+from comtip.inference import (default_value_grid, image_embeddings, image_features, prompt_embeddings,
+                              quantile_value_grid, value_prior, zero_shot, zero_shot_grid_and_prior)
 from comtip.model import CoMTIP, ModelConfig, preprocess_images
 
 GENES = [f"GENE{i}" for i in range(12)]
@@ -197,6 +197,22 @@ def _prompt_embeddings(model, gene: str, grid: np.ndarray) -> torch.Tensor:
                                       torch.zeros(len(grid), 1, dtype=torch.bool))
     model.set_vocabulary(previous)
     return text
+
+
+def test_prompt_embeddings_are_each_genes_one_token_sentences(model):
+    """Row g of the (G, V, D) result embeds "genes[g] at grid[g, j]" (the hand-built sentences
+    above, gene by gene), in batches smaller than G·V; vocabulary and training mode restored."""
+    grid = np.array([[0.0, 0.7, 1.4], [0.2, 2.0, 6.0]], dtype=np.float32)
+    model.train()
+    before = list(model.vocabulary)
+    got = prompt_embeddings(model, ["GENE5", "NEWGENE"], grid, EDGES, batch_size=4)
+    assert got.shape == (2, 3, 16) and not got.requires_grad
+    assert model.training and model.vocabulary == before
+    for g, gene in enumerate(["GENE5", "NEWGENE"]):
+        torch.testing.assert_close(got[g], _prompt_embeddings(model, gene, grid[g]), rtol=1e-5, atol=1e-6)
+    assert model.vocabulary == before
+    with pytest.raises(ValueError, match="value_grid must be"):
+        prompt_embeddings(model, ["GENE5"], grid, EDGES)
 
 
 def test_zero_shot_with_a_prior_is_bayes_rule_on_the_scores(model):

@@ -163,16 +163,47 @@ def value_prior(train_values: np.ndarray, value_grid: np.ndarray, *, smoothing: 
     return (1.0 - smoothing) * counts / len(values) + smoothing / n_values
 
 
+def prompt_embeddings(model: CoMTIP, genes: Sequence[str], value_grid: np.ndarray, bin_edges: np.ndarray, *,
+                      batch_size: int = 1024, device: str | torch.device = "cpu") -> torch.Tensor:
+    """(G, V, D) L2-normalised embeddings of the one-gene prompts "g at v_{g,j}" (float32).
+
+    ``value_grid`` is (G, V), row g for ``genes[g]``. Prompt = gene id of g in the vocabulary
+    ``genes`` (set with ``model.set_vocabulary``: genes unseen in pretraining get embeddings from
+    their names), value v_{g,j}, bin ``value_bins(v_{g,j}, bin_edges)``, no padding; encoded in
+    batches of ``batch_size`` in eval mode without autograd. The model's vocabulary and
+    train/eval mode are restored afterwards; it is moved to ``device``."""
+    grid = np.ascontiguousarray(value_grid, dtype=np.float32)
+    if grid.ndim != 2 or grid.shape[0] != len(genes):
+        raise ValueError(f"value_grid must be ({len(genes)}, V), got shape {grid.shape}")
+    n_genes, n_values = grid.shape
+    gene_ids = torch.arange(n_genes).repeat_interleave(n_values).unsqueeze(1)  # prompt r = g · V + j
+    values = torch.from_numpy(grid.reshape(-1)).unsqueeze(1)
+    bins = torch.from_numpy(value_bins(values.numpy(), np.asarray(bin_edges)).astype(np.int64))
+    pad = torch.zeros_like(gene_ids, dtype=torch.bool)
+    model.to(device)
+    previous = list(model.vocabulary)
+    model.set_vocabulary(list(genes))
+    try:
+        with _eval_mode(model):
+            text = torch.cat([model.encode_sentences(gene_ids[lo:lo + batch_size].to(device),
+                                                     values[lo:lo + batch_size].to(device),
+                                                     bins[lo:lo + batch_size].to(device),
+                                                     pad[lo:lo + batch_size].to(device)).float()
+                              for lo in range(0, len(gene_ids), batch_size)])
+    finally:
+        model.set_vocabulary(previous)
+    return text.reshape(n_genes, n_values, -1)
+
+
 def zero_shot(model: CoMTIP, image_emb: np.ndarray, genes: Sequence[str], value_grid: np.ndarray,
               bin_edges: np.ndarray, *, temperature: float | None = None, prior: np.ndarray | None = None,
               batch_size: int = 1024, device: str | torch.device = "cpu") -> np.ndarray:
     """Zero-shot expression (N, G) from image embeddings and gene-value prompts.
 
-    For gene g and grid value v_j the prompt is the one-token sentence "g at v_j": gene id of g in
-    the vocabulary ``genes`` (set with ``model.set_vocabulary``, so genes unseen in pretraining
-    get embeddings from their names), value v_j, bin ``value_bins(v_j, bin_edges)``, no padding.
-    ``value_grid`` is one grid for all genes (V,) or one per gene (G, V). The prompt's embedding
-    t_{g,j} = ``encode_sentences`` (L2-normalised). For spot i with embedding x_i:
+    For gene g and grid value v_j the prompt is the one-token sentence "g at v_j" (see
+    :func:`prompt_embeddings`). ``value_grid`` is one grid for all genes (V,) or one per gene
+    (G, V). The prompt's embedding t_{g,j} = ``encode_sentences`` (L2-normalised). For spot i
+    with embedding x_i:
 
         s_{i,g,j} = scale · x_i · t_{g,j}
         p_{i,g,j} = π_{g,j} · exp(s_{i,g,j}) / Σ_k π_{g,k} · exp(s_{i,g,k})
@@ -217,25 +248,9 @@ def zero_shot(model: CoMTIP, image_emb: np.ndarray, genes: Sequence[str], value_
     norms = x.norm(dim=1)
     if not torch.allclose(norms, torch.ones_like(norms), atol=NORM_TOLERANCE):
         raise ValueError("image_emb rows must be L2-normalised (use image_embeddings)")
-    gene_ids = torch.arange(n_genes).repeat_interleave(n_values).unsqueeze(1)  # prompt r = g · V + j
-    values = torch.from_numpy(np.ascontiguousarray(grid).reshape(-1)).unsqueeze(1)
-    bins = torch.from_numpy(value_bins(values.numpy(), np.asarray(bin_edges)).astype(np.int64))
-    pad = torch.zeros_like(gene_ids, dtype=torch.bool)
-
-    model.to(device)
-    previous = list(model.vocabulary)
-    model.set_vocabulary(list(genes))
-    try:
-        with _eval_mode(model):
-            text = torch.cat([model.encode_sentences(gene_ids[lo:lo + batch_size].to(device),
-                                                     values[lo:lo + batch_size].to(device),
-                                                     bins[lo:lo + batch_size].to(device),
-                                                     pad[lo:lo + batch_size].to(device)).float()
-                              for lo in range(0, len(gene_ids), batch_size)])
-            scale = model.scale().float() if temperature is None else torch.tensor(1.0 / temperature)
-    finally:
-        model.set_vocabulary(previous)
-    text = text.reshape(n_genes, n_values, -1)
+    text = prompt_embeddings(model, genes, grid, bin_edges, batch_size=batch_size, device=device)
+    with torch.no_grad():
+        scale = model.scale().float() if temperature is None else torch.tensor(1.0 / temperature)
     if text.shape[-1] != x.shape[1]:
         raise ValueError(f"image_emb has width {x.shape[1]}, the text embeddings {text.shape[-1]}")
     grid_t = torch.from_numpy(np.ascontiguousarray(grid)).to(device)
