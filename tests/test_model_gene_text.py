@@ -97,3 +97,33 @@ def test_minilm_without_its_package_says_what_to_install(monkeypatch):
         MiniLMNameEncoder(16)
     with pytest.raises(ImportError, match="name_encoder: hash"):
         GeneTextEncoder(_cfg(name_encoder="minilm"), ["A"])
+
+
+def test_mean_pooling_is_the_masked_mean_of_the_gene_tokens_outputs():
+    """``text_pooling: mean``: LayerNorm of the mean encoder output over the non-pad gene tokens
+    (CLS excluded), recomputed by hand; padding does not change it; a sentence without tokens
+    falls back to its CLS output; and it differs from CLS pooling."""
+    torch.manual_seed(0)
+    enc = GeneTextEncoder(_cfg(text_pooling="mean"), [f"G{i}" for i in range(10)]).eval()
+    ids = torch.tensor([[3, 1, 7, 0], [2, 0, 0, 0], [0, 0, 0, 0]])
+    values = torch.tensor([[2.5, 1.0, 0.3, 0.0], [1.2, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    bins = (values * 3).long()
+    pad = torch.tensor([[False, False, False, True], [False, True, True, True], [True, True, True, True]])
+    tokens = enc.token_embeddings(ids, values, bins)
+    got = enc.encode_from_tokens(tokens, pad)
+    with torch.no_grad():
+        x = torch.cat([enc.cls.expand(3, -1, -1), tokens], dim=1)
+        out = enc.encoder(x, src_key_padding_mask=torch.cat([torch.zeros(3, 1, dtype=torch.bool), pad], dim=1))
+    expected = torch.stack([enc.norm(out[0, 1:4].mean(dim=0)), enc.norm(out[1, 1]), enc.norm(out[2, 0])])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    # more padding, with junk under it, changes nothing
+    wide = enc.encode_from_tokens(enc.token_embeddings(torch.cat([ids, torch.full((3, 2), 5)], 1),
+                                                       torch.cat([values, torch.full((3, 2), 9.0)], 1),
+                                                       torch.cat([bins, torch.full((3, 2), 15)], 1)),
+                                  torch.cat([pad, torch.ones(3, 2, dtype=torch.bool)], 1))
+    torch.testing.assert_close(wide, got, rtol=1e-5, atol=1e-6)
+    cls = GeneTextEncoder(_cfg(), [f"G{i}" for i in range(10)]).eval()
+    cls.load_state_dict(enc.state_dict())
+    assert not torch.allclose(cls.encode_from_tokens(tokens, pad)[0], got[0])
+    with pytest.raises(ValueError, match="text_pooling"):
+        _cfg(text_pooling="max")
