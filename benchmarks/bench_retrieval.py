@@ -99,9 +99,9 @@ def train_variant(run: Path, results: Path, train: list[str], model_over: dict, 
                   out: Path) -> tuple[dict[str, float], Path, float]:
     cfg = yaml.safe_load((run / "config" / "config.yaml").read_text())
     model = {**cfg.get("model", {}), **model_over}
-    tr = {**cfg.get("pretrain", {}), "seed": seed}
-    factor = train_over.get("epochs_factor", 1)
-    tr["epochs"] = int(tr.get("epochs", 8)) * factor
+    # any pretrain key; "epochs_factor" multiplies the config's epochs
+    tr = {**cfg.get("pretrain", {}), **{k: v for k, v in train_over.items() if k != "epochs_factor"}, "seed": seed}
+    tr["epochs"] = int(tr.get("epochs", 8)) * train_over.get("epochs_factor", 1)
     ckpt = out / "comtip.pt"
     start = time.perf_counter()
     if not ckpt.exists():

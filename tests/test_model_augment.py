@@ -1,12 +1,14 @@
-"""subsample_sentences: random sub-sentences, order kept, packed to the front, vectorised."""
+"""subsample_sentences / vocabulary_sentences: random sub-sentences, packed to the front, vectorised."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
+from comtip.genes import value_bins
 from comtip.model import subsample_sentences
-from comtip.model.augment import value_probes
+from comtip.model.augment import value_probes, vocabulary_sentences
 
 
 def _sentences(rows: int = 64, length: int = 8, seed: int = 0):
@@ -106,3 +108,66 @@ def test_value_probes_read_each_spots_value_or_zero():
     assert empty.shape == (0,) and ev.shape == (0, 3) and eb.shape == (0, 3)
     with pytest.raises(ValueError, match="n_genes"):
         value_probes(ids, values, bins, pad, n_genes=0)
+
+
+def _dense(rows: int = 200, genes: int = 12, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    dense = torch.rand(rows, genes, generator=g) * 4
+    return dense.masked_fill(torch.rand(rows, genes, generator=g) < 0.5, 0.0)  # half the values are 0
+
+
+def test_vocabulary_sentences_read_each_genes_value_zeros_included():
+    """A replaced sentence = k distinct vocabulary genes, each with its value at that spot (0 for
+    a gene the spot does not express, as a token, not padding) and value_bins' bin, sorted by value."""
+    dense = _dense()
+    rows, width = len(dense), 16
+    ids, values, bins, pad = (torch.zeros(rows, width, dtype=torch.long), torch.zeros(rows, width),
+                              torch.zeros(rows, width, dtype=torch.long), torch.ones(rows, width, dtype=torch.bool))
+    edges = torch.tensor([0.5, 1.0, 2.0, 3.0])
+    out_ids, out_values, out_bins, out_pad = vocabulary_sentences(ids, values, bins, pad, dense, edges,
+                                                                  torch.Generator().manual_seed(2), prob=1.0)
+    n = (~out_pad).sum(1)
+    assert n.min() >= 1 and n.max() <= 12  # at most the vocabulary (12 < width 16)
+    assert torch.equal(out_pad, torch.arange(width)[None, :] >= n[:, None])  # packed to the front
+    kept = ~out_pad
+    assert torch.equal(out_values[kept], dense.gather(1, out_ids)[kept])  # each gene's own value
+    assert ((out_values[kept] == 0).sum() > 0)  # zero-valued genes are tokens
+    assert np.array_equal(out_bins[kept].numpy(), value_bins(out_values[kept].numpy(), edges.numpy()))
+    for row in range(rows):
+        genes = out_ids[row][kept[row]]
+        assert len(set(genes.tolist())) == len(genes)  # without replacement
+        v = out_values[row][kept[row]]
+        assert (v[:-1] >= v[1:]).all()  # by value, descending
+    assert (out_values[out_pad] == 0).all() and (out_ids[out_pad] == 0).all() and (out_bins[out_pad] == 0).all()
+
+
+def test_vocabulary_sentences_length_does_not_follow_the_spot():
+    """The number of kept genes is drawn independently of how many genes the spot expresses
+    (the library-size confound of cutting expressed genes, docs/model.md); prob=0 changes nothing."""
+    rows, genes, width = 20000, 40, 32
+    g = torch.Generator().manual_seed(0)
+    expressed = torch.randint(1, genes + 1, (rows,), generator=g)  # sparse to dense spots
+    dense = (torch.arange(genes)[None, :] < expressed[:, None]).float() * 2.0
+    ids, values, bins, pad = _sentences(rows, width)
+    same = vocabulary_sentences(ids, values, bins, pad, dense, torch.tensor([1.0]), g, prob=0.0)
+    assert all(torch.equal(a, b) for a, b in zip(same, (ids, values, bins, pad)))
+    out_pad = vocabulary_sentences(ids, values, bins, pad, dense, torch.tensor([1.0]),
+                                   torch.Generator().manual_seed(1), prob=1.0)[3]
+    n = (~out_pad).sum(1).float()
+    assert n.min() == 1 and n.max() == width  # uniform over 1..min(width, genes)
+    assert n.mean().item() == pytest.approx((1 + width) / 2, abs=0.3)
+    sparse, dense_spots = expressed <= 10, expressed > 30
+    assert n[sparse].mean().item() == pytest.approx(n[dense_spots].mean().item(), abs=0.5)
+    with pytest.raises(ValueError, match="dense"):
+        vocabulary_sentences(ids, values, bins, pad, dense[:5], torch.tensor([1.0]), g)
+
+
+def test_vocabulary_sentences_mix_with_unchanged_rows_and_are_seeded():
+    ids, values, bins, pad = _sentences(rows=400, length=8)
+    dense = _dense(rows=400, genes=30)
+    edges = torch.tensor([1.0, 2.0])
+    a = vocabulary_sentences(ids, values, bins, pad, dense, edges, torch.Generator().manual_seed(4), prob=0.5)
+    b = vocabulary_sentences(ids, values, bins, pad, dense, edges, torch.Generator().manual_seed(4), prob=0.5)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    unchanged = (a[0] == ids).all(1) & (a[1] == values).all(1) & (a[3] == pad).all(1)
+    assert 0.4 < unchanged.float().mean().item() < 0.65  # about half replaced (some replacements coincide)

@@ -169,6 +169,8 @@ def test_train_config_rejects_unknown_keys_and_bad_values():
         TrainConfig.from_dict({"batch_size": 0})
     with pytest.raises(ConfigError, match="'pretrain.subsample_length'.*'normal'"):
         TrainConfig.from_dict({"subsample_length": "normal"})
+    with pytest.raises(ConfigError, match="'pretrain.subsample_genes'.*'panel'"):
+        TrainConfig.from_dict({"subsample_genes": "panel"})
 
 
 def test_model_config_is_checked_with_the_key_named():

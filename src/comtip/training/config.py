@@ -11,7 +11,7 @@ import numpy as np
 
 from comtip.errors import ConfigError
 from comtip.model import ModelConfig
-from comtip.model.augment import LENGTH_DISTRIBUTIONS
+from comtip.model.augment import GENE_POOLS, LENGTH_DISTRIBUTIONS
 
 DEVICES = ("auto", "cpu", "cuda")
 # Options that change how a run is executed but not what it computes: a resume checkpoint written
@@ -47,6 +47,7 @@ class TrainConfig:
     subsample_prob: float = 0.5
     subsample_min_len: int = 1
     subsample_length: str = "uniform"
+    subsample_genes: str = "vocabulary"
     paat_warmup_steps: int = 0
     bf16: bool = True
     device: str = "auto"
@@ -85,6 +86,9 @@ class TrainConfig:
         if self.subsample_length not in LENGTH_DISTRIBUTIONS:
             raise ConfigError(f"config key 'pretrain.subsample_length': must be one of {LENGTH_DISTRIBUTIONS}, "
                               f"got {self.subsample_length!r}")
+        if self.subsample_genes not in GENE_POOLS:
+            raise ConfigError(f"config key 'pretrain.subsample_genes': must be one of {GENE_POOLS}, "
+                              f"got {self.subsample_genes!r}")
         if self.device not in DEVICES:
             raise ConfigError(f"config key 'pretrain.device': must be one of {DEVICES}, got {self.device!r}")
 

@@ -25,8 +25,11 @@ from comtip.training.config import STREAM_EPOCH, derive_seed
 log = logging.getLogger(__name__)
 
 SENTENCE_KEYS = ("gene_ids", "values", "bins", "pad")
+# every vocabulary gene's value at the spot, zeros included (pretrain.subsample_genes: vocabulary)
+DENSE_KEY = "vocabulary_values"
 # dtypes the model takes (batch dict of CoMTIP.forward)
-TORCH_DTYPES = {"gene_ids": torch.long, "values": torch.float32, "bins": torch.long, "pad": torch.bool}
+TORCH_DTYPES = {"gene_ids": torch.long, "values": torch.float32, "bins": torch.long, "pad": torch.bool,
+                DENSE_KEY: torch.float32}
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,13 @@ def _read_sentences(files: SampleFiles, n_patches: int) -> tuple[dict[str, np.nd
     """Sentence arrays of one sample, after checking that row i is the spot of patch i."""
     with np.load(files.sentences) as npz:
         arrays = {k: npz[k] for k in (*SENTENCE_KEYS, "barcodes", "vocabulary")}
+        panel = [str(g) for g in npz["panel_genes"]]
+        column = {g: j for j, g in enumerate(panel)}
+        missing = [str(g) for g in arrays["vocabulary"] if str(g) not in column]
+        if missing:
+            raise PipelineInputError(f"vocabulary genes {missing[:3]} are not among panel_genes; rerun "
+                                     "build_gene_sentences", sample=files.name, path=files.sentences)
+        arrays[DENSE_KEY] = npz["panel_values"][:, [column[str(g)] for g in arrays["vocabulary"]]].astype(np.float32)
     index_barcodes = pd.read_parquet(files.index, columns=["barcode"])["barcode"].to_numpy(dtype=str)
     if len(index_barcodes) != n_patches:
         raise PipelineInputError(f"{len(index_barcodes)} rows but {files.patches.name} holds {n_patches} "
@@ -106,14 +116,14 @@ class SpotData:
             if not keep.all():
                 log.info("[%s] %d of %d spots express no pretraining gene: skipped",
                          files.name, int((~keep).sum()), len(keep))
-            parts.append({key: arrays[key][keep] for key in SENTENCE_KEYS})
+            parts.append({key: arrays[key][keep] for key in (*SENTENCE_KEYS, DENSE_KEY)})
             sample_of.append(np.full(int(keep.sum()), k, np.int32))
             rows.append(np.flatnonzero(keep))
             digests.append(hashlib.sha256("\n".join(barcodes[keep]).encode()).hexdigest())
         assert vocabulary is not None
         self.vocabulary: list[str] = vocabulary
         self.patch_shape: tuple[int, int, int] = tuple(int(v) for v in shapes[0][0])
-        self.sentences = {key: np.concatenate([p[key] for p in parts]) for key in SENTENCE_KEYS}
+        self.sentences = {key: np.concatenate([p[key] for p in parts]) for key in (*SENTENCE_KEYS, DENSE_KEY)}
         self.sample_of = np.concatenate(sample_of)
         self.row_of = np.concatenate(rows)
         if len(self) == 0:
@@ -153,7 +163,7 @@ class SpotData:
     def __getitem__(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
         indices = np.asarray(indices)
         batch = {"images": torch.from_numpy(self.images(indices))}
-        for key in SENTENCE_KEYS:
+        for key in (*SENTENCE_KEYS, DENSE_KEY):
             batch[key] = torch.from_numpy(self.sentences[key][indices]).to(TORCH_DTYPES[key])
         return batch
 

@@ -29,13 +29,13 @@ from comtip.atomic import atomic_paths
 from comtip.errors import ConfigError
 from comtip.genes import read_bin_edges
 from comtip.model import CoMTIP, ModelConfig, preprocess_images
-from comtip.model.augment import subsample_sentences, value_probes
+from comtip.model.augment import subsample_sentences, value_probes, vocabulary_sentences
 from comtip.model.comtip import PROBE_KEYS
 from comtip.training import checkpoint as ckpt
 from comtip.training.augment import augment_images
 from comtip.training.config import (STREAM_AUGMENT, STREAM_INIT, STREAM_MODEL, STREAM_RETRIEVAL, TrainConfig,
                                     derive_seed, lr_factor, total_steps)
-from comtip.training.data import SENTENCE_KEYS, BatchPlan, MicroBatches, SpotData, sample_files
+from comtip.training.data import DENSE_KEY, SENTENCE_KEYS, BatchPlan, MicroBatches, SpotData, sample_files
 from comtip.training.metrics import LOSS_COLUMNS, MetricsLog, progress_line
 from comtip.training.retrieval import accuracy_from_embeddings, embed, retrieval_table
 
@@ -118,6 +118,7 @@ class Trainer:
     def __init__(self, data: SpotData, model_cfg: ModelConfig, cfg: TrainConfig, bin_edges: list[float],
                  procs: Processes, resume_folder: Path):
         self.data, self.model_cfg, self.cfg, self.bin_edges, self.procs = data, model_cfg, cfg, bin_edges, procs
+        self.edges = torch.tensor(bin_edges, dtype=torch.float32, device=procs.device)
         self.folder = resume_folder
         self.plan = BatchPlan(len(data), cfg.batch_size, cfg.grad_accum, procs.world_size, cfg.seed)
         self.total = total_steps(cfg, self.plan.steps_per_epoch)
@@ -152,10 +153,15 @@ class Trainer:
             probes = dict(zip(PROBE_KEYS, value_probes(batch["gene_ids"], batch["values"], batch["bins"],
                                                        batch["pad"], self.model_cfg.value_contrast_genes,
                                                        generator=generator)))
-        gene_ids, values, bins, pad = subsample_sentences(
-            batch["gene_ids"], batch["values"], batch["bins"], batch["pad"], generator=generator,
-            prob=cfg.subsample_prob, min_len=cfg.subsample_min_len,
-            length=cfg.subsample_length)
+        sentence = (batch["gene_ids"], batch["values"], batch["bins"], batch["pad"])
+        if cfg.subsample_genes == "vocabulary":
+            gene_ids, values, bins, pad = vocabulary_sentences(
+                *sentence, batch[DENSE_KEY], self.edges, generator=generator, prob=cfg.subsample_prob,
+                min_len=cfg.subsample_min_len, length=cfg.subsample_length)
+        else:
+            gene_ids, values, bins, pad = subsample_sentences(
+                *sentence, generator=generator, prob=cfg.subsample_prob, min_len=cfg.subsample_min_len,
+                length=cfg.subsample_length)
         return {"images": preprocess_images(images, self.model_cfg.image_size),
                 "gene_ids": gene_ids, "values": values, "bins": bins, "pad": pad, **probes}
 
