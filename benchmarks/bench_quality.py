@@ -193,8 +193,9 @@ def loso_markdown(folds: list[dict], not_run: list[str], command: str) -> str:
              f"Folds run (test section): {', '.join(f['test'] for f in folds)}"
              + (f"; **not run: {', '.join(not_run)}**" if not_run else " (all)")
              + ". Code: HEAD at each fold's start " + ", ".join(f"{f['test']} {f['git']}" for f in folds)
-             + " (+dirty: uncommitted changes in the checkout, shared with other people's work)."
-             + f" Wall time on {folds[0]['cores']} cores shared with other users' jobs: "
+             + (" (+dirty: the checkout had uncommitted changes to tracked files)"
+                if any(f["git"].endswith("+dirty") for f in folds) else "")
+             + f". Wall time on {folds[0]['cores']} cores (other work may have run beside it): "
              + ", ".join(f"{f['test']} {f['minutes']:.1f} min" for f in folds) + f" (total {total:.1f} min).", "",
              "Per fold: mean Pearson r per gene set (over the test slide's genes), MSE over all panel genes "
              "(log1p CP10k).", "",

@@ -230,6 +230,37 @@ def test_spots_with_empty_sentences_are_skipped(cohort):
     np.testing.assert_array_equal(batch["images"][1].numpy(), np.load(cohort["patches"][1])[45 - 39])
 
 
+def test_vocabulary_values_are_each_tokens_value_with_heldout_genes_left_out(tmp_path):
+    """The dense values that ``pretrain.subsample_genes: vocabulary`` draws from: column j is
+    vocabulary gene j (a held-out panel gene in between shifts nothing), so every sentence token
+    (gene id g, value v) has vocabulary_values[spot, g] == v, and genes absent from the sentence are 0."""
+    files = write_sample(tmp_path, "a", 12, seed=0)
+    with np.load(files["sentences"]) as npz:
+        arrays = dict(npz)
+    held = np.full((12, 1), 7.5, np.float32)  # a held-out gene, first in the panel, never in the vocabulary
+    arrays["panel_genes"] = np.array(["HELD", *arrays["vocabulary"]])
+    arrays["panel_values"] = np.concatenate([held, arrays["panel_values"]], axis=1)
+    np.savez_compressed(files["sentences"], **arrays)
+    data = SpotData(sample_files(["a"], [files["patches"]], [files["index"]], [files["sentences"]]))
+    batch = data[np.arange(len(data))]
+    dense = batch["vocabulary_values"]
+    assert dense.shape == (11, N_GENES) and not (dense == 7.5).any()
+    tokens = ~batch["pad"]
+    assert torch.equal(dense.gather(1, batch["gene_ids"])[tokens], batch["values"][tokens])
+    assert torch.allclose(dense.sum(1), batch["values"].sum(1))  # every non-zero value is a token
+    arrays["panel_genes"] = np.array(["HELD", *arrays["vocabulary"][1:]])  # vocabulary gene 0 missing
+    np.savez_compressed(files["sentences"], **arrays)
+    with pytest.raises(PipelineInputError, match=r"\[sample a\].*GENE0.*not among panel_genes"):
+        SpotData(sample_files(["a"], [files["patches"]], [files["index"]], [files["sentences"]]))
+
+
+def test_cut_sentences_from_expressed_genes_still_train(cohort, tmp_path):
+    """The previous default, kept as an option: a run with it trains and writes its outputs."""
+    out = run(cohort, tmp_path, train={**TINY_TRAIN, "subsample_genes": "expressed", "subsample_prob": 1.0})
+    assert torch.load(out["out_checkpoint"], weights_only=True)["train_config"]["subsample_genes"] == "expressed"
+    assert pd.read_csv(out["out_metrics"], sep="\t")["loss"].notna().all()
+
+
 def test_barcode_misalignment_is_an_error_naming_the_sample(tmp_path):
     cohort = make_cohort(tmp_path, n=12)
     index = pd.read_parquet(cohort["indexes"][1])

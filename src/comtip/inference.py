@@ -218,8 +218,9 @@ def zero_shot(model: CoMTIP, image_emb: np.ndarray, genes: Sequence[str], value_
     must be L2-normalised (as :func:`image_embeddings` returns). The model's vocabulary and
     train/eval mode are restored afterwards; it is moved to ``device``.
 
-    Caveat: the grid's value 0 falls in bin 0, and pretraining sentences never contain zeros, so
-    "g at 0" is a prompt the text encoder has not been trained on.
+    The grid's value 0 is the token "g at 0" (bin 0). Pretraining sees it when cut sentences are
+    drawn from the whole vocabulary (``pretrain.subsample_genes: vocabulary``, the default); with
+    ``expressed`` sentences hold only detected genes and "g at 0" is never trained (docs/model.md).
     """
     grid = np.asarray(value_grid, dtype=np.float32)
     if len(genes) == 0:

@@ -10,6 +10,15 @@ LENGTH_DISTRIBUTIONS = ("uniform", "log_uniform")
 GENE_POOLS = ("expressed", "vocabulary")
 
 
+def _check_cut(prob: float, min_len: int, length: str) -> None:
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f"prob must be in [0, 1], got {prob}")
+    if min_len < 1:
+        raise ValueError(f"min_len must be >= 1, got {min_len}")
+    if length not in LENGTH_DISTRIBUTIONS:
+        raise ValueError(f"length must be one of {LENGTH_DISTRIBUTIONS}, got {length!r}")
+
+
 def _cut_lengths(n: torch.Tensor, u: torch.Tensor, min_len: int, length: str) -> torch.Tensor:
     """Cut lengths k in [min_len, n] (n >= min_len) from uniform draws ``u`` in [0, 1), by ``length``."""
     if length == "uniform":
@@ -40,12 +49,7 @@ def subsample_sentences(gene_ids: torch.Tensor, values: torch.Tensor, bins: torc
     value 0, bin 0, as in gene_sentences.npz). Other sentences are returned unchanged (re-packed to
     the front if their padding was not at the end). Shapes are kept; one pass, no loop over rows.
     """
-    if not 0.0 <= prob <= 1.0:
-        raise ValueError(f"prob must be in [0, 1], got {prob}")
-    if min_len < 1:
-        raise ValueError(f"min_len must be >= 1, got {min_len}")
-    if length not in LENGTH_DISTRIBUTIONS:
-        raise ValueError(f"length must be one of {LENGTH_DISTRIBUTIONS}, got {length!r}")
+    _check_cut(prob, min_len, length)
     pad = pad.bool()
     rows, width = pad.shape
     device = pad.device
@@ -87,12 +91,7 @@ def vocabulary_sentences(gene_ids: torch.Tensor, values: torch.Tensor, bins: tor
     library-size normalisation makes *larger* in sparse spots. Here the kept genes and their number
     do not depend on the spot, so "g at v" is a draw of (gene, value) at the spot, zeros included.
     """
-    if not 0.0 <= prob <= 1.0:
-        raise ValueError(f"prob must be in [0, 1], got {prob}")
-    if min_len < 1:
-        raise ValueError(f"min_len must be >= 1, got {min_len}")
-    if length not in LENGTH_DISTRIBUTIONS:
-        raise ValueError(f"length must be one of {LENGTH_DISTRIBUTIONS}, got {length!r}")
+    _check_cut(prob, min_len, length)
     pad = pad.bool()
     rows, width = pad.shape
     if dense.ndim != 2 or dense.shape[0] != rows:
