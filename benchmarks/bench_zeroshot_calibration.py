@@ -24,10 +24,9 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from comtip.evaluate import gene_metrics
-from comtip.inference import prompt_embeddings, zero_shot_grid_and_prior
+from comtip.inference import log_value_prior, prompt_embeddings, prompt_expectation, zero_shot_grid_and_prior
 from comtip.training import load_pretrained
 
 
@@ -45,9 +44,9 @@ def main() -> None:
     edges = np.asarray(info["bin_edges"], np.float32)
     train = np.concatenate([np.load(results / s / "gene_sentences.npz")["panel_values"] for s in args.train])
     grid, prior = zero_shot_grid_and_prior(train)
-    log_prior = torch.from_numpy(np.log(prior / prior.sum(1, keepdims=True))).float()
+    log_prior = log_value_prior(prior, grid.shape)
     ref = list(np.random.default_rng(args.seed).choice(info["vocabulary"], args.ref_genes, replace=False))
-    scale = float(model.scale().detach())
+    scale = model.scale().detach().float()
     for s in args.eval:
         sent = np.load(results / s / "gene_sentences.npz")
         genes, truth = list(sent["panel_genes"]), sent["panel_values"]
@@ -60,8 +59,7 @@ def main() -> None:
         log_counts = np.log1p(counts.to_numpy(float))
         length = (~sent["pad"]).sum(1)
         for name, t in (("plain", text), ("calibrated", text - reference)):
-            scores = torch.einsum("nd,gvd->ngv", x, t) * scale
-            pred = (F.softmax(scores + log_prior, -1) * torch.from_numpy(grid)).sum(-1).numpy()
+            pred = prompt_expectation(x, t, grid, scale, log_prior)
             metrics = gene_metrics(truth, pred, genes)
             print(f"{s} {name:10s} Pearson {metrics['pearson'].mean():+.3f}  MSE {metrics['mse'].mean():.3f}  "
                   f"corr(mean prediction, log counts) {np.corrcoef(pred.mean(1), log_counts)[0, 1]:+.2f}")

@@ -162,7 +162,6 @@ def test_finetuned_model_beats_the_mean_baseline(demo_run):
     assert summary.loc[("ridge_comtip", "all"), "pearson_mean"] > 0.2
 
 
-
 def test_zero_shot_correlates_positively_with_truth(demo_run):
     """Zero-shot (no fine-tuning, one-gene prompts) on the test slide. Measured 0.127 on all 60
     panel genes; with cut sentences drawn from the spot's expressed genes only

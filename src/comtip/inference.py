@@ -233,16 +233,7 @@ def zero_shot(model: CoMTIP, image_emb: np.ndarray, genes: Sequence[str], value_
                          f"got shape {np.shape(value_grid)}")
     if temperature is not None and temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    n_values = grid.shape[1]
-    log_prior = torch.zeros(n_genes, n_values)
-    if prior is not None:
-        pi = np.asarray(prior, dtype=np.float64)
-        if pi.shape != (n_genes, n_values):
-            raise ValueError(f"prior must be ({n_genes}, {n_values}) like the grid, got shape {pi.shape}")
-        if not np.isfinite(pi).all() or (pi < 0).any() or (pi.sum(axis=1) <= 0).any():
-            raise ValueError("prior must be finite, non-negative, with positive mass for every gene")
-        with np.errstate(divide="ignore"):
-            log_prior = torch.from_numpy(np.log(pi / pi.sum(axis=1, keepdims=True))).float()
+    log_prior = log_value_prior(prior, grid.shape)
     x = torch.as_tensor(np.asarray(image_emb), dtype=torch.float32)
     if x.ndim != 2:
         raise ValueError(f"image_emb must be (N, D), got shape {tuple(x.shape)}")
@@ -254,10 +245,34 @@ def zero_shot(model: CoMTIP, image_emb: np.ndarray, genes: Sequence[str], value_
         scale = model.scale().float() if temperature is None else torch.tensor(1.0 / temperature)
     if text.shape[-1] != x.shape[1]:
         raise ValueError(f"image_emb has width {x.shape[1]}, the text embeddings {text.shape[-1]}")
-    grid_t = torch.from_numpy(np.ascontiguousarray(grid)).to(device)
-    log_prior = log_prior.to(device)
+    return prompt_expectation(x, text, grid, scale, log_prior, batch_size=batch_size, device=device)
+
+
+def log_value_prior(prior: np.ndarray | None, shape: tuple[int, int]) -> torch.Tensor:
+    """log π (G, V) float32 for :func:`zero_shot`: ``prior`` checked against the grid's ``shape``
+    and each row normalised; zeros (a flat prior) when ``prior`` is None."""
+    if prior is None:
+        return torch.zeros(shape)
+    pi = np.asarray(prior, dtype=np.float64)
+    if pi.shape != tuple(shape):
+        raise ValueError(f"prior must be ({shape[0]}, {shape[1]}) like the grid, got shape {pi.shape}")
+    if not np.isfinite(pi).all() or (pi < 0).any() or (pi.sum(axis=1) <= 0).any():
+        raise ValueError("prior must be finite, non-negative, with positive mass for every gene")
+    with np.errstate(divide="ignore"):
+        return torch.from_numpy(np.log(pi / pi.sum(axis=1, keepdims=True))).float()
+
+
+def prompt_expectation(image_emb: torch.Tensor, text: torch.Tensor, value_grid: np.ndarray, scale: torch.Tensor,
+                       log_prior: torch.Tensor, *, batch_size: int = 1024,
+                       device: str | torch.device = "cpu") -> np.ndarray:
+    """The scoring half of :func:`zero_shot`: ŷ_{i,g} = Σ_j softmax_j(scale · x_i · t_{g,j} + log π_{g,j}) · v_{g,j}
+    (N, G), from image embeddings (N, D), prompt embeddings (G, V, D) (e.g.
+    :func:`prompt_embeddings`), the (G, V) grid and :func:`log_value_prior`; spots in batches of
+    ``batch_size`` on ``device``. Callers check shapes and normalisation (as :func:`zero_shot` does)."""
+    grid_t = torch.from_numpy(np.ascontiguousarray(value_grid, dtype=np.float32)).to(device)
+    text, log_prior, scale = text.to(device), log_prior.to(device), scale.to(device)
     out = []
-    for lo in range(0, len(x), batch_size):
-        scores = torch.einsum("nd,gvd->ngv", x[lo:lo + batch_size].to(device), text) * scale.to(device)
+    for lo in range(0, len(image_emb), batch_size):
+        scores = torch.einsum("nd,gvd->ngv", image_emb[lo:lo + batch_size].to(device), text) * scale
         out.append((F.softmax(scores + log_prior, dim=-1) * grid_t).sum(dim=-1).cpu())
     return torch.cat(out).numpy()

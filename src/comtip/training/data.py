@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 SENTENCE_KEYS = ("gene_ids", "values", "bins", "pad")
 # every vocabulary gene's value at the spot, zeros included (pretrain.subsample_genes: vocabulary)
 DENSE_KEY = "vocabulary_values"
+# what each spot contributes to a batch besides its image
+BATCH_KEYS = (*SENTENCE_KEYS, DENSE_KEY)
 # dtypes the model takes (batch dict of CoMTIP.forward)
 TORCH_DTYPES = {"gene_ids": torch.long, "values": torch.float32, "bins": torch.long, "pad": torch.bool,
                 DENSE_KEY: torch.float32}
@@ -116,14 +118,14 @@ class SpotData:
             if not keep.all():
                 log.info("[%s] %d of %d spots express no pretraining gene: skipped",
                          files.name, int((~keep).sum()), len(keep))
-            parts.append({key: arrays[key][keep] for key in (*SENTENCE_KEYS, DENSE_KEY)})
+            parts.append({key: arrays[key][keep] for key in BATCH_KEYS})
             sample_of.append(np.full(int(keep.sum()), k, np.int32))
             rows.append(np.flatnonzero(keep))
             digests.append(hashlib.sha256("\n".join(barcodes[keep]).encode()).hexdigest())
         assert vocabulary is not None
         self.vocabulary: list[str] = vocabulary
         self.patch_shape: tuple[int, int, int] = tuple(int(v) for v in shapes[0][0])
-        self.sentences = {key: np.concatenate([p[key] for p in parts]) for key in (*SENTENCE_KEYS, DENSE_KEY)}
+        self.sentences = {key: np.concatenate([p[key] for p in parts]) for key in BATCH_KEYS}
         self.sample_of = np.concatenate(sample_of)
         self.row_of = np.concatenate(rows)
         if len(self) == 0:
@@ -163,7 +165,7 @@ class SpotData:
     def __getitem__(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
         indices = np.asarray(indices)
         batch = {"images": torch.from_numpy(self.images(indices))}
-        for key in (*SENTENCE_KEYS, DENSE_KEY):
+        for key in BATCH_KEYS:
             batch[key] = torch.from_numpy(self.sentences[key][indices]).to(TORCH_DTYPES[key])
         return batch
 
