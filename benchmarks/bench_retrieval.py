@@ -96,13 +96,19 @@ def oracle(run: Path, results: Path, train: list[str], vocabulary: list[str], *,
     return accuracy_from_embeddings(unit(pred), unit(y), (1, 5))
 
 
+def variant_configs(cfg: dict, model_over: dict, train_over: dict, seed: int) -> tuple[dict, dict]:
+    """(model, pretrain) options of a variant: the run's config with the overrides on top. Any
+    pretrain key can be overridden; ``epochs_factor`` multiplies the config's epochs."""
+    model = {**cfg.get("model", {}), **model_over}
+    tr = {**cfg.get("pretrain", {}), **{k: v for k, v in train_over.items() if k != "epochs_factor"}, "seed": seed}
+    tr["epochs"] = int(tr.get("epochs", 8)) * train_over.get("epochs_factor", 1)
+    return model, tr
+
+
 def train_variant(run: Path, results: Path, train: list[str], model_over: dict, train_over: dict, seed: int,
                   out: Path) -> tuple[dict[str, float], Path, float]:
     cfg = yaml.safe_load((run / "config" / "config.yaml").read_text())
-    model = {**cfg.get("model", {}), **model_over}
-    # any pretrain key; "epochs_factor" multiplies the config's epochs
-    tr = {**cfg.get("pretrain", {}), **{k: v for k, v in train_over.items() if k != "epochs_factor"}, "seed": seed}
-    tr["epochs"] = int(tr.get("epochs", 8)) * train_over.get("epochs_factor", 1)
+    model, tr = variant_configs(cfg, model_over, train_over, seed)
     ckpt = out / "comtip.pt"
     start = time.perf_counter()
     if not ckpt.exists():

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import sys
 
+import pandas as pd
 import pytest
 
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 from _markdown import write_section  # noqa: E402
-from bench_quality import FIXED_SPLIT, HER2ST_SECTIONS, loso_split  # noqa: E402
+from bench_quality import FIXED_SPLIT, HER2ST_SECTIONS, loso_markdown, loso_split  # noqa: E402
 
 DOC = """# Benchmarks
 
@@ -111,3 +112,33 @@ def test_quality_benchmark_config_overrides():
     for bad in ("pretrain.epochs", "=3", "seed.x=1"):
         with pytest.raises(ValueError, match="--set"):
             apply_overrides(config, [bad])
+
+
+def test_retrieval_variants_pass_any_pretrain_override():
+    from bench_retrieval import VARIANTS, variant_configs
+
+    cfg = {"model": {"image_size": 64}, "pretrain": {"epochs": 24, "lr": 0.001}}
+    model, train = variant_configs(cfg, *VARIANTS["config, cut sentences from expressed genes"], seed=1)
+    assert model == {"image_size": 64}
+    assert train == {"epochs": 24, "lr": 0.001, "subsample_genes": "expressed", "seed": 1}
+    model, train = variant_configs(cfg, {"mfm": False}, {"epochs_factor": 3, "lr": 0.01}, seed=0)
+    assert model == {"image_size": 64, "mfm": False}
+    assert train == {"epochs": 72, "lr": 0.01, "seed": 0}  # epochs_factor is not a pretrain key
+    assert cfg["pretrain"] == {"epochs": 24, "lr": 0.001}  # the run's config is not modified
+
+
+def _fold(test: str, git: str) -> dict:
+    table = pd.DataFrame({"all": [0.1, 0.2], "top50_heg": [0.1, 0.3], "MSE (all)": [1.0, 0.9]},
+                         index=["ridge_random", "finetune_linear"])
+    return {"test": test, "val": "C5", "train": ["C3", "C4"], "minutes": 4.0, "cores": 2, "git": git,
+            "command": "python benchmarks/bench_quality.py her2st --folds loso", "n_genes": 250, "n_heldout": 50,
+            "config": {"seed": 0, "evaluate": {"bleep_k": 50}}, "train_spots": 364, "test_spots": 187,
+            "table": table}
+
+
+def test_loso_markdown_marks_a_dirty_checkout_only_when_a_fold_ran_on_one():
+    clean = loso_markdown([_fold("C2", "abc1234"), _fold("C3", "abc1234")], ["C4", "C5"], "cmd")
+    assert "Code: HEAD at each fold's start C2 abc1234, C3 abc1234. Wall time" in clean
+    assert "+dirty" not in clean and "**not run: C4, C5**" in clean
+    dirty = loso_markdown([_fold("C2", "abc1234"), _fold("C3", "abc1234+dirty")], [], "cmd")
+    assert "C3 abc1234+dirty (+dirty: the checkout had uncommitted changes to tracked files). Wall time" in dirty
