@@ -7,6 +7,11 @@ stages in workflow/rules/*.smk. See README.md.
 import sys
 from pathlib import Path
 
+from snakemake.utils import min_version
+
+# The pinned release (pyproject.toml, envs/) is 9.27.1; the profiles' executor plugins need 9.
+min_version("9.0")
+
 # The rule scripts import the package from this checkout: put src/ first on the import path of
 # this process and of every job it starts (also when the package is not pip-installed, e.g.
 # `--sdm conda` before an env's post-deploy script ran). COMTIP_PIPELINE_DIR tells the conda
@@ -14,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from comtip.config import validate_config  # noqa: E402
-from comtip.runtime import export_pipeline_dir, prepend_pythonpath  # noqa: E402
+from comtip._core.runtime import export_pipeline_dir, prepend_pythonpath  # noqa: E402
 
 prepend_pythonpath(Path(workflow.basedir) / "src")
 export_pipeline_dir(workflow.basedir)
@@ -30,8 +35,8 @@ validate_config(config, Path(workflow.basedir) / "workflow" / "schemas" / "confi
 
 
 # Provenance: every run with jobs to do records config, sample sheet, package versions and git
-# commit under results/provenance/{run_id}/ (comtip.provenance); only the main process does.
-from comtip import provenance  # noqa: E402
+# commit under results/provenance/{run_id}/ (comtip._core.provenance); only the main process does.
+from comtip._core import provenance  # noqa: E402
 
 RUN_RECORD = {}
 
@@ -65,8 +70,9 @@ include: "workflow/rules/predict.smk"
 include: "workflow/rules/evaluate.smk"
 
 
+# Every per-sample output of the stages implemented so far (a comment, not a docstring: snakefmt
+# moves `default_target` above a rule's docstring and then cannot parse the rule).
 rule all:
-    """Every per-sample output of the stages implemented so far."""
+    default_target: True
     input:
         all_outputs,
-    default_target: True

@@ -36,8 +36,7 @@ def write_section(path: Path, section: str, text: str, *, parent: str | None = N
         parent_pattern = _section_pattern(parent)
         if not parent_pattern.search(old):
             old = old.rstrip("\n") + "\n\n" + parent + "\n"
-        new = parent_pattern.sub(lambda m: m.group(0).rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n\n", old,
-                                 count=1)
+        new = parent_pattern.sub(lambda m: m.group(0).rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n\n", old, count=1)
     else:
         new = old.rstrip("\n") + "\n\n" + text
     path.write_text(new.rstrip("\n") + "\n")

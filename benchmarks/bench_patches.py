@@ -137,7 +137,9 @@ def her2st_inputs(outs: Path, work: Path) -> tuple[Path, Path]:
     )
     scale = json.loads((outs / "spatial" / "scalefactors_json.json").read_text())
     mpp = 100.0 / scale["spot_diameter_fullres"]
-    spots = write_spots(work / "her2st_C2_spots.h5ad", positions["barcode"].tolist(), positions[["x", "y"]].to_numpy(), mpp)
+    spots = write_spots(
+        work / "her2st_C2_spots.h5ad", positions["barcode"].tolist(), positions[["x", "y"]].to_numpy(), mpp
+    )
     (jpeg,) = (outs / "image").glob("*.jpg")
     return spots, jpeg
 
@@ -179,8 +181,8 @@ def _peak_rss_mb() -> float:
 
 def child(mode: str, spots: Path, slide_path: Path, out_dir: Path, size_px: int, mpp: float, threads: int) -> dict:
     """Time one extraction or one ceiling pass; report seconds and peak RSS of this process."""
-    from comtip.patches import extract_patches, patch_geometry, read_boxes_raw, read_spots
-    from comtip.slide import open_slide
+    from comtip.data.patches import extract_patches, patch_geometry, read_boxes_raw, read_spots
+    from comtip.io.readers import open_slide
 
     baseline = _peak_rss_mb()
     start, cpu_start, machine_start = time.perf_counter(), _cpu_seconds(), _machine_busy_seconds()
@@ -246,7 +248,7 @@ def measure(name: str, spots: Path, slide_path: Path, work: Path, args: argparse
             results.append(undisturbed_run(mode, spots, slide_path, work, args))
     extract = min(extracts, key=lambda r: (not r["quiet"], r["seconds"]))
     ceiling = min(ceilings, key=lambda r: (not r["quiet"], r["seconds"]))
-    from comtip.slide import open_slide
+    from comtip.io.readers import open_slide
 
     with open_slide(slide_path) as slide:
         width, height = slide.dimensions
@@ -298,7 +300,7 @@ def section(rows: list[dict], args: argparse.Namespace, command: str) -> str:
 `extract_patches` ({args.size_px} px patches at {args.mpp} µm/px, threads={args.threads}) against the
 raw decode ceiling: the same regions read one by one at the level `read_region_scaled` uses, in
 the same order with the same threads, without resampling or writing
-(`comtip.patches.read_boxes_raw`). Both timings include reading the spots and opening the slide;
+(`comtip.data.patches.read_boxes_raw`). Both timings include reading the spots and opening the slide;
 best of {args.repeats} runs, each in a fresh process. Peak RSS is the process's VmHWM (Python with
 numpy/pandas/anndata/openslide imported: ~{baseline:,.0f} MB).
 

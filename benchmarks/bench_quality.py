@@ -72,8 +72,20 @@ def run_workflow(run_dir: Path, rows: list[str], config: dict, cores: int) -> fl
     (run_dir / "config" / "samples.tsv").write_text(HEADER + "".join(r + "\n" for r in rows))
     (run_dir / "config" / "config.yaml").write_text(yaml.safe_dump({**config, "samples": "config/samples.tsv"}))
     start = time.time()
-    subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
-                    str(run_dir), "--cores", str(cores)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "--snakefile",
+            str(REPO / "Snakefile"),
+            "--directory",
+            str(run_dir),
+            "--cores",
+            str(cores),
+        ],
+        check=True,
+    )
     return (time.time() - start) / 60
 
 
@@ -89,25 +101,33 @@ def smoothed_mclstexp_summary(run_dir: Path, split: dict[str, str], config: dict
     """The fold's summary with one more row: mclstexp_comtip with the spatially smoothed query,
     predicted from the fold's embeddings by ``predict_with_method`` (what the rule runs with
     ``evaluate.mclstexp_smooth_query: true``) and scored with the rule's ``run_evaluation``."""
-    from comtip.figures import run_evaluation
-    from comtip.methods import predict_with_method
+    from comtip.evaluation.run import run_evaluation
+    from comtip.predict.methods import PredictionContext, predict_with_method
 
     res = run_dir / "results"
     test = next(s for s, role in split.items() if role == "test")
     train = [s for s, role in split.items() if role == "train"]
     extra = run_dir / "bench_extra"
     out = extra / f"{test}_{SMOOTH}.h5ad"
-    predict_with_method(
-        "mclstexp_comtip", spots_h5ad=res / test / "spots.h5ad", test_sentences=res / test / "gene_sentences.npz",
-        train_sentences=[res / s / "gene_sentences.npz" for s in train],
-        train_embeddings=[res / "embeddings" / "comtip" / f"{s}.npz" for s in train],
-        test_embedding=res / "embeddings" / "comtip" / f"{test}.npz", out_h5ad=out,
-        mclstexp_k=config["evaluate"].get("mclstexp_k", 200), mclstexp_smooth_query=True)
+    context = PredictionContext(
+        spots_h5ad=res / test / "spots.h5ad",
+        test_sentences=res / test / "gene_sentences.npz",
+        train_value_files=[res / s / "gene_sentences.npz" for s in train],
+        train_embedding_files=[res / "embeddings" / "comtip" / f"{s}.npz" for s in train],
+        test_embedding=res / "embeddings" / "comtip" / f"{test}.npz",
+        settings={"mclstexp_k": config["evaluate"].get("mclstexp_k", 200), "mclstexp_smooth_query": True},
+    )
+    predict_with_method("mclstexp_comtip", context, out)
     methods = list(config["evaluate"]["methods"])
     predictions = {(test, m): res / "predictions" / test / f"{m}.h5ad" for m in methods}
     predictions[(test, SMOOTH)] = out
-    return run_evaluation({test: res / test / "gene_sentences.npz"}, predictions, res / "genes" / "gene_panel.tsv",
-                          extra / "metrics.tsv", extra / "summary.tsv")
+    return run_evaluation(
+        {test: res / test / "gene_sentences.npz"},
+        predictions,
+        res / "genes" / "gene_panel.tsv",
+        extra / "metrics.tsv",
+        extra / "summary.tsv",
+    )
 
 
 def n_spots(run_dir: Path, samples: list[str]) -> int:
@@ -116,10 +136,13 @@ def n_spots(run_dir: Path, samples: list[str]) -> int:
 
 def git_state() -> str:
     """HEAD's short hash, with "+dirty" when the checkout has uncommitted changes to tracked files."""
+
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no")
-                                                   else "")
+
+    return git("rev-parse", "--short", "HEAD") + (
+        "+dirty" if git("status", "--porcelain", "--untracked-files=no") else ""
+    )
 
 
 def run_fold(out: Path, test: str, config: dict, cores: int, reuse: bool, command: str) -> dict:
@@ -131,8 +154,13 @@ def run_fold(out: Path, test: str, config: dict, cores: int, reuse: bool, comman
         info = json.loads(record.read_text())
         print(f"fold test={test}: reusing {run_dir} ({info['minutes']:.1f} min when run)", flush=True)
     else:
-        info = {"split": split, "cores": cores, "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
-                "git_at_start": git_state(), "command": command}
+        info = {
+            "split": split,
+            "cores": cores,
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
+            "git_at_start": git_state(),
+            "command": command,
+        }
         info["minutes"] = run_workflow(run_dir, her2st_rows(split), config, cores)
         record.write_text(json.dumps(info, indent=1))
         print(f"fold test={test}: {info['minutes']:.1f} min", flush=True)
@@ -141,22 +169,33 @@ def run_fold(out: Path, test: str, config: dict, cores: int, reuse: bool, comman
     train = [s for s, role in split.items() if role == "train"]
     val = next(s for s, role in split.items() if role == "val")
     panel = pd.read_csv(run_dir / "results" / "genes" / "gene_panel.tsv", sep="\t")
-    return {"test": test, "val": val, "train": train, "minutes": info["minutes"], "cores": info["cores"],
-            "git": info.get("git_at_start", "not recorded"), "command": info.get("command", "not recorded"),
-            "config": fold_config, "n_genes": len(panel),
-            "n_heldout": int(panel["heldout"].sum()) if "heldout" in panel else 0,
-            "train_spots": n_spots(run_dir, train), "test_spots": n_spots(run_dir, [test]),
-            "table": summary_table(summary)}
+    return {
+        "test": test,
+        "val": val,
+        "train": train,
+        "minutes": info["minutes"],
+        "cores": info["cores"],
+        "git": info.get("git_at_start", "not recorded"),
+        "command": info.get("command", "not recorded"),
+        "config": fold_config,
+        "n_genes": len(panel),
+        "n_heldout": int(panel["heldout"].sum()) if "heldout" in panel else 0,
+        "train_spots": n_spots(run_dir, train),
+        "test_spots": n_spots(run_dir, [test]),
+        "table": summary_table(summary),
+    }
 
 
 def _config_line(config: dict) -> str:
     """The settings that decide the numbers, from a fold's copy of config/config.yaml."""
     model, pretrain, evaluate = config.get("model", {}), config.get("pretrain", {}), config["evaluate"]
-    return (f"seed {config['seed']}; model (keys set; the others take the schema defaults) "
-            f"{json.dumps(model, sort_keys=True)}; pretrain epochs "
-            f"{pretrain.get('epochs')}, batch {pretrain.get('batch_size')}, lr {pretrain.get('lr')}"
-            + (f", PAAT warm-up {pretrain['paat_warmup_steps']} steps" if "paat_warmup_steps" in pretrain else "")
-            + f"; `bleep_k` {evaluate.get('bleep_k')}, `mclstexp_k` {evaluate.get('mclstexp_k')}")
+    return (
+        f"seed {config['seed']}; model (keys set; the others take the schema defaults) "
+        f"{json.dumps(model, sort_keys=True)}; pretrain epochs "
+        f"{pretrain.get('epochs')}, batch {pretrain.get('batch_size')}, lr {pretrain.get('lr')}"
+        + (f", PAAT warm-up {pretrain['paat_warmup_steps']} steps" if "paat_warmup_steps" in pretrain else "")
+        + f"; `bleep_k` {evaluate.get('bleep_k')}, `mclstexp_k` {evaluate.get('mclstexp_k')}"
+    )
 
 
 def _fmt(x: float) -> str:
@@ -168,74 +207,120 @@ def loso_markdown(folds: list[dict], not_run: list[str], command: str) -> str:
     cols = list(folds[0]["table"].columns)
     total = sum(f["minutes"] for f in folds)
     configs = {_config_line(f["config"]) for f in folds}
-    config_text = (f"Every fold ran with the same settings: {configs.pop()}" if len(configs) == 1 else
-                   "**The folds ran with different settings**: " + "; ".join(
-                       f"{f['test']}: {_config_line(f['config'])}" for f in folds))
+    config_text = (
+        f"Every fold ran with the same settings: {configs.pop()}"
+        if len(configs) == 1
+        else "**The folds ran with different settings**: "
+        + "; ".join(f"{f['test']}: {_config_line(f['config'])}" for f in folds)
+    )
     commands = {}
     for f in folds:
         commands.setdefault(f["command"], []).append(f["test"])
-    lines = [SECTION, "",
-             "Patient C, legacy ST, 4 sections. Fold = one test section; the section before it "
-             "(cyclically, C2's is C5) is the validation slide (early stopping of the fine-tune); the other "
-             "two train. Each fold is a fresh run folder: gene panel "
-             f"({folds[0]['n_genes']} genes, {folds[0]['n_heldout']} held out of pretraining), "
-             "pretraining, fine-tuning and every baseline see only that fold's training slides (validation: "
-             "early stopping only). The config is the checkout's `config/config.yaml` when the fold ran "
-             f"(copied into the fold's run folder). {config_text}. `{SMOOTH}` = `mclstexp_comtip` with "
-             "`evaluate.mclstexp_smooth_query: true` (query image embedding averaged with its spatial "
-             "neighbours'), scored by this script from the fold's embeddings with the rule's own functions.", "",
-             "Commands (`--reuse` takes a fold already in `--out` instead of running it again; to run every "
-             "fold at once: `python benchmarks/bench_quality.py her2st --folds loso --out DIR --markdown "
-             "BENCHMARKS.md`):", "", "```bash"]
+    lines = [
+        SECTION,
+        "",
+        "Patient C, legacy ST, 4 sections. Fold = one test section; the section before it "
+        "(cyclically, C2's is C5) is the validation slide (early stopping of the fine-tune); the other "
+        "two train. Each fold is a fresh run folder: gene panel "
+        f"({folds[0]['n_genes']} genes, {folds[0]['n_heldout']} held out of pretraining), "
+        "pretraining, fine-tuning and every baseline see only that fold's training slides (validation: "
+        "early stopping only). The config is the checkout's `config/config.yaml` when the fold ran "
+        f"(copied into the fold's run folder). {config_text}. `{SMOOTH}` = `mclstexp_comtip` with "
+        "`evaluate.mclstexp_smooth_query: true` (query image embedding averaged with its spatial "
+        "neighbours'), scored by this script from the fold's embeddings with the rule's own functions.",
+        "",
+        "Commands (`--reuse` takes a fold already in `--out` instead of running it again; to run every "
+        "fold at once: `python benchmarks/bench_quality.py her2st --folds loso --out DIR --markdown "
+        "BENCHMARKS.md`):",
+        "",
+        "```bash",
+    ]
     for cmd, tests in commands.items():
         lines.append(f"{cmd}  # ran fold(s) {', '.join(tests)}")
-    lines += [f"{command}  # assembled these tables", "```", "",
-             f"Folds run (test section): {', '.join(f['test'] for f in folds)}"
-             + (f"; **not run: {', '.join(not_run)}**" if not_run else " (all)")
-             + ". Code: HEAD at each fold's start " + ", ".join(f"{f['test']} {f['git']}" for f in folds)
-             + (" (+dirty: the checkout had uncommitted changes to tracked files)"
-                if any(f["git"].endswith("+dirty") for f in folds) else "")
-             + f". Wall time on {folds[0]['cores']} cores (other work may have run beside it): "
-             + ", ".join(f"{f['test']} {f['minutes']:.1f} min" for f in folds) + f" (total {total:.1f} min).", "",
-             "Per fold: mean Pearson r per gene set (over the test slide's genes), MSE over all panel genes "
-             "(log1p CP10k).", "",
-             "| test | val | train (spots) | method | " + " | ".join(cols) + " |",
-             "|---|---|---|---|" + "---:|" * len(cols)]
+    lines += [
+        f"{command}  # assembled these tables",
+        "```",
+        "",
+        f"Folds run (test section): {', '.join(f['test'] for f in folds)}"
+        + (f"; **not run: {', '.join(not_run)}**" if not_run else " (all)")
+        + ". Code: HEAD at each fold's start "
+        + ", ".join(f"{f['test']} {f['git']}" for f in folds)
+        + (
+            " (+dirty: the checkout had uncommitted changes to tracked files)"
+            if any(f["git"].endswith("+dirty") for f in folds)
+            else ""
+        )
+        + f". Wall time on {folds[0]['cores']} cores (other work may have run beside it): "
+        + ", ".join(f"{f['test']} {f['minutes']:.1f} min" for f in folds)
+        + f" (total {total:.1f} min).",
+        "",
+        "Per fold: mean Pearson r per gene set (over the test slide's genes), MSE over all panel genes (log1p CP10k).",
+        "",
+        "| test | val | train (spots) | method | " + " | ".join(cols) + " |",
+        "|---|---|---|---|" + "---:|" * len(cols),
+    ]
     for f in folds:
         for m in methods:
             row = f["table"].loc[m]
-            lines.append(f"| {f['test']} ({f['test_spots']}) | {f['val']} | {'+'.join(f['train'])} "
-                         f"({f['train_spots']}) | {m} | " + " | ".join(_fmt(row[c]) for c in cols) + " |")
+            lines.append(
+                f"| {f['test']} ({f['test_spots']}) | {f['val']} | {'+'.join(f['train'])} "
+                f"({f['train_spots']}) | {m} | " + " | ".join(_fmt(row[c]) for c in cols) + " |"
+            )
     stack = pd.concat({f["test"]: f["table"] for f in folds}, names=["test", "method"])
     mean = stack.groupby(level="method", sort=False).mean()
     std = stack.groupby(level="method", sort=False).std(ddof=0)
-    lines += ["", f"Mean over the {len(folds)} folds run (± std over folds, ddof 0):", "",
-              "| method | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    lines += [
+        "",
+        f"Mean over the {len(folds)} folds run (± std over folds, ddof 0):",
+        "",
+        "| method | " + " | ".join(cols) + " |",
+        "|---|" + "---:|" * len(cols),
+    ]
     for m in methods:
-        lines.append(f"| {m} | " + " | ".join(
-            f"{_fmt(mean.loc[m, c])} ± {_fmt(std.loc[m, c])}" if np.isfinite(mean.loc[m, c]) else "nan"
-            for c in cols) + " |")
+        lines.append(
+            f"| {m} | "
+            + " | ".join(
+                f"{_fmt(mean.loc[m, c])} ± {_fmt(std.loc[m, c])}" if np.isfinite(mean.loc[m, c]) else "nan"
+                for c in cols
+            )
+            + " |"
+        )
     lines += ["", "Computed from the tables above (not hand-picked):", ""]
     for gene_set in ("all", "top50_heg"):
         best = [f"{f['test']}: {f['table'][gene_set].idxmax()} ({f['table'][gene_set].max():.3f})" for f in folds]
         lines.append(f"- Best method by mean Pearson on `{gene_set}`, per fold — " + "; ".join(best) + ".")
-    for a, b, gene_set in (("ridge_comtip", "ridge_random", "all"), ("finetune_linear", "ridge_random", "all"),
-                           ("mclstexp_comtip", "bleep_comtip", "all"), (SMOOTH, "mclstexp_comtip", "all")):
+    for a, b, gene_set in (
+        ("ridge_comtip", "ridge_random", "all"),
+        ("finetune_linear", "ridge_random", "all"),
+        ("mclstexp_comtip", "bleep_comtip", "all"),
+        (SMOOTH, "mclstexp_comtip", "all"),
+    ):
         if a in methods and b in methods:
             diff = [f["table"].loc[a, gene_set] - f["table"].loc[b, gene_set] for f in folds]
             wins = sum(d > 0 for d in diff)
-            lines.append(f"- `{a}` − `{b}` (Pearson, `{gene_set}`): " + ", ".join(f"{d:+.3f}" for d in diff)
-                         + f"; higher in {wins} of {len(folds)} folds.")
+            lines.append(
+                f"- `{a}` − `{b}` (Pearson, `{gene_set}`): "
+                + ", ".join(f"{d:+.3f}" for d in diff)
+                + f"; higher in {wins} of {len(folds)} folds."
+            )
     if "mean" in methods:
-        below = {m: sum(f["table"].loc[m, "MSE (all)"] < f["table"].loc["mean", "MSE (all)"] for f in folds)
-                 for m in methods if m != "mean"}
-        lines.append("- Folds in which a method's MSE is below the training mean's: "
-                     + ", ".join(f"`{m}` {n}/{len(folds)}" for m, n in below.items()) + ".")
+        below = {
+            m: sum(f["table"].loc[m, "MSE (all)"] < f["table"].loc["mean", "MSE (all)"] for f in folds)
+            for m in methods
+            if m != "mean"
+        }
+        lines.append(
+            "- Folds in which a method's MSE is below the training mean's: "
+            + ", ".join(f"`{m}` {n}/{len(folds)}" for m, n in below.items())
+            + "."
+        )
     comtip = [m for m in methods if m not in NOT_COMTIP]
     others = [m for m in NOT_COMTIP if m in methods]
     beaten = [f["test"] for f in folds if f["table"].loc[comtip, "all"].max() <= f["table"].loc[others, "all"].max()]
-    lines.append("- Folds in which no CoMTIP-based method beats the best non-CoMTIP baseline (`ridge_random`) "
-                 f"on `all`: {', '.join(beaten) if beaten else 'none'}.")
+    lines.append(
+        "- Folds in which no CoMTIP-based method beats the best non-CoMTIP baseline (`ridge_random`) "
+        f"on `all`: {', '.join(beaten) if beaten else 'none'}."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -262,12 +347,23 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True, help="run folder (created)")
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--folds", choices=["fixed", "loso"], default="fixed", help="her2st only")
-    parser.add_argument("--test-sections", nargs="+", choices=HER2ST_SECTIONS, default=list(HER2ST_SECTIONS),
-                        help="loso: the folds to run, by test section (default: all)")
+    parser.add_argument(
+        "--test-sections",
+        nargs="+",
+        choices=HER2ST_SECTIONS,
+        default=list(HER2ST_SECTIONS),
+        help="loso: the folds to run, by test section (default: all)",
+    )
     parser.add_argument("--reuse", action="store_true", help="loso: keep folds already run in --out")
     parser.add_argument("--markdown", type=Path, help="loso: write the tables into this file (BENCHMARKS.md)")
-    parser.add_argument("--set", nargs="+", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
-                        help="override config/config.yaml, e.g. pretrain.epochs=30 (VALUE is read as YAML)")
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        dest="overrides",
+        help="override config/config.yaml, e.g. pretrain.epochs=30 (VALUE is read as YAML)",
+    )
     args = parser.parse_args()
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     try:

@@ -35,12 +35,12 @@ import yaml
 from sklearn.linear_model import Ridge
 from sklearn.model_selection import KFold, cross_val_predict
 
-from comtip.evaluate import gene_metrics
-from comtip.inference import image_embeddings, zero_shot, zero_shot_grid_and_prior
+from _markdown import write_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from comtip.evaluation.metrics import gene_metrics
+from comtip.predict.embeddings import image_embeddings
+from comtip.predict.zeroshot import zero_shot, zero_shot_grid_and_prior
 from comtip.training import load_pretrained, pretrain
 from comtip.training.retrieval import accuracy_from_embeddings
-
-from _markdown import write_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 SECTION = "### Pretraining retrieval against the demo cohort's ceiling"
 PARENT = "## Prediction quality"
@@ -63,8 +63,9 @@ def _samples(run: Path) -> tuple[list[str], list[str]]:
     return train, evaluate
 
 
-def oracle(run: Path, results: Path, train: list[str], vocabulary: list[str], *,
-           shuffle_seed: int | None = None) -> dict[str, float]:
+def oracle(
+    run: Path, results: Path, train: list[str], vocabulary: list[str], *, shuffle_seed: int | None = None
+) -> dict[str, float]:
     """Retrieval by a ridge model of expression on the simulator's own latent values
     (``shuffle_seed``: latent rows permuted across spots first, a control that must give chance)."""
     cfg = yaml.safe_load((run / "config" / "config.yaml").read_text())
@@ -77,8 +78,13 @@ def oracle(run: Path, results: Path, train: list[str], vocabulary: list[str], *,
         idx = row.loc[sent["barcodes"].astype(str)].to_numpy()
         genes = list(sent["panel_genes"])
         cols = [genes.index(g) for g in vocabulary]
-        latent = np.column_stack([truth.obsm["cell_type_fractions"][idx], obs["density_z"].to_numpy()[idx],
-                                  np.log(obs["expected_library_size"].to_numpy()[idx])])
+        latent = np.column_stack(
+            [
+                truth.obsm["cell_type_fractions"][idx],
+                obs["density_z"].to_numpy()[idx],
+                np.log(obs["expected_library_size"].to_numpy()[idx]),
+            ]
+        )
         features.append(latent)
         targets.append(sent["panel_values"][:, cols])
     x, y = np.vstack(features), np.vstack(targets)
@@ -105,24 +111,37 @@ def variant_configs(cfg: dict, model_over: dict, train_over: dict, seed: int) ->
     return model, tr
 
 
-def train_variant(run: Path, results: Path, train: list[str], model_over: dict, train_over: dict, seed: int,
-                  out: Path) -> tuple[dict[str, float], Path, float]:
+def train_variant(
+    run: Path, results: Path, train: list[str], model_over: dict, train_over: dict, seed: int, out: Path
+) -> tuple[dict[str, float], Path, float]:
     cfg = yaml.safe_load((run / "config" / "config.yaml").read_text())
     model, tr = variant_configs(cfg, model_over, train_over, seed)
     ckpt = out / "comtip.pt"
     start = time.perf_counter()
     if not ckpt.exists():
-        pretrain(train, [results / s / "spot_patches.npy" for s in train],
-                 [results / s / "spot_patches.parquet" for s in train],
-                 [results / s / "gene_sentences.npz" for s in train], results / "genes" / "value_bins.tsv",
-                 ckpt, out / "comtip.metrics.tsv", out / "comtip.retrieval.tsv", model_config=model,
-                 train_config=tr, threads=torch.get_num_threads())
+        pretrain(
+            train,
+            [results / s / "spot_patches.npy" for s in train],
+            [results / s / "spot_patches.parquet" for s in train],
+            [results / s / "gene_sentences.npz" for s in train],
+            results / "genes" / "value_bins.tsv",
+            ckpt,
+            out / "comtip.metrics.tsv",
+            out / "comtip.retrieval.tsv",
+            model_config=model,
+            train_config=tr,
+            threads=torch.get_num_threads(),
+        )
     seconds = time.perf_counter() - start
     table = pd.read_csv(out / "comtip.retrieval.tsv", sep="\t")
     table = table[table["spots"] == "all"].set_index("k")
-    row = {"n": float(table["n_spots"].iloc[0]), "top1": float(table.loc[1, "accuracy"]),
-           "top5": float(table.loc[5, "accuracy"]), "median_rank": float(table["median_rank"].iloc[0]),
-           "chance_median_rank": float(table["chance_median_rank"].iloc[0])}
+    row = {
+        "n": float(table["n_spots"].iloc[0]),
+        "top1": float(table.loc[1, "accuracy"]),
+        "top5": float(table.loc[5, "accuracy"]),
+        "median_rank": float(table["median_rank"].iloc[0]),
+        "chance_median_rank": float(table["chance_median_rank"].iloc[0]),
+    }
     return row, ckpt, seconds
 
 
@@ -138,8 +157,12 @@ def zero_shot_pearson(ckpt: Path, results: Path, train: list[str], evaluate: lis
         sent = np.load(results / s / "gene_sentences.npz")
         genes, truth = list(sent["panel_genes"]), sent["panel_values"]
         held = panel.loc[genes, "heldout"].to_numpy(bool)
-        emb = image_embeddings(model, np.load(results / s / "spot_patches.npy", mmap_mode="r"),
-                               int(info["model_config"]["image_size"]), batch_size=128)
+        emb = image_embeddings(
+            model,
+            np.load(results / s / "spot_patches.npy", mmap_mode="r"),
+            int(info["model_config"]["image_size"]),
+            batch_size=128,
+        )
         pearson = gene_metrics(truth, zero_shot(model, emb, genes, grid, edges, prior=prior), genes)["pearson"]
         rows.append((pearson.mean(), pearson[held].mean()))
     return float(np.mean([a for a, _ in rows])), float(np.mean([b for _, b in rows]))
@@ -160,9 +183,18 @@ def main() -> None:
     train, evaluate = _samples(run)
     vocabulary = load_pretrained(results / "models" / "pretrain" / "comtip.pt")[1]["vocabulary"]
     ceiling = oracle(run, results, train, vocabulary)
-    rows = [{"model": "oracle: ridge on the simulator's latent values", "seed": "—", "steps": "—",
-             "top-1 × chance": ceiling["top1"] * ceiling["n"], "top-5 × chance": ceiling["top5"] * ceiling["n"] / 5,
-             "median rank": ceiling["median_rank"], "zero-shot Pearson (all / held-out)": "—", "seconds": "—"}]
+    rows = [
+        {
+            "model": "oracle: ridge on the simulator's latent values",
+            "seed": "—",
+            "steps": "—",
+            "top-1 × chance": ceiling["top1"] * ceiling["n"],
+            "top-5 × chance": ceiling["top5"] * ceiling["n"] / 5,
+            "median rank": ceiling["median_rank"],
+            "zero-shot Pearson (all / held-out)": "—",
+            "seconds": "—",
+        }
+    ]
     for name in args.variants:
         model_over, train_over = VARIANTS[name]
         for seed in args.seeds:
@@ -171,18 +203,27 @@ def main() -> None:
             row, ckpt, seconds = train_variant(run, results, train, model_over, train_over, seed, out)
             zs_all, zs_held = zero_shot_pearson(ckpt, results, train, evaluate)
             steps = int(pd.read_csv(out / "comtip.metrics.tsv", sep="\t")["step"].iloc[-1])
-            rows.append({"model": name, "seed": seed, "steps": steps, "top-1 × chance": row["top1"] * row["n"],
-                         "top-5 × chance": row["top5"] * row["n"] / 5, "median rank": row["median_rank"],
-                         "zero-shot Pearson (all / held-out)": f"{zs_all:.3f} / {zs_held:.3f}",
-                         "seconds": f"{seconds:.0f}"})
+            rows.append(
+                {
+                    "model": name,
+                    "seed": seed,
+                    "steps": steps,
+                    "top-1 × chance": row["top1"] * row["n"],
+                    "top-5 × chance": row["top5"] * row["n"] / 5,
+                    "median rank": row["median_rank"],
+                    "zero-shot Pearson (all / held-out)": f"{zs_all:.3f} / {zs_held:.3f}",
+                    "seconds": f"{seconds:.0f}",
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     table = pd.DataFrame(rows)
     n = int(ceiling["n"])
     command = "python benchmarks/bench_retrieval.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    text = (f"{args.section}\n\nCommand: `{command}` (on a finished README demo run; {n} training spots, "
-            f"chance median rank {(n - 1) / 2:.0f}; model rows retrain with config overrides, on "
-            f"{torch.get_num_threads()} CPU threads).\n\n"
-            + table.to_markdown(index=False, floatfmt=".1f") + "\n")
+    text = (
+        f"{args.section}\n\nCommand: `{command}` (on a finished README demo run; {n} training spots, "
+        f"chance median rank {(n - 1) / 2:.0f}; model rows retrain with config overrides, on "
+        f"{torch.get_num_threads()} CPU threads).\n\n" + table.to_markdown(index=False, floatfmt=".1f") + "\n"
+    )
     print(text)
     if args.markdown:
         write_section(args.markdown, args.section, text + "\n", parent=PARENT)

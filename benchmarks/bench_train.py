@@ -35,13 +35,12 @@ import pandas as pd
 import torch
 import yaml
 
-from comtip.model import CoMTIP, ModelConfig, preprocess_images
-from comtip.model.augment import subsample_sentences
-from comtip.training import BatchPlan, SpotData, TrainConfig, pretrain, sample_files
-from comtip.training.augment import augment_images
-from comtip.training.data import MicroBatches
-
 from _markdown import write_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from comtip.model import CoMTIP, ModelConfig, preprocess_images
+from comtip.model.sentence_cuts import subsample_sentences
+from comtip.training import BatchPlan, SpotData, TrainConfig, pretrain, sample_files
+from comtip.training.data import MicroBatches
+from comtip.training.image_augment import augment_images
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Pretraining throughput"
@@ -104,9 +103,15 @@ def write_sample(root: Path, name: str, seed: int) -> list[Path]:
     pd.DataFrame({"barcode": barcodes}).to_parquet(folder / "spot_patches.parquet")
     gene_ids = np.stack([rng.permutation(len(VOCABULARY))[:MAX_LEN] for _ in range(N_SPOTS)]).astype(np.int32)
     values = -np.sort(-rng.gamma(2.0, 1.0, (N_SPOTS, MAX_LEN)), axis=1).astype(np.float32)
-    np.savez(folder / "gene_sentences.npz", barcodes=barcodes, gene_ids=gene_ids, values=values,
-             bins=(np.digitize(values, EDGES) + 1).astype(np.int16), pad=np.zeros_like(values, bool),
-             vocabulary=np.array(VOCABULARY))
+    np.savez(
+        folder / "gene_sentences.npz",
+        barcodes=barcodes,
+        gene_ids=gene_ids,
+        values=values,
+        bins=(np.digitize(values, EDGES) + 1).astype(np.int16),
+        pad=np.zeros_like(values, bool),
+        vocabulary=np.array(VOCABULARY),
+    )
     return [folder / "spot_patches.npy", folder / "spot_patches.parquet", folder / "gene_sentences.npz"]
 
 
@@ -114,8 +119,13 @@ def write_cohort(root: Path) -> dict:
     files = [write_sample(root, f"bench_{i}", seed=i) for i in range(2)]
     bins = root / "value_bins.tsv"
     pd.DataFrame({"edge": EDGES}).to_csv(bins, sep="\t", index=False)
-    return {"samples": ["bench_0", "bench_1"], "patches": [f[0] for f in files], "indexes": [f[1] for f in files],
-            "sentences": [f[2] for f in files], "bins_tsv": bins}
+    return {
+        "samples": ["bench_0", "bench_1"],
+        "patches": [f[0] for f in files],
+        "indexes": [f[1] for f in files],
+        "sentences": [f[2] for f in files],
+        "bins_tsv": bins,
+    }
 
 
 def input_pipeline(cohort: dict, train: dict, image_size: int, batches: int) -> float:
@@ -123,15 +133,24 @@ def input_pipeline(cohort: dict, train: dict, image_size: int, batches: int) -> 
     cfg = TrainConfig.from_dict(train)
     data = SpotData(sample_files(cohort["samples"], cohort["patches"], cohort["indexes"], cohort["sentences"]))
     plan = BatchPlan(len(data), cfg.batch_size, 1, 1, cfg.seed)
-    loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=MicroBatches(plan, 0, 0, batches),
-                                         num_workers=cfg.num_workers)
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=None, sampler=MicroBatches(plan, 0, 0, batches), num_workers=cfg.num_workers
+    )
     generator = torch.Generator().manual_seed(0)
     start = time.perf_counter()
     for batch in loader:
-        images = augment_images(batch["images"], flip=cfg.flip, rot90=cfg.rot90, jitter=cfg.color_jitter,
-                                generator=generator)
-        subsample_sentences(batch["gene_ids"], batch["values"], batch["bins"], batch["pad"], generator=generator,
-                            prob=cfg.subsample_prob, min_len=cfg.subsample_min_len)
+        images = augment_images(
+            batch["images"], flip=cfg.flip, rot90=cfg.rot90, jitter=cfg.color_jitter, generator=generator
+        )
+        subsample_sentences(
+            batch["gene_ids"],
+            batch["values"],
+            batch["bins"],
+            batch["pad"],
+            generator=generator,
+            prob=cfg.subsample_prob,
+            min_len=cfg.subsample_min_len,
+        )
         preprocess_images(images, image_size)
     return batches * cfg.batch_size / (time.perf_counter() - start)
 
@@ -139,14 +158,20 @@ def input_pipeline(cohort: dict, train: dict, image_size: int, batches: int) -> 
 def training(cohort: dict, work: Path, model: dict, train: dict, steps: int) -> dict[str, float]:
     """Median samples/s and data-wait fraction of steps 2..steps of a real ``pretrain`` run."""
     out = work / f"run_{time.monotonic_ns()}"
-    pretrain(**cohort, out_checkpoint=out / "m.pt", out_metrics=out / "m.metrics.tsv",
-             out_retrieval=out / "m.retrieval.tsv", model_config=model,
-             train_config={**train, "max_steps": steps, "log_every": 1, "checkpoint_every": steps,
-                           "retrieval_spots": 64})
+    pretrain(
+        **cohort,
+        out_checkpoint=out / "m.pt",
+        out_metrics=out / "m.metrics.tsv",
+        out_retrieval=out / "m.retrieval.tsv",
+        model_config=model,
+        train_config={**train, "max_steps": steps, "log_every": 1, "checkpoint_every": steps, "retrieval_spots": 64},
+    )
     rows = pd.read_csv(out / "m.metrics.tsv", sep="\t").iloc[1:]
-    return {"samples_per_s": float(rows["samples_per_s"].median()),
-            "data_wait": float(rows["data_wait_fraction"].median()),
-            "step_s": float(train["batch_size"] / rows["samples_per_s"].median())}
+    return {
+        "samples_per_s": float(rows["samples_per_s"].median()),
+        "data_wait": float(rows["data_wait_fraction"].median()),
+        "step_s": float(train["batch_size"] / rows["samples_per_s"].median()),
+    }
 
 
 def text_encoder_cost(model: dict, lengths: list[int], batches: list[int], repeats: int) -> pd.DataFrame:
@@ -158,9 +183,15 @@ def text_encoder_cost(model: dict, lengths: list[int], batches: list[int], repea
     torch.manual_seed(0)
     net = CoMTIP(ModelConfig.from_dict(model), VOCABULARY)
     shapes = [(batch, length) for batch in batches for length in lengths]
-    inputs = {(b, n): (torch.randint(0, len(VOCABULARY), (b, n)), torch.rand(b, n) * 5,
-                       torch.randint(1, net.cfg.n_bins, (b, n)), torch.zeros(b, n, dtype=torch.bool))
-              for b, n in shapes}
+    inputs = {
+        (b, n): (
+            torch.randint(0, len(VOCABULARY), (b, n)),
+            torch.rand(b, n) * 5,
+            torch.randint(1, net.cfg.n_bins, (b, n)),
+            torch.zeros(b, n, dtype=torch.bool),
+        )
+        for b, n in shapes
+    }
     best = dict.fromkeys(shapes, float("inf"))
     for round_ in range(repeats + 1):
         for shape in shapes:
@@ -168,47 +199,72 @@ def text_encoder_cost(model: dict, lengths: list[int], batches: list[int], repea
             net.encode_sentences(*inputs[shape]).sum().backward()
             if round_ > 0:
                 best[shape] = min(best[shape], time.perf_counter() - start)
-    return pd.DataFrame([{"batch": b, "length": n, "tokens": b * n, "ms": 1000 * t, "us_per_token": 1e6 * t / (b * n)}
-                         for (b, n), t in best.items()])
+    return pd.DataFrame(
+        [
+            {"batch": b, "length": n, "tokens": b * n, "ms": 1000 * t, "us_per_token": 1e6 * t / (b * n)}
+            for (b, n), t in best.items()
+        ]
+    )
 
 
 def markdown(results: dict, args: argparse.Namespace, command: str) -> str:
     demo_model, demo_train = demo_config()
-    lines = [SECTION, "",
-             f"Measured on {platform.machine()} Linux, {os.cpu_count()} cores, torch {torch.__version__} "
-             f"(CPU, {torch.get_num_threads()} threads), synthetic data shaped like the demo cohort "
-             f"(2 samples x {N_SPOTS} spots, 224 px patches, {MAX_LEN}-token sentences). Each measurement "
-             f"waits (up to {args.max_wait:.0f} s) for other processes to leave the CPUs idle; 'other load' is the "
-             "number of cores other processes kept busy during it (from /proc/stat minus this process's CPU "
-             "time): about 0 on a quiet machine; with other load the timings understate the speed.", "",
-             "Command:", "", "```bash", command, "```", "",
-             "| setting | model | batch | input pipeline alone (samples/s) | training (samples/s) | s/step "
-             "| data wait (share of step) | other load (cores) |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        SECTION,
+        "",
+        f"Measured on {platform.machine()} Linux, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"(CPU, {torch.get_num_threads()} threads), synthetic data shaped like the demo cohort "
+        f"(2 samples x {N_SPOTS} spots, 224 px patches, {MAX_LEN}-token sentences). Each measurement "
+        f"waits (up to {args.max_wait:.0f} s) for other processes to leave the CPUs idle; 'other load' is the "
+        "number of cores other processes kept busy during it (from /proc/stat minus this process's CPU "
+        "time): about 0 on a quiet machine; with other load the timings understate the speed.",
+        "",
+        "Command:",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        "| setting | model | batch | input pipeline alone (samples/s) | training (samples/s) | s/step "
+        "| data wait (share of step) | other load (cores) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for row in results["rows"]:
-        lines.append(f"| {row['name']} | {row['model']} | {row['batch']} | {row['pipeline']:.0f} | "
-                     f"{row['samples_per_s']:.1f} | {row['step_s']:.2f} | {100 * row['data_wait']:.1f}% | "
-                     f"{row['others']:.1f} |")
-    lines += ["", f"Demo config (config/config.yaml): `model: {json.dumps(demo_model)}`, "
-              f"`pretrain: {json.dumps(demo_train)}`; ViT-B/32: `model: {json.dumps(PAPER_MODEL)}` (other options at "
-              "their defaults), same pretrain options with the batch above. Training = median over steps "
-              f"2..{args.demo_steps} (demo) / 2..{args.paper_steps} (ViT-B/32) of a real `pretrain` run, "
-              "from its metrics.tsv. The input pipeline (memory-mapped reads, augmentation, sentence "
-              "sub-sampling, resizing) is far faster than the model on CPU, so the data wait stays a few "
-              "percent with `num_workers: 0`; on a GPU, raise `pretrain.num_workers`.", "",
-              "Gene-text encoder (demo text config), forward + backward of `encode_sentences`, best of "
-              f"{args.repeats} (other load {results['text_others']:.1f} cores):", "",
-              "| batch | sentence length | tokens | ms | µs per token |", "|---|---|---|---|---|"]
+        lines.append(
+            f"| {row['name']} | {row['model']} | {row['batch']} | {row['pipeline']:.0f} | "
+            f"{row['samples_per_s']:.1f} | {row['step_s']:.2f} | {100 * row['data_wait']:.1f}% | "
+            f"{row['others']:.1f} |"
+        )
+    lines += [
+        "",
+        f"Demo config (config/config.yaml): `model: {json.dumps(demo_model)}`, "
+        f"`pretrain: {json.dumps(demo_train)}`; ViT-B/32: `model: {json.dumps(PAPER_MODEL)}` (other options at "
+        "their defaults), same pretrain options with the batch above. Training = median over steps "
+        f"2..{args.demo_steps} (demo) / 2..{args.paper_steps} (ViT-B/32) of a real `pretrain` run, "
+        "from its metrics.tsv. The input pipeline (memory-mapped reads, augmentation, sentence "
+        "sub-sampling, resizing) is far faster than the model on CPU, so the data wait stays a few "
+        "percent with `num_workers: 0`; on a GPU, raise `pretrain.num_workers`.",
+        "",
+        "Gene-text encoder (demo text config), forward + backward of `encode_sentences`, best of "
+        f"{args.repeats} (other load {results['text_others']:.1f} cores):",
+        "",
+        "| batch | sentence length | tokens | ms | µs per token |",
+        "|---|---|---|---|---|",
+    ]
     for row in results["text"].itertuples():
         lines.append(f"| {row.batch} | {row.length} | {row.tokens} | {row.ms:.1f} | {row.us_per_token:.2f} |")
     text = results["text"]
     per_token = text.loc[(text["length"] <= 128) & (text["tokens"] >= 1024), "us_per_token"]
     longest = text[text["length"] == text["length"].max()]
-    lines += ["", f"Up to 128 tokens per sentence the cost is about linear in batch x length ({per_token.min():.0f}–"
-              f"{per_token.max():.0f} µs per token once a batch holds 1024 tokens or more; smaller batches pay a "
-              "fixed overhead): the per-token projections and feed-forward dominate. At "
-              f"{text['length'].max()} tokens the quadratic attention term starts to show "
-              f"(up to {longest['us_per_token'].max():.0f} µs per token). "
-              "The gene sentences hold at most `genes.max_len` = 128 tokens by default."]
+    lines += [
+        "",
+        f"Up to 128 tokens per sentence the cost is about linear in batch x length ({per_token.min():.0f}–"
+        f"{per_token.max():.0f} µs per token once a batch holds 1024 tokens or more; smaller batches pay a "
+        "fixed overhead): the per-token projections and feed-forward dominate. At "
+        f"{text['length'].max()} tokens the quadratic attention term starts to show "
+        f"(up to {longest['us_per_token'].max():.0f} µs per token). "
+        "The gene sentences hold at most `genes.max_len` = 128 tokens by default.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -219,8 +275,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--paper-batch", type=int, default=32, help="batch size of the ViT-B/32 run")
     parser.add_argument("--pipeline-batches", type=int, default=8, help="micro-batches timed for the input pipeline")
     parser.add_argument("--repeats", type=int, default=5, help="repeats of each text-encoder timing")
-    parser.add_argument("--max-wait", type=float, default=30.0,
-                        help="seconds to wait for a quiet machine before each measurement")
+    parser.add_argument(
+        "--max-wait", type=float, default=30.0, help="seconds to wait for a quiet machine before each measurement"
+    )
     parser.add_argument("--markdown", type=Path, help="write the tables as a section of this file")
     args = parser.parse_args(argv)
 
@@ -230,9 +287,10 @@ def main(argv: list[str] | None = None) -> None:
         work = Path(tmp)
         cohort = write_cohort(work / "data")
         rows = []
-        for name, model, train, steps in (("demo", demo_model, demo_train, args.demo_steps),
-                                          ("paper backbone", PAPER_MODEL, paper_train,
-                                           args.paper_steps)):
+        for name, model, train, steps in (
+            ("demo", demo_model, demo_train, args.demo_steps),
+            ("paper backbone", PAPER_MODEL, paper_train, args.paper_steps),
+        ):
             cfg = ModelConfig.from_dict(model)
             wait_until_quiet(args.max_wait)
             with OtherLoad() as pipeline_load:
@@ -240,9 +298,16 @@ def main(argv: list[str] | None = None) -> None:
             wait_until_quiet(args.max_wait)
             with OtherLoad() as training_load:
                 trained = training(cohort, work, model, train, steps)
-            rows.append({"name": name, "model": f"{cfg.vision_model} @ {cfg.image_size} px",
-                         "batch": train["batch_size"],
-                         "pipeline": pipeline, "others": max(pipeline_load.cores, training_load.cores), **trained})
+            rows.append(
+                {
+                    "name": name,
+                    "model": f"{cfg.vision_model} @ {cfg.image_size} px",
+                    "batch": train["batch_size"],
+                    "pipeline": pipeline,
+                    "others": max(pipeline_load.cores, training_load.cores),
+                    **trained,
+                }
+            )
             print(rows[-1], file=sys.stderr, flush=True)
         wait_until_quiet(args.max_wait)
         with OtherLoad() as text_load:

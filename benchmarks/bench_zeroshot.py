@@ -6,7 +6,7 @@ training samples' ``panel_values`` (they alone set the grids and priors), and fo
 sample its ``gene_sentences.npz`` (truth) and image embeddings — ``results/embeddings/comtip/``
 when the pipeline made them, else computed here from ``spot_patches.npy`` into ``--cache``
 (the validation slide has none in a standard run). Metrics per slide with
-``comtip.evaluate.gene_metrics``, averaged over genes, then over slides (as ``summarise``), for all
+``comtip.evaluation.metrics.gene_metrics``, averaged over genes, then over slides (as ``summarise``), for all
 panel genes and the held-out ones (``heldout`` in ``gene_panel.tsv``); then paired Pearson
 differences over (slide, gene) pairs, mean ± standard error. Prints markdown:
 
@@ -24,8 +24,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from comtip.evaluate import gene_metrics
-from comtip.inference import default_value_grid, image_embeddings, quantile_value_grid, value_prior, zero_shot
+from comtip.evaluation.metrics import gene_metrics
+from comtip.predict.embeddings import image_embeddings
+from comtip.predict.zeroshot import default_value_grid, quantile_value_grid, value_prior, zero_shot
 from comtip.training.checkpoint import load_pretrained
 
 
@@ -67,26 +68,38 @@ def main() -> None:
         slides = {}
         for s in args.eval:
             sent = np.load(results / s / "gene_sentences.npz")
-            slides[s] = (_embeddings(results, s, sent["barcodes"], model, info, cache), sent["panel_values"],
-                         list(sent["panel_genes"]))
+            slides[s] = (
+                _embeddings(results, s, sent["barcodes"], model, info, cache),
+                sent["panel_values"],
+                list(sent["panel_genes"]),
+            )
     genes = slides[args.eval[0]][2]
     if any(g != genes for *_, g in slides.values()):
         raise ValueError("evaluation samples have different panels")
     held = panel.loc[genes, "heldout"].to_numpy(bool)
     n = args.grid_points
-    grids = {"shared": default_value_grid(train, n),
-             "gene_range": np.stack([np.linspace(0.0, m, n) for m in train.max(0)]).astype(np.float32),
-             "quantile": quantile_value_grid(train, n)}
-    per_gene = {"mean baseline": {s: gene_metrics(truth, np.broadcast_to(train.mean(0), truth.shape), genes)
-                                  for s, (_, truth, _) in slides.items()}}
+    grids = {
+        "shared": default_value_grid(train, n),
+        "gene_range": np.stack([np.linspace(0.0, m, n) for m in train.max(0)]).astype(np.float32),
+        "quantile": quantile_value_grid(train, n),
+    }
+    per_gene = {
+        "mean baseline": {
+            s: gene_metrics(truth, np.broadcast_to(train.mean(0), truth.shape), genes)
+            for s, (_, truth, _) in slides.items()
+        }
+    }
     for gname, grid in grids.items():
         for pname in ("none", "training"):
             prior = value_prior(train, grid, smoothing=args.smoothing) if pname == "training" else None
             per_gene[f"{gname} / {pname}"] = {
                 s: gene_metrics(truth, zero_shot(model, x, genes, grid, edges, prior=prior), genes)
-                for s, (x, truth, _) in slides.items()}
-    print(f"train {' '.join(args.train)}; evaluated on {' '.join(args.eval)}; {n} grid points; prior smoothing "
-          f"{args.smoothing}; learned logit scale {float(model.scale().detach()):.2f}")
+                for s, (x, truth, _) in slides.items()
+            }
+    print(
+        f"train {' '.join(args.train)}; evaluated on {' '.join(args.eval)}; {n} grid points; prior smoothing "
+        f"{args.smoothing}; learned logit scale {float(model.scale().detach()):.2f}"
+    )
     for label, sel in (("all", np.ones(len(genes), bool)), ("heldout", held)):
         rows = []
         for name, by_slide in per_gene.items():
@@ -98,8 +111,12 @@ def main() -> None:
         print(f"\n{label} genes ({int(sel.sum())})\n")
         print(pd.DataFrame(rows).to_markdown(index=False, floatfmt=".3f"))
     print("\npaired Pearson differences over (slide, gene) pairs, mean ± s.e. (all genes / held-out)\n")
-    for a, b in (("shared / training", "shared / none"), ("quantile / training", "shared / none"),
-                 ("quantile / training", "shared / training"), ("quantile / training", "quantile / none")):
+    for a, b in (
+        ("shared / training", "shared / none"),
+        ("quantile / training", "shared / none"),
+        ("quantile / training", "shared / training"),
+        ("quantile / training", "quantile / none"),
+    ):
         cells = []
         for sel in (np.ones(len(genes), bool), held):
             d = np.concatenate([(per_gene[a][s].pearson - per_gene[b][s].pearson).to_numpy()[sel] for s in slides])

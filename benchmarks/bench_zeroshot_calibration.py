@@ -25,8 +25,8 @@ import anndata as ad
 import numpy as np
 import torch
 
-from comtip.evaluate import gene_metrics
-from comtip.inference import log_value_prior, prompt_embeddings, prompt_expectation, zero_shot_grid_and_prior
+from comtip.evaluation.metrics import gene_metrics
+from comtip.predict.zeroshot import log_value_prior, prompt_embeddings, prompt_expectation, zero_shot_grid_and_prior
 from comtip.training import load_pretrained
 
 
@@ -61,10 +61,14 @@ def main() -> None:
         for name, t in (("plain", text), ("calibrated", text - reference)):
             pred = prompt_expectation(x, t, grid, scale, log_prior)
             metrics = gene_metrics(truth, pred, genes)
-            print(f"{s} {name:10s} Pearson {metrics['pearson'].mean():+.3f}  MSE {metrics['mse'].mean():.3f}  "
-                  f"corr(mean prediction, log counts) {np.corrcoef(pred.mean(1), log_counts)[0, 1]:+.2f}")
-        print(f"{s} corr(mean truth, log counts) {np.corrcoef(truth.mean(1), log_counts)[0, 1]:+.2f}; "
-              f"corr(sentence length, log counts) {np.corrcoef(length, log_counts)[0, 1]:+.2f}")
+            print(
+                f"{s} {name:10s} Pearson {metrics['pearson'].mean():+.3f}  MSE {metrics['mse'].mean():.3f}  "
+                f"corr(mean prediction, log counts) {np.corrcoef(pred.mean(1), log_counts)[0, 1]:+.2f}"
+            )
+        print(
+            f"{s} corr(mean truth, log counts) {np.corrcoef(truth.mean(1), log_counts)[0, 1]:+.2f}; "
+            f"corr(sentence length, log counts) {np.corrcoef(length, log_counts)[0, 1]:+.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -24,8 +24,11 @@ EXCLUDED_DIRS = ("provenance",)
 
 def result_files(root: Path) -> list[str]:
     results = root / "results"
-    return sorted(str(p.relative_to(results)) for p in results.rglob("*")
-                  if p.is_file() and p.relative_to(results).parts[0] not in EXCLUDED_DIRS)
+    return sorted(
+        str(p.relative_to(results))
+        for p in results.rglob("*")
+        if p.is_file() and p.relative_to(results).parts[0] not in EXCLUDED_DIRS
+    )
 
 
 def assert_same_results(a: Path, b: Path, *, only_in_both: bool = False) -> None:
@@ -35,8 +38,10 @@ def assert_same_results(a: Path, b: Path, *, only_in_both: bool = False) -> None
     if only_in_both:
         assert set(files_b) <= set(files_a), f"only in {b}: {sorted(set(files_b) - set(files_a))}"
         files_a = files_b
-    assert files_a == files_b, f"different files: only in {a}: {sorted(set(files_a) - set(files_b))}; " \
-                               f"only in {b}: {sorted(set(files_b) - set(files_a))}"
+    assert files_a == files_b, (
+        f"different files: only in {a}: {sorted(set(files_a) - set(files_b))}; "
+        f"only in {b}: {sorted(set(files_b) - set(files_a))}"
+    )
     assert files_a, f"{a}/results holds no file"
     roots = (str(a.resolve()), str(b.resolve()))
     for rel in files_a:
@@ -55,8 +60,12 @@ def _assert_same_file(x: Path, y: Path, rel: str, roots: tuple[str, str]) -> Non
     elif suffix == ".npy":
         np.testing.assert_array_equal(np.load(x, mmap_mode="r"), np.load(y, mmap_mode="r"), err_msg=rel)
     elif suffix == ".pt":
-        _assert_same_tree(torch.load(x, map_location="cpu", weights_only=False),
-                          torch.load(y, map_location="cpu", weights_only=False), rel, roots)
+        _assert_same_tree(
+            torch.load(x, map_location="cpu", weights_only=False),
+            torch.load(y, map_location="cpu", weights_only=False),
+            rel,
+            roots,
+        )
     elif suffix == ".tsv":
         fx, fy = (pd.read_csv(p, sep="\t").drop(columns=list(TIMING_COLUMNS), errors="ignore") for p in (x, y))
         pd.testing.assert_frame_equal(fx, fy, check_exact=True, obj=rel)

@@ -1,4 +1,5 @@
-"""Shared fixtures: paths of the repo and of the real data beside it."""
+"""Shared fixtures: paths of the repo and of the real data beside it, the tiny pretraining cohort and
+the tiny workflow run (shared helpers are in _helpers/)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from _helpers import REPO
+from _helpers.pretraining import make_cohort
+from _helpers.workflow import snakemake, write_tiny_run_folder
+
 SHARED_DATA = REPO.parent / "shared" / "data"
 CONFIG_SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 SAMPLES_SCHEMA = REPO / "workflow" / "schemas" / "samples.schema.yaml"
@@ -53,11 +57,17 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> dict:
+    """A tiny pretraining cohort (_helpers.pretraining.make_cohort), once per module: test_train,
+    test_launch. test_finetune overrides the name with its own fine-tuning cohort."""
+    return make_cohort(tmp_path_factory.mktemp("cohort"))
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
-    """The whole workflow run once, locally, on the tiny synthetic cohort of test_workflow_e2e."""
-    from test_workflow_e2e import snakemake, write_tiny_run_folder
-
+    """The whole workflow run once, locally, on the tiny synthetic cohort: the checked-in test
+    config .test/config/ (_helpers.workflow.write_tiny_run_folder)."""
     root = write_tiny_run_folder(tmp_path_factory.mktemp("run"))
     snakemake(root)
     return root

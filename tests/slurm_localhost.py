@@ -35,8 +35,11 @@ class ClusterError(RuntimeError):
 
 def missing_requirements() -> list[str]:
     """Why a cluster cannot be started here (empty when it can)."""
-    missing = [f"{name} not on PATH" for name in DAEMONS + CLIENTS
-               if shutil.which(name) is None and not Path("/usr/sbin", name).exists()]
+    missing = [
+        f"{name} not on PATH"
+        for name in DAEMONS + CLIENTS
+        if shutil.which(name) is None and not Path("/usr/sbin", name).exists()
+    ]
     if os.geteuid() != 0:
         missing.append("not root (slurmd must run as root)")
     return missing
@@ -140,38 +143,40 @@ class LocalSlurm:
     def _slurm_conf(self) -> str:
         memory = _memory_mb() - 512
         log = self.root / "log"
-        return "\n".join([
-            "ClusterName=comtiptest",
-            "SlurmctldHost=localhost",
-            f"SlurmctldPort={_free_port()}",
-            f"SlurmdPort={_free_port()}",
-            "SlurmUser=root",
-            "AuthType=auth/munge",
-            "CredType=cred/munge",
-            "ProctrackType=proctrack/linuxproc",  # no cgroups in containers
-            "TaskPlugin=task/none",
-            "MpiDefault=none",
-            "SchedulerType=sched/backfill",
-            "SelectType=select/cons_tres",
-            "SelectTypeParameters=CR_Core",
-            f"StateSaveLocation={self.root / 'state'}",
-            f"SlurmdSpoolDir={self.root / 'spool'}",
-            f"SlurmctldPidFile={self.root / 'slurmctld.pid'}",
-            f"SlurmdPidFile={self.root / 'slurmd.pid'}",
-            f"SlurmctldLogFile={log / 'slurmctld.log'}",
-            f"SlurmdLogFile={log / 'slurmd.log'}",
-            "SlurmctldDebug=info",
-            "SlurmdDebug=info",
-            "AccountingStorageType=accounting_storage/none",
-            "JobAcctGatherType=jobacct_gather/none",
-            "JobCompType=jobcomp/none",
-            "MinJobAge=86400",  # finished jobs stay visible to squeue (no sacct without accounting)
-            "ReturnToService=2",
-            f"NodeName=localhost NodeHostname=localhost CPUs={self.cpus} RealMemory={memory} State=UNKNOWN",
-            "PartitionName=cpu Nodes=localhost Default=YES MaxTime=INFINITE State=UP",
-            "PartitionName=gpu Nodes=localhost MaxTime=INFINITE State=UP",
-            "",
-        ])
+        return "\n".join(
+            [
+                "ClusterName=comtiptest",
+                "SlurmctldHost=localhost",
+                f"SlurmctldPort={_free_port()}",
+                f"SlurmdPort={_free_port()}",
+                "SlurmUser=root",
+                "AuthType=auth/munge",
+                "CredType=cred/munge",
+                "ProctrackType=proctrack/linuxproc",  # no cgroups in containers
+                "TaskPlugin=task/none",
+                "MpiDefault=none",
+                "SchedulerType=sched/backfill",
+                "SelectType=select/cons_tres",
+                "SelectTypeParameters=CR_Core",
+                f"StateSaveLocation={self.root / 'state'}",
+                f"SlurmdSpoolDir={self.root / 'spool'}",
+                f"SlurmctldPidFile={self.root / 'slurmctld.pid'}",
+                f"SlurmdPidFile={self.root / 'slurmd.pid'}",
+                f"SlurmctldLogFile={log / 'slurmctld.log'}",
+                f"SlurmdLogFile={log / 'slurmd.log'}",
+                "SlurmctldDebug=info",
+                "SlurmdDebug=info",
+                "AccountingStorageType=accounting_storage/none",
+                "JobAcctGatherType=jobacct_gather/none",
+                "JobCompType=jobcomp/none",
+                "MinJobAge=86400",  # finished jobs stay visible to squeue (no sacct without accounting)
+                "ReturnToService=2",
+                f"NodeName=localhost NodeHostname=localhost CPUs={self.cpus} RealMemory={memory} State=UNKNOWN",
+                "PartitionName=cpu Nodes=localhost Default=YES MaxTime=INFINITE State=UP",
+                "PartitionName=gpu Nodes=localhost MaxTime=INFINITE State=UP",
+                "",
+            ]
+        )
 
     def _install_system_conf(self) -> None:
         """``srun`` inside a job step reads /etc/slurm/slurm.conf: put ours there, restore later."""
@@ -191,8 +196,9 @@ class LocalSlurm:
         pid_file.unlink(missing_ok=True)
         # munged runs as user munge, which cannot enter a root-only temp folder: it logs to
         # munge's own log folder (/var/log/munge), which logs() includes
-        self._run(["runuser", "-u", "munge", "--", _binary("munged"), f"--pid-file={pid_file}"], "munged",
-                  pid_file=pid_file)
+        self._run(
+            ["runuser", "-u", "munge", "--", _binary("munged"), f"--pid-file={pid_file}"], "munged", pid_file=pid_file
+        )
         deadline = time.monotonic() + 10
         while not _munge_answers():
             if time.monotonic() > deadline:
@@ -223,11 +229,15 @@ class LocalSlurm:
         deadline = time.monotonic() + timeout
         last = ""
         while time.monotonic() < deadline:
-            result = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True,
-                                    env=self.env, timeout=30)
+            result = subprocess.run(
+                ["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, env=self.env, timeout=30
+            )
             last = (result.stdout + result.stderr).strip()
-            if result.returncode == 0 and last.startswith("localhost") and all(
-                    line.split()[1] in ("idle", "mix", "alloc") for line in last.splitlines()):
+            if (
+                result.returncode == 0
+                and last.startswith("localhost")
+                and all(line.split()[1] in ("idle", "mix", "alloc") for line in last.splitlines())
+            ):
                 return
             time.sleep(0.5)
         raise ClusterError(f"the node did not become idle in {timeout:.0f} s (sinfo: {last!r})\n{self.logs()}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from comtip.baselines import bleep_retrieval, fit_hest_ridge, hest_ridge, mclstexp_retrieval, mean_baseline
+from comtip.predict.baselines import bleep_retrieval, fit_hest_ridge, hest_ridge, mclstexp_retrieval, mean_baseline
 
 
 def test_mean_baseline():
@@ -97,7 +97,7 @@ def test_mclstexp_inverse_square_l1_weights():
     query = np.array([[np.cos(0.2), np.sin(0.2)]])
     pred = mclstexp_retrieval(REF, REF_VALUES, query, k=3)
     a = np.abs(REF[[2, 1, 0]] - query).sum(axis=1)
-    w = 1 / a ** 2
+    w = 1 / a**2
     np.testing.assert_allclose(pred[0], (w[:, None] * REF_VALUES[[2, 1, 0]]).sum(0) / w.sum())
     exact = mclstexp_retrieval(REF, REF_VALUES, REF[[3]], k=3)  # distance 0: the exact match only
     np.testing.assert_allclose(exact[0], REF_VALUES[3])
@@ -107,7 +107,7 @@ def test_retrieval_blocks_match_one_pass(monkeypatch):
     rng = np.random.default_rng(5)
     ref, values, query = rng.normal(size=(40, 4)), rng.normal(size=(40, 3)), rng.normal(size=(25, 4))
     full = bleep_retrieval(ref, values, query, k=5)
-    monkeypatch.setattr("comtip.baselines.RETRIEVAL_BLOCK", 7)
+    monkeypatch.setattr("comtip.predict.baselines.RETRIEVAL_BLOCK", 7)
     np.testing.assert_allclose(bleep_retrieval(ref, values, query, k=5), full)
 
 
@@ -123,7 +123,7 @@ def test_retrieval_rejects_bad_input():
 
 
 def test_spatial_neighbour_mean_follows_hexagonal_and_square_grids():
-    from comtip.baselines import spatial_neighbour_mean
+    from comtip.predict.baselines import spatial_neighbour_mean
 
     rng = np.random.default_rng(5)
     # Visium-like hexagonal lattice, pitch 100: an inner spot has 6 neighbours at 100, the next at 173
@@ -142,8 +142,9 @@ def test_spatial_neighbour_mean_follows_hexagonal_and_square_grids():
     inner = unit[[6, 7, 8, 11, 12, 13, 16, 17, 18]].sum(axis=0)
     np.testing.assert_allclose(spatial_neighbour_mean(emb, square)[12], inner / np.linalg.norm(inner), rtol=1e-10)
     cross = unit[[7, 11, 12, 13, 17]].sum(axis=0)
-    np.testing.assert_allclose(spatial_neighbour_mean(emb, square, radius=1.2)[12], cross / np.linalg.norm(cross),
-                               rtol=1e-10)
+    np.testing.assert_allclose(
+        spatial_neighbour_mean(emb, square, radius=1.2)[12], cross / np.linalg.norm(cross), rtol=1e-10
+    )
     # a lone spot far from the rest keeps its direction
     far = np.vstack([square, [[1e5, 1e5]]])
     np.testing.assert_allclose(spatial_neighbour_mean(np.vstack([emb, emb[:1]]), far)[-1], unit[0], rtol=1e-12)

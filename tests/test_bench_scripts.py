@@ -128,12 +128,24 @@ def test_retrieval_variants_pass_any_pretrain_override():
 
 
 def _fold(test: str, git: str) -> dict:
-    table = pd.DataFrame({"all": [0.1, 0.2], "top50_heg": [0.1, 0.3], "MSE (all)": [1.0, 0.9]},
-                         index=["ridge_random", "finetune_linear"])
-    return {"test": test, "val": "C5", "train": ["C3", "C4"], "minutes": 4.0, "cores": 2, "git": git,
-            "command": "python benchmarks/bench_quality.py her2st --folds loso", "n_genes": 250, "n_heldout": 50,
-            "config": {"seed": 0, "evaluate": {"bleep_k": 50}}, "train_spots": 364, "test_spots": 187,
-            "table": table}
+    table = pd.DataFrame(
+        {"all": [0.1, 0.2], "top50_heg": [0.1, 0.3], "MSE (all)": [1.0, 0.9]}, index=["ridge_random", "finetune_linear"]
+    )
+    return {
+        "test": test,
+        "val": "C5",
+        "train": ["C3", "C4"],
+        "minutes": 4.0,
+        "cores": 2,
+        "git": git,
+        "command": "python benchmarks/bench_quality.py her2st --folds loso",
+        "n_genes": 250,
+        "n_heldout": 50,
+        "config": {"seed": 0, "evaluate": {"bleep_k": 50}},
+        "train_spots": 364,
+        "test_spots": 187,
+        "table": table,
+    }
 
 
 def test_loso_markdown_marks_a_dirty_checkout_only_when_a_fold_ran_on_one():

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from _helpers.workflow import PREDICT_SAMPLE, SAMPLES, TEST_CONFIG
+from comtip._core.errors import ConfigError
 from comtip.config import load_sample_sheet, validate_config
-from comtip.errors import ConfigError
 from conftest import CONFIG_SCHEMA, REPO, SAMPLES_SCHEMA
 
 HEADER = "sample\tspaceranger_dir\tslide\tsplit\tmpp\tspot_diameter_um\tbatch\tpatient\n"
@@ -29,12 +30,15 @@ def test_minimal_config_gets_every_default():
     assert config["demo"]["dir"] == "resources/demo"
 
 
-@pytest.mark.parametrize(("key", "value", "needle"), [
-    (("patches", "size_px"), -3, "config key 'patches.size_px'"),
-    (("tiling", "mask_mpp"), "big", "config key 'tiling.mask_mpp'"),
-    (("ingest", "spot_diamter_um"), 55, "Additional properties"),
-    (("seed",), 1.5, "config key 'seed'"),
-])
+@pytest.mark.parametrize(
+    ("key", "value", "needle"),
+    [
+        (("patches", "size_px"), -3, "config key 'patches.size_px'"),
+        (("tiling", "mask_mpp"), "big", "config key 'tiling.mask_mpp'"),
+        (("ingest", "spot_diamter_um"), 55, "Additional properties"),
+        (("seed",), 1.5, "config key 'seed'"),
+    ],
+)
 def test_bad_config_value_names_the_key(key, value, needle):
     config = copy.deepcopy({"samples": "s.tsv", "patches": {}, "tiling": {}, "ingest": {}})
     target = config
@@ -81,15 +85,18 @@ def test_paths_under_the_demo_folder_may_not_exist_yet(run_folder):
     assert df.loc["d", "slide"] == "resources/demo/d/slide.tif"
 
 
-@pytest.mark.parametrize(("row", "needle"), [
-    ("a\t../data/a/outs\t../data/a/slide.svs\ttraining\t\t\t\t", "sample 'a'.*split"),
-    ("a\t../data/a/outs\t../data/a/slide.svs\ttrain\t-1\t\t\t", "sample 'a'.*mpp"),
-    ("a\t../data/a/outs\t../data/a/slide.svs\ttrain\tfast\t\t\t", "sample 'a'.*mpp"),
-    ("a b\t../data/a/outs\t../data/a/slide.svs\ttrain\t\t\t\t", "sample 'a b'.*does not match"),
-    ("genes\t../data/a/outs\t../data/a/slide.svs\ttrain\t\t\t\t", "'genes' is reserved"),
-    ("a\t\t../data/a/slide.svs\ttest\t\t\t\t", "sample 'a'.*needs a spaceranger_dir"),
-    ("a\t../data/a/outs\t\ttrain\t\t\t\t", "sample 'a'.*'slide' is a required property"),
-])
+@pytest.mark.parametrize(
+    ("row", "needle"),
+    [
+        ("a\t../data/a/outs\t../data/a/slide.svs\ttraining\t\t\t\t", "sample 'a'.*split"),
+        ("a\t../data/a/outs\t../data/a/slide.svs\ttrain\t-1\t\t\t", "sample 'a'.*mpp"),
+        ("a\t../data/a/outs\t../data/a/slide.svs\ttrain\tfast\t\t\t", "sample 'a'.*mpp"),
+        ("a b\t../data/a/outs\t../data/a/slide.svs\ttrain\t\t\t\t", "sample 'a b'.*does not match"),
+        ("genes\t../data/a/outs\t../data/a/slide.svs\ttrain\t\t\t\t", "'genes' is reserved"),
+        ("a\t\t../data/a/slide.svs\ttest\t\t\t\t", "sample 'a'.*needs a spaceranger_dir"),
+        ("a\t../data/a/outs\t\ttrain\t\t\t\t", "sample 'a'.*'slide' is a required property"),
+    ],
+)
 def test_bad_sample_row_names_the_sample(run_folder, row, needle):
     with pytest.raises(ConfigError, match=needle):
         load_sample_sheet(_sheet(run_folder, [row]), SAMPLES_SCHEMA, run_dir=run_folder)
@@ -102,12 +109,36 @@ def test_duplicate_sample_names_are_refused(run_folder):
 
 
 def test_predict_sample_needs_only_a_slide(run_folder):
-    df = load_sample_sheet(_sheet(run_folder, ["p\t\t../data/a/slide.svs\tpredict\t0.5\t\t\t"]),
-                           SAMPLES_SCHEMA, run_dir=run_folder)
+    df = load_sample_sheet(
+        _sheet(run_folder, ["p\t\t../data/a/slide.svs\tpredict\t0.5\t\t\t"]), SAMPLES_SCHEMA, run_dir=run_folder
+    )
     assert "spaceranger_dir" not in df.columns or not isinstance(df.loc["p"].get("spaceranger_dir"), str)
 
 
 def test_shipped_sample_sheet_is_valid():
-    df = load_sample_sheet(REPO / "config" / "samples.tsv", SAMPLES_SCHEMA, run_dir=REPO,
-                           generated_under="resources/demo")
+    df = load_sample_sheet(
+        REPO / "config" / "samples.tsv", SAMPLES_SCHEMA, run_dir=REPO, generated_under="resources/demo"
+    )
     assert set(df["split"]) >= {"train", "test"}
+
+
+def test_checked_in_test_config_is_valid():
+    """.test/config/config.yaml (the test config the e2e tests run, as the snakemake-workflows
+    catalogue expects it) passes the schema, as the Snakefile validates it."""
+    config = validate_config(yaml.safe_load((TEST_CONFIG / "config.yaml").read_text()), CONFIG_SCHEMA)
+    assert config["samples"] == "config/samples.tsv" and config["seed"] == 7
+    assert config["demo"]["dir"] == "resources/demo"
+
+
+def test_checked_in_test_sample_sheet_loads_and_lists_the_tiny_cohort():
+    """.test/config/samples.tsv loads as workflow/rules/common.smk loads it, run from .test: its
+    demo paths (under .test/resources/demo) need not exist yet."""
+    run_dir = TEST_CONFIG.parent
+    config = validate_config(yaml.safe_load((TEST_CONFIG / "config.yaml").read_text()), CONFIG_SCHEMA)
+    df = load_sample_sheet(
+        run_dir / config["samples"], SAMPLES_SCHEMA, run_dir=run_dir, generated_under=config["demo"]["dir"]
+    )
+    assert dict(df["split"]) == {**SAMPLES, PREDICT_SAMPLE: "predict"}
+    assert df.loc["tiny_a", "slide"] == "resources/demo/tiny_a/slide.tif"
+    assert df.loc["tiny_a", "spaceranger_dir"] == "resources/demo/tiny_a/outs"
+    assert not isinstance(df.loc[PREDICT_SAMPLE].get("spaceranger_dir"), str)

@@ -43,8 +43,9 @@ def _env_pins(env: dict) -> dict[str, str]:
                 pins[name.strip().lower()] = version.strip()
         else:
             name = re.split(r"[=<>]", dep)[0].strip()
-            assert name in {"python", "pip", "setuptools"}, \
+            assert name in {"python", "pip", "setuptools"}, (
                 f"conda package {dep!r}: list it under pip: with the pyproject pin"
+            )
     return pins
 
 
@@ -94,7 +95,7 @@ def test_every_env_has_a_post_deploy_script_that_installs_the_package(path):
 
 
 def test_snakefile_tells_the_post_deploy_scripts_where_the_checkout_is(monkeypatch, tmp_path):
-    from comtip.runtime import PIPELINE_DIR_VARIABLE, export_pipeline_dir
+    from comtip._core.runtime import PIPELINE_DIR_VARIABLE, export_pipeline_dir
 
     assert "export_pipeline_dir(workflow.basedir)" in (REPO / "Snakefile").read_text()
     assert all(f'"${{{PIPELINE_DIR_VARIABLE}' in p.read_text() for p in (REPO / "envs").glob("*.post-deploy.sh"))
@@ -110,8 +111,9 @@ def test_post_deploy_script_installs_the_package_into_a_fresh_environment(tmp_pa
     venv = tmp_path / "env"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
     python = venv / "bin" / "python"
-    setup = subprocess.run([str(python), "-m", "pip", "install", "-q", "setuptools>=70.1"], capture_output=True,
-                           text=True)
+    setup = subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "setuptools>=70.1"], capture_output=True, text=True
+    )
     if setup.returncode != 0:
         pytest.skip(f"cannot install setuptools into a fresh venv here (no package index?): {setup.stderr[-500:]}")
     script = REPO / "envs" / "torch.post-deploy.sh"
@@ -119,16 +121,22 @@ def test_post_deploy_script_installs_the_package_into_a_fresh_environment(tmp_pa
     env.pop("PYTHONPATH", None)
     result = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    where = subprocess.run([str(python), "-c", "import comtip; print(comtip.__file__)"], capture_output=True,
-                           text=True, env=env, cwd=tmp_path)
+    where = subprocess.run(
+        [str(python), "-c", "import comtip; print(comtip.__file__)"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert where.returncode == 0, where.stderr
     assert Path(where.stdout.strip()).resolve() == (REPO / "src" / "comtip" / "__init__.py").resolve()
 
 
 def test_post_deploy_script_without_the_checkout_variable_fails_clearly(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "COMTIP_PIPELINE_DIR"}
-    result = subprocess.run(["bash", str(REPO / "envs" / "imaging.post-deploy.sh")], capture_output=True, text=True,
-                            env=env, cwd=tmp_path)
+    result = subprocess.run(
+        ["bash", str(REPO / "envs" / "imaging.post-deploy.sh")], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
     assert result.returncode != 0 and "COMTIP_PIPELINE_DIR" in result.stderr
 
 

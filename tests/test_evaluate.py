@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from scipy.stats import pearsonr, spearmanr
 
-from comtip.evaluate import evaluate_predictions, gene_metrics, gene_sets_from_panel, summarise
+from comtip.evaluation.metrics import evaluate_predictions, gene_metrics, gene_sets_from_panel, summarise
 
 
 def test_gene_metrics_hand_computed():
@@ -54,8 +54,10 @@ def test_gene_metrics_rejects_bad_input():
 
 
 def _toy_metrics() -> tuple[pd.DataFrame, dict, dict]:
-    truth = {"s1": np.array([[1.0, 0.0, 2.0], [2.0, 1.0, 2.0], [3.0, 0.0, 2.0], [4.0, 1.0, 2.0]]),
-             "s2": np.array([[1.0, 3.0, 0.0], [0.0, 1.0, 1.0], [2.0, 2.0, 0.0], [1.0, 0.0, 2.0]])}
+    truth = {
+        "s1": np.array([[1.0, 0.0, 2.0], [2.0, 1.0, 2.0], [3.0, 0.0, 2.0], [4.0, 1.0, 2.0]]),
+        "s2": np.array([[1.0, 3.0, 0.0], [0.0, 1.0, 1.0], [2.0, 2.0, 0.0], [1.0, 0.0, 2.0]]),
+    }
     rng = np.random.default_rng(1)
     preds = {(s, m): t + rng.normal(0, 0.7, t.shape) for s, t in truth.items() for m in ("ridge", "bleep")}
     preds[("s1", "mean")] = np.tile(truth["s1"].mean(axis=0), (4, 1))
@@ -76,15 +78,17 @@ def test_evaluate_predictions_long_table():
 
 
 def test_summarise_hand_computed():
-    metrics = pd.DataFrame({
-        "sample": ["s1", "s1", "s1", "s2", "s2", "s2"],
-        "method": ["m"] * 6,
-        "gene": ["A", "B", "C"] * 2,
-        "pearson": [0.2, 0.4, np.nan, 0.6, np.nan, np.nan],
-        "spearman": [0.1, 0.3, np.nan, 0.5, np.nan, np.nan],
-        "mse": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
-        "mae": [0.5, 0.5, 0.5, 1.0, 1.0, 1.0],
-    })
+    metrics = pd.DataFrame(
+        {
+            "sample": ["s1", "s1", "s1", "s2", "s2", "s2"],
+            "method": ["m"] * 6,
+            "gene": ["A", "B", "C"] * 2,
+            "pearson": [0.2, 0.4, np.nan, 0.6, np.nan, np.nan],
+            "spearman": [0.1, 0.3, np.nan, 0.5, np.nan, np.nan],
+            "mse": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+            "mae": [0.5, 0.5, 0.5, 1.0, 1.0, 1.0],
+        }
+    )
     out = summarise(metrics, {"all": ["A", "B", "C"], "AB": ["A", "B"]}).set_index("gene_set")
     full = out.loc["all"]
     # per slide: s1 mean(0.2, 0.4) = 0.3, s2 mean(0.6) = 0.6 → over slides 0.45
@@ -112,16 +116,22 @@ def test_summarise_all_nan_method_reports_nan_pearson():
 
 
 def test_gene_sets_from_panel_use_training_ranks():
-    panel = pd.DataFrame({
-        "gene": ["G1", "G2", "G3", "G4"],
-        "rank": [1, 2, 3, 4],
-        "mean": [0.1, 5.0, 2.0, 1.0],
-        "mean_rank": [40, 1, 2, 3],
-        "dispersion_rank": [1, 30, 20, 2],
-        "heldout": [False, True, False, False],
-    })
+    panel = pd.DataFrame(
+        {
+            "gene": ["G1", "G2", "G3", "G4"],
+            "rank": [1, 2, 3, 4],
+            "mean": [0.1, 5.0, 2.0, 1.0],
+            "mean_rank": [40, 1, 2, 3],
+            "dispersion_rank": [1, 30, 20, 2],
+            "heldout": [False, True, False, False],
+        }
+    )
     sets = gene_sets_from_panel(panel, n_top=2)
-    assert sets == {"all": ["G1", "G2", "G3", "G4"], "top2_heg": ["G2", "G3"], "top2_hvg": ["G1", "G4"],
-                    "heldout": ["G2"]}
+    assert sets == {
+        "all": ["G1", "G2", "G3", "G4"],
+        "top2_heg": ["G2", "G3"],
+        "top2_hvg": ["G1", "G4"],
+        "heldout": ["G2"],
+    }
     assert "heldout" not in gene_sets_from_panel(panel.assign(heldout=False), n_top=2)
     assert gene_sets_from_panel(panel, n_top=50)["top50_heg"] == ["G2", "G3", "G4", "G1"]

@@ -12,56 +12,12 @@ import pandas as pd
 import pytest
 import torch
 
-from comtip.errors import ConfigError, PipelineInputError
+from _helpers.finetuning import GENES, save_pretrained, write_sample
+from comtip._core.errors import ConfigError, PipelineInputError
 from comtip.finetune import FinetuneConfig, finetune, load_finetuned, predict_finetuned
-from comtip.model import CoMTIP, ModelConfig
-from comtip.training import TrainConfig, load_pretrained
-from comtip.training.checkpoint import final_state
-
-GENES = ["EPCAM", "PTPRC", "ACTB", "KRT19"]
-VOCAB = ["EPCAM", "PTPRC", "KRT19"]  # ACTB held out of pretraining, still predicted
-TINY_MODEL = {"image_size": 32, "vision_kwargs": {"depth": 2, "patch_size": 8, "embed_dim": 64, "num_heads": 2},
-              "embed_dim": 32, "mfm_heads": 2, "text_dim": 32, "text_heads": 2, "text_ff": 64,
-              "name_buckets": 1024, "paat": False}
-
+from comtip.training import load_pretrained
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def save_pretrained(path: Path, seed: int = 0) -> Path:
-    """A randomly initialised tiny CoMTIP in the checkpoint format pretraining writes."""
-    torch.manual_seed(seed)
-    model = CoMTIP(ModelConfig.from_dict(TINY_MODEL), VOCAB)
-    torch.save(final_state(model, model_config=ModelConfig.from_dict(TINY_MODEL).to_dict(),
-                           train_config=TrainConfig().to_dict(), vocabulary=VOCAB, bin_edges=[0.5, 1.0],
-                           step=0, fingerprint={}), path)
-    return path
-
-
-def expression(brightness: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Panel values that depend on brightness (two linearly, one quadratically) and one that
-    does not (pure noise): what a probe can learn and what it cannot."""
-    b = brightness
-    return np.column_stack([2 * b + 0.5, 2 * (1 - b), 1 + 0.1 * rng.standard_normal(len(b)),
-                            4 * (b - 0.55) ** 2]).astype(np.float32)
-
-
-def write_sample(root: Path, name: str, n: int, seed: int, *, invert: bool = False, size: int = 32,
-                 genes: list[str] = GENES) -> tuple[Path, Path]:
-    """``spot_patches.npy`` + ``gene_sentences.npz`` of one synthetic slide: pinkish patches of
-    random brightness with pixel noise. ``invert`` pairs dark patches with bright expression."""
-    rng = np.random.default_rng(seed)
-    brightness = rng.uniform(0.2, 0.9, n)
-    tint = np.array([235.0, 160.0, 210.0])
-    pixels = brightness[:, None, None, None] * tint + rng.normal(0, 12, (n, size, size, 3))
-    patches = np.clip(pixels, 0, 255).astype(np.uint8)
-    values = expression(1.1 - brightness if invert else brightness, rng)
-    folder = root / name
-    folder.mkdir(parents=True, exist_ok=True)
-    np.save(folder / "spot_patches.npy", patches)
-    np.savez_compressed(folder / "gene_sentences.npz", panel_values=values, panel_genes=np.asarray(genes),
-                        barcodes=np.asarray([f"{name}-{i}" for i in range(n)]))
-    return folder / "spot_patches.npy", folder / "gene_sentences.npz"
 
 
 def mse(a: np.ndarray, b: np.ndarray) -> float:
@@ -129,8 +85,9 @@ def test_early_stopping_keeps_the_epoch_with_the_lowest_validation_mse(cohort, t
     # validation slide with the opposite relation: the better the head fits the training slides,
     # the worse it does there, so the validation MSE is lowest early and training must stop
     cfg = FinetuneConfig(mode="linear", epochs=40, batch_size=32, lr=0.05, patience=3, seed=0)
-    metrics = finetune(cohort["pretrained"], cohort["train"], cohort["inverted"], tmp_path / "h.pt",
-                       tmp_path / "m.tsv", cfg)
+    metrics = finetune(
+        cohort["pretrained"], cohort["train"], cohort["inverted"], tmp_path / "h.pt", tmp_path / "m.tsv", cfg
+    )
     state = torch.load(tmp_path / "h.pt", weights_only=True)
     best = int(metrics["val_loss"].idxmin()) + 1
     assert state["best_epoch"] == best
@@ -143,8 +100,14 @@ def test_early_stopping_keeps_the_epoch_with_the_lowest_validation_mse(cohort, t
 
 
 def test_same_seed_gives_identical_heads_and_metrics(cohort, linear_run, tmp_path):
-    finetune(cohort["pretrained"], cohort["train"], cohort["val"], tmp_path / "again.pt", tmp_path / "again.tsv",
-             linear_run["cfg"])
+    finetune(
+        cohort["pretrained"],
+        cohort["train"],
+        cohort["val"],
+        tmp_path / "again.pt",
+        tmp_path / "again.tsv",
+        linear_run["cfg"],
+    )
     first = torch.load(linear_run["ckpt"], weights_only=True)["head_state"]
     again = torch.load(tmp_path / "again.pt", weights_only=True)["head_state"]
     assert all(torch.equal(first[k], again[k]) for k in first)
@@ -155,14 +118,21 @@ def test_full_fine_tuning_trains_the_encoder_reproducibly(cohort, tmp_path):
     cfg = FinetuneConfig(mode="full", epochs=3, batch_size=32, lr=0.02, encoder_lr=1e-4, patience=3, seed=1)
     runs = []
     for name in ("a", "b"):
-        metrics = finetune(cohort["pretrained"], cohort["train"][:1], cohort["val"], tmp_path / f"{name}.pt",
-                           tmp_path / f"{name}.tsv", cfg)
+        metrics = finetune(
+            cohort["pretrained"],
+            cohort["train"][:1],
+            cohort["val"],
+            tmp_path / f"{name}.pt",
+            tmp_path / f"{name}.tsv",
+            cfg,
+        )
         runs.append(torch.load(tmp_path / f"{name}.pt", weights_only=True))
     for key in ("head_state", "encoder_state"):
         assert all(torch.equal(runs[0][key][k], runs[1][key][k]) for k in runs[0][key])
     pretrained_vit = load_pretrained(cohort["pretrained"])[0].vision.vit.state_dict()
-    assert not torch.equal(runs[0]["encoder_state"]["blocks.0.attn.qkv.weight"],
-                           pretrained_vit["blocks.0.attn.qkv.weight"])
+    assert not torch.equal(
+        runs[0]["encoder_state"]["blocks.0.attn.qkv.weight"], pretrained_vit["blocks.0.attn.qkv.weight"]
+    )
     assert (metrics["encoder_lr"] == 1e-4).all() and metrics["train_loss"].iloc[-1] < metrics["train_loss"].iloc[0]
     # the checkpoint is self-contained: predictions use the fine-tuned encoder, not the pretrained one
     pred = predict_finetuned(tmp_path / "a.pt", cohort["val"][0][0])
@@ -172,7 +142,7 @@ def test_full_fine_tuning_trains_the_encoder_reproducibly(cohort, tmp_path):
 
 def test_without_validation_samples_all_epochs_run_and_the_log_says_so(cohort, tmp_path, caplog):
     cfg = FinetuneConfig(mode="linear", epochs=4, batch_size=64, lr=0.05)
-    with caplog.at_level(logging.WARNING, logger="comtip.finetune"):
+    with caplog.at_level(logging.WARNING, logger="comtip.finetune.train"):
         metrics = finetune(cohort["pretrained"], cohort["train"], [], tmp_path / "h.pt", tmp_path / "m.tsv", cfg)
     assert "no early stopping" in caplog.text
     state = torch.load(tmp_path / "h.pt", weights_only=True)
@@ -199,7 +169,8 @@ def test_inconsistent_inputs_are_errors_and_write_nothing(cohort, tmp_path):
 def test_linear_probe_refuses_another_pretrained_encoder(cohort, linear_run, tmp_path):
     moved = shutil.copyfile(cohort["pretrained"], tmp_path / "moved.pt")
     reference = predict_finetuned(linear_run["ckpt"], cohort["test"][0])
-    np.testing.assert_array_equal(predict_finetuned(linear_run["ckpt"], cohort["test"][0], pretrained_ckpt=moved),
-                                  reference)
-    with pytest.raises(ValueError, match="sha256"):
+    np.testing.assert_array_equal(
+        predict_finetuned(linear_run["ckpt"], cohort["test"][0], pretrained_ckpt=moved), reference
+    )
+    with pytest.raises(PipelineInputError, match="sha256"):
         load_finetuned(linear_run["ckpt"], pretrained_ckpt=save_pretrained(tmp_path / "other.pt", seed=1))

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from comtip.errors import PipelineInputError
-from comtip.genes import build_gene_sentences, normalise, select_genes, sentences_from_values, value_bins
+from comtip._core.errors import PipelineInputError
+from comtip.data.genes import build_gene_sentences, normalise, select_genes, sentences_from_values, value_bins
 
 
 def write_spots(path: Path, counts: np.ndarray, genes: list[str]) -> Path:
@@ -30,10 +30,10 @@ def cohort(tmp_path):
     train = []
     for k in range(2):
         counts = rng.poisson(lam, size=(60, 40))
-        counts[:30, 5] += rng.poisson(40, size=30)   # G5: highly variable in training
+        counts[:30, 5] += rng.poisson(40, size=30)  # G5: highly variable in training
         train.append(write_spots(tmp_path / f"train{k}.h5ad", counts, genes))
     test_counts = rng.poisson(lam, size=(50, 40))
-    test_counts[:, 7] += 500                        # G7 varies wildly only in the test sample
+    test_counts[:, 7] += 500  # G7 varies wildly only in the test sample
     test_counts[::2, 7] = 0
     test = write_spots(tmp_path / "test.h5ad", test_counts, genes)
     return train, test, tmp_path
@@ -57,8 +57,16 @@ def test_panel_is_chosen_on_training_samples_only(cohort):
 
 def test_heg_ranks_by_mean_and_explicit_genes_come_first(cohort):
     train, _, tmp = cohort
-    table = select_genes(train, tmp / "p.tsv", tmp / "b.tsv", n_genes=5, method="heg", explicit=["G0"],
-                         heldout_fraction=0.0, min_spots_fraction=0.0)
+    table = select_genes(
+        train,
+        tmp / "p.tsv",
+        tmp / "b.tsv",
+        n_genes=5,
+        method="heg",
+        explicit=["G0"],
+        heldout_fraction=0.0,
+        min_spots_fraction=0.0,
+    )
     assert table["gene"].iloc[0] == "G0"
     assert set(table["gene"].iloc[1:4]) == {"G39", "G38", "G37"}
 
@@ -98,7 +106,10 @@ def test_build_gene_sentences_keeps_spot_order_and_hides_heldout_genes(cohort):
     heldout = set(table.loc[table["heldout"], "gene"])
     assert not heldout & set(saved["vocabulary"])
     assert list(saved["panel_genes"]) == list(table["gene"])
-    assert saved["gene_ids"].shape == (50, 7)  # 10 panel genes - 3 held out and saved["gene_ids"].max() < len(saved["vocabulary"])
+    assert saved["gene_ids"].shape == (
+        50,
+        7,
+    )  # 10 panel genes - 3 held out and saved["gene_ids"].max() < len(saved["vocabulary"])
     # values in sentences equal the normalised values of those genes
     spot = 3
     vocab = list(saved["vocabulary"])

@@ -10,10 +10,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from comtip.genes import value_bins
-from comtip.inference import (default_value_grid, image_embeddings, image_features, prompt_embeddings,
-                              quantile_value_grid, value_prior, zero_shot, zero_shot_grid_and_prior)
+from comtip.data.genes import value_bins
 from comtip.model import CoMTIP, ModelConfig, preprocess_images
+from comtip.predict.embeddings import image_embeddings, image_features
+from comtip.predict.zeroshot import (
+    default_value_grid,
+    prompt_embeddings,
+    quantile_value_grid,
+    value_prior,
+    zero_shot,
+    zero_shot_grid_and_prior,
+)
 
 GENES = [f"GENE{i}" for i in range(12)]
 EDGES = np.array([0.5, 1.0, 1.5, 2.0], dtype=np.float32)
@@ -23,9 +30,17 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cfg() -> ModelConfig:
-    return ModelConfig(image_size=32, vision_kwargs={"depth": 1, "patch_size": 8, "embed_dim": 32, "num_heads": 2},
-                       embed_dim=16, mfm_heads=2, text_dim=16, text_heads=2, text_ff=32, name_buckets=256,
-                       n_bins=len(EDGES) + 2)
+    return ModelConfig(
+        image_size=32,
+        vision_kwargs={"depth": 1, "patch_size": 8, "embed_dim": 32, "num_heads": 2},
+        embed_dim=16,
+        mfm_heads=2,
+        text_dim=16,
+        text_heads=2,
+        text_ff=32,
+        name_buckets=256,
+        n_bins=len(EDGES) + 2,
+    )
 
 
 @pytest.fixture
@@ -88,9 +103,12 @@ def test_zero_shot_uses_the_learned_scale_or_the_temperature(model):
     model.eval()
     model.set_vocabulary(["GENE5"])
     with torch.no_grad():
-        text = model.encode_sentences(torch.zeros(4, 1, dtype=torch.long), torch.from_numpy(grid)[:, None],
-                                      torch.from_numpy(value_bins(grid, EDGES)).long()[:, None],
-                                      torch.zeros(4, 1, dtype=torch.bool))
+        text = model.encode_sentences(
+            torch.zeros(4, 1, dtype=torch.long),
+            torch.from_numpy(grid)[:, None],
+            torch.from_numpy(value_bins(grid, EDGES)).long()[:, None],
+            torch.zeros(4, 1, dtype=torch.bool),
+        )
         learned = model.scale()
     model.set_vocabulary(GENES)
     for temperature, scale in ((None, learned), (0.5, torch.tensor(2.0))):
@@ -150,21 +168,26 @@ def test_zero_shot_rejects_unnormalised_embeddings(model):
 
 # ---- value prior p(v | g) and per-gene grids ------------------------------------------------------
 
+
 def test_value_prior_is_the_linearly_binned_training_histogram():
     grid = np.array([0.0, 1.0, 2.0])
     train = np.array([[0.0, 1.0], [0.5, 1.0], [2.0, 1.0], [3.0, 1.0]])  # gene 0: 3.0 lies above the grid
     # gene 0: 0 -> [1, 0, 0]; 0.5 -> [.5, .5, 0]; 2 -> [0, 0, 1]; 3 -> the top end [0, 0, 1]
     # gene 1: four values exactly on the middle point
     np.testing.assert_allclose(value_prior(train, grid, smoothing=0.0), [[1.5 / 4, 0.5 / 4, 2 / 4], [0, 1, 0]])
-    np.testing.assert_allclose(value_prior(train, grid, smoothing=0.3),
-                               [[0.7 * 1.5 / 4 + 0.1, 0.7 * 0.5 / 4 + 0.1, 0.7 * 2 / 4 + 0.1], [0.1, 0.8, 0.1]])
+    np.testing.assert_allclose(
+        value_prior(train, grid, smoothing=0.3),
+        [[0.7 * 1.5 / 4 + 0.1, 0.7 * 0.5 / 4 + 0.1, 0.7 * 2 / 4 + 0.1], [0.1, 0.8, 0.1]],
+    )
     # inside the grid's range linear binning keeps the mean: prior mean = training mean
     inside = np.array([[0.2], [0.9], [1.7], [1.75], [0.0]])
     np.testing.assert_allclose(value_prior(inside, grid, smoothing=0.0) @ grid, inside.mean(0))
     # per-gene grids, and a repeated point takes its value's mass once (on one copy)
     per_gene = np.array([[0.0, 0.0, 1.0], [1.0, 2.0, 4.0]])
-    np.testing.assert_allclose(value_prior(np.array([[0.0, 1.5], [0.0, 4.0], [1.0, 3.0]]), per_gene, smoothing=0),
-                               [[0, 2 / 3, 1 / 3], [0.5 / 3, 1.0 / 3, 1.5 / 3]])
+    np.testing.assert_allclose(
+        value_prior(np.array([[0.0, 1.5], [0.0, 4.0], [1.0, 3.0]]), per_gene, smoothing=0),
+        [[0, 2 / 3, 1 / 3], [0.5 / 3, 1.0 / 3, 1.5 / 3]],
+    )
     with pytest.raises(ValueError, match="non-decreasing"):
         value_prior(train, np.array([0.0, 2.0, 1.0]))
     with pytest.raises(ValueError, match="smoothing"):
@@ -191,10 +214,12 @@ def _prompt_embeddings(model, gene: str, grid: np.ndarray) -> torch.Tensor:
     previous = list(model.vocabulary)
     model.set_vocabulary([gene])
     with torch.no_grad():
-        text = model.encode_sentences(torch.zeros(len(grid), 1, dtype=torch.long),
-                                      torch.from_numpy(grid.astype(np.float32))[:, None],
-                                      torch.from_numpy(value_bins(grid.astype(np.float32), EDGES)).long()[:, None],
-                                      torch.zeros(len(grid), 1, dtype=torch.bool))
+        text = model.encode_sentences(
+            torch.zeros(len(grid), 1, dtype=torch.long),
+            torch.from_numpy(grid.astype(np.float32))[:, None],
+            torch.from_numpy(value_bins(grid.astype(np.float32), EDGES)).long()[:, None],
+            torch.zeros(len(grid), 1, dtype=torch.bool),
+        )
     model.set_vocabulary(previous)
     return text
 
@@ -228,8 +253,9 @@ def test_zero_shot_with_a_prior_is_bayes_rule_on_the_scores(model):
     got = zero_shot(model, emb, ["GENE5"], grid, EDGES, temperature=1 / scale, prior=prior)
     np.testing.assert_allclose(got[:, 0], expected, rtol=1e-5)
     # the prior's normalisation does not matter
-    np.testing.assert_allclose(zero_shot(model, emb, ["GENE5"], grid, EDGES, temperature=1 / scale, prior=7 * prior),
-                               got, rtol=1e-6)
+    np.testing.assert_allclose(
+        zero_shot(model, emb, ["GENE5"], grid, EDGES, temperature=1 / scale, prior=7 * prior), got, rtol=1e-6
+    )
     # flat prior == no prior == softmax over the grid
     plain = zero_shot(model, emb, ["GENE5"], grid, EDGES, temperature=1 / scale)
     flat = zero_shot(model, emb, ["GENE5"], grid, EDGES, temperature=1 / scale, prior=np.full((1, 4), 0.25))
@@ -252,8 +278,9 @@ def test_zero_shot_per_gene_grids(model):
     emb = F.normalize(torch.randn(3, 16, generator=torch.Generator().manual_seed(3)), dim=-1).numpy()
     grid = np.array([[0.0, 0.5, 1.0], [0.0, 2.0, 6.0]], dtype=np.float32)
     point = np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
-    np.testing.assert_allclose(zero_shot(model, emb, ["GENE1", "GENE2"], grid, EDGES, prior=point),
-                               np.tile([0.5, 6.0], (3, 1)), atol=1e-6)
+    np.testing.assert_allclose(
+        zero_shot(model, emb, ["GENE1", "GENE2"], grid, EDGES, prior=point), np.tile([0.5, 6.0], (3, 1)), atol=1e-6
+    )
     # gene 1's column equals a one-gene call with its own grid (hand-computed softmax)
     s = emb.astype(np.float64) @ _prompt_embeddings(model, "GENE2", grid[1]).numpy().astype(np.float64).T * 2.0
     p = np.exp(s) / np.exp(s).sum(1, keepdims=True)
@@ -262,10 +289,12 @@ def test_zero_shot_per_gene_grids(model):
     train = np.array([[0.0], [0.0], [1.0], [0.3]])
     with_copy = np.array([[0.0, 0.0, 1.0]], dtype=np.float32)
     without = np.array([[0.0, 1.0]], dtype=np.float32)
-    a = zero_shot(model, emb, ["GENE1"], with_copy, EDGES, temperature=0.5,
-                  prior=value_prior(train, with_copy, smoothing=0.0))
-    b = zero_shot(model, emb, ["GENE1"], without, EDGES, temperature=0.5,
-                  prior=value_prior(train, without, smoothing=0.0))
+    a = zero_shot(
+        model, emb, ["GENE1"], with_copy, EDGES, temperature=0.5, prior=value_prior(train, with_copy, smoothing=0.0)
+    )
+    b = zero_shot(
+        model, emb, ["GENE1"], without, EDGES, temperature=0.5, prior=value_prior(train, without, smoothing=0.0)
+    )
     np.testing.assert_allclose(a, b, rtol=1e-5)
 
 
@@ -292,7 +321,7 @@ def test_zeroshot_method_learns_its_prior_from_training_values_only(tmp_path, mo
     import anndata as ad
     import pandas as pd
 
-    import comtip.methods as methods
+    import comtip.predict.methods as methods
 
     monkeypatch.setattr(methods, "load_pretrained", lambda path: (model, {"bin_edges": EDGES.tolist()}))
     rng = np.random.default_rng(6)
@@ -313,10 +342,15 @@ def test_zeroshot_method_learns_its_prior_from_training_values_only(tmp_path, mo
     test_npz, test_emb, test_spots, x = sample("test", 7, rng.gamma(1.0, 1.0, (7, 3)).astype(np.float32))
 
     def predict(**kw) -> np.ndarray:
-        return methods.predict_with_method("zeroshot", spots_h5ad=test_spots, test_sentences=test_npz,
-                                           train_sentences=[train_npz], out_h5ad=tmp_path / "zs.h5ad",
-                                           test_embedding=test_emb, checkpoint="unused.pt", zeroshot_grid=6,
-                                           zeroshot_temperature=0.2, **kw)
+        ctx = methods.PredictionContext(
+            spots_h5ad=test_spots,
+            test_sentences=test_npz,
+            train_value_files=[train_npz],
+            test_embedding=test_emb,
+            checkpoint="unused.pt",
+            settings={"zeroshot_grid": 6, "zeroshot_temperature": 0.2, **kw},
+        )
+        return methods.predict_with_method("zeroshot", ctx, tmp_path / "zs.h5ad")
 
     pred = predict()
     grid, prior = zero_shot_grid_and_prior(train_values, 6)  # the defaults: quantile grid, training prior
@@ -325,10 +359,15 @@ def test_zeroshot_method_learns_its_prior_from_training_values_only(tmp_path, mo
     old = zero_shot(model, x, genes, default_value_grid(train_values, 6), EDGES, temperature=0.2)
     np.testing.assert_allclose(predict(zeroshot_grid_kind="shared", zeroshot_prior="none"), old, atol=1e-6)
     # test expression is never read for the prediction
-    np.savez(test_npz, barcodes=np.load(test_npz)["barcodes"], panel_genes=np.array(genes),
-             panel_values=np.full((7, 3), 50.0, np.float32))
+    np.savez(
+        test_npz,
+        barcodes=np.load(test_npz)["barcodes"],
+        panel_genes=np.array(genes),
+        panel_values=np.full((7, 3), 50.0, np.float32),
+    )
     np.testing.assert_allclose(predict(), pred, atol=1e-6)
     # training expression is
-    np.savez(train_npz, barcodes=np.load(train_npz)["barcodes"], panel_genes=np.array(genes),
-             panel_values=train_values * 3)
+    np.savez(
+        train_npz, barcodes=np.load(train_npz)["barcodes"], panel_genes=np.array(genes), panel_values=train_values * 3
+    )
     assert np.abs(predict() - pred).max() > 1e-2

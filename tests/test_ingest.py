@@ -13,14 +13,22 @@ import scipy.io
 import scipy.sparse as sp
 from PIL import Image
 
-from comtip.errors import PipelineInputError
-from comtip.ingest import ingest_sample, read_spaceranger
+from comtip._core.errors import PipelineInputError
+from comtip.data.ingest import ingest_sample
+from comtip.io.spaceranger import read_spaceranger
 
 GENES = ["ACTB", "GAPDH", "MT-CO1", "KRT19", "KRT19"]  # duplicate symbol on purpose
 
 
-def write_outs(root: Path, *, n_side: int = 4, pitch: float = 40.0, v1_positions: bool = True,
-               extra_matrix_barcode: bool = False, drop_matrix_barcode: bool = False) -> Path:
+def write_outs(
+    root: Path,
+    *,
+    n_side: int = 4,
+    pitch: float = 40.0,
+    v1_positions: bool = True,
+    extra_matrix_barcode: bool = False,
+    drop_matrix_barcode: bool = False,
+) -> Path:
     """A Space Ranger outs/ with an mtx matrix: n_side² spots, the last row outside the tissue."""
     outs = root / "outs"
     (outs / "spatial").mkdir(parents=True)
@@ -35,8 +43,9 @@ def write_outs(root: Path, *, n_side: int = 4, pitch: float = 40.0, v1_positions
     else:
         header = "barcode,in_tissue,array_row,array_col,pxl_row_in_fullres,pxl_col_in_fullres\n"
         (outs / "spatial" / "tissue_positions.csv").write_text(header + "\n".join(lines) + "\n")
-    (outs / "spatial" / "scalefactors_json.json").write_text(json.dumps(
-        {"spot_diameter_fullres": 22.0, "tissue_hires_scalef": 0.5, "tissue_lowres_scalef": 0.1}))
+    (outs / "spatial" / "scalefactors_json.json").write_text(
+        json.dumps({"spot_diameter_fullres": 22.0, "tissue_hires_scalef": 0.5, "tissue_lowres_scalef": 0.1})
+    )
     matrix_bcs = [b for b, t in zip(barcodes, in_tissue) if t]
     if drop_matrix_barcode:
         matrix_bcs = matrix_bcs[1:]
@@ -94,6 +103,7 @@ def test_ingest_writes_h5ad_with_mpp_from_spot_geometry(tmp_path, outs, slide):
     out = tmp_path / "results" / "spots.h5ad"
     ingest_sample(outs, slide, out, sample="s1", spot_diameter_um=55.0)
     import anndata as ad
+
     adata = ad.read_h5ad(out)
     assert adata.uns["comtip"]["mpp"] == pytest.approx(55.0 / 22.0)
     assert adata.uns["comtip"]["mpp_source"] == "spot_geometry"
@@ -134,13 +144,20 @@ def test_missing_matrix(outs):
 
 def test_matrix_barcode_without_position(tmp_path):
     outs = write_outs(tmp_path, extra_matrix_barcode=True)
-    _expect_error("1 matrix barcodes have no row.*STRANGER-1", "filtered_feature_bc_matrix", read_spaceranger, outs, sample="s1")
+    _expect_error(
+        "1 matrix barcodes have no row.*STRANGER-1", "filtered_feature_bc_matrix", read_spaceranger, outs, sample="s1"
+    )
 
 
 def test_in_tissue_position_without_counts(tmp_path):
     outs = write_outs(tmp_path, drop_matrix_barcode=True)
-    _expect_error("1 in-tissue barcodes .* missing from the count matrix.*BC0000-1", "filtered_feature_bc_matrix",
-                  read_spaceranger, outs, sample="s1")
+    _expect_error(
+        "1 in-tissue barcodes .* missing from the count matrix.*BC0000-1",
+        "filtered_feature_bc_matrix",
+        read_spaceranger,
+        outs,
+        sample="s1",
+    )
 
 
 def test_malformed_positions(outs):
@@ -167,5 +184,6 @@ def test_unreadable_slide_names_file_and_readers(tmp_path, outs):
 def test_invalid_spot_diameter_is_refused(tmp_path, outs, slide):
     factors = outs / "spatial" / "scalefactors_json.json"
     factors.write_text(json.dumps({"spot_diameter_fullres": 0}))
-    _expect_error("spot_diameter_fullres", "scalefactors_json.json", ingest_sample, outs, slide,
-                  tmp_path / "x.h5ad", sample="s1")
+    _expect_error(
+        "spot_diameter_fullres", "scalefactors_json.json", ingest_sample, outs, slide, tmp_path / "x.h5ad", sample="s1"
+    )

@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from comtip.ingest import ingest_sample, read_spaceranger
+from comtip.data.ingest import ingest_sample
+from comtip.io.spaceranger import read_spaceranger
 from conftest import shared_data
 
 pytestmark = pytest.mark.realdata
@@ -47,6 +48,7 @@ def test_her2st_jpeg_sections_take_mpp_from_spot_geometry(tmp_path, section):
     assert info["mpp_source"] == "spot_geometry"
     # her2st's own record (an extra key real Space Ranger does not write) agrees
     import json
+
     recorded = json.loads((outs / "spatial" / "scalefactors_json.json").read_text())["microns_per_pixel"]
     assert info["mpp"] == pytest.approx(recorded, rel=1e-6)
     assert 150 <= adata.n_obs <= 200

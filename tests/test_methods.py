@@ -9,8 +9,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from comtip.baselines import bleep_retrieval, mclstexp_retrieval, spatial_neighbour_mean
-from comtip.methods import BASELINE_METHODS, predict_with_method
+from comtip._core.errors import ConfigError, PipelineInputError
+from comtip.predict.baselines import bleep_retrieval, mclstexp_retrieval, spatial_neighbour_mean
+from comtip.predict.methods import PredictionContext, predict_with_method
+from comtip.predict.registry import BASELINE_METHODS
 from conftest import CONFIG_SCHEMA, REPO
 
 GENES = [f"G{i}" for i in range(6)]
@@ -26,10 +28,15 @@ def _write_sample(root, sample: str, n: int, rng: np.random.Generator, grid_cols
     spots lie on a square grid of pitch 200 px, like legacy ST."""
     barcodes = _barcodes(sample, n)
     values = rng.gamma(1.0, 1.0, (n, len(GENES))).astype(np.float32)
-    emb = {key: rng.normal(size=(n, D)).astype(np.float32)
-           for key in ("features", "image_embeddings", "sentence_embeddings")}
-    paths = {"sentences": root / f"{sample}_sentences.npz", "embeddings": root / f"{sample}_emb.npz",
-             "spots": root / f"{sample}_spots.h5ad"}
+    emb = {
+        key: rng.normal(size=(n, D)).astype(np.float32)
+        for key in ("features", "image_embeddings", "sentence_embeddings")
+    }
+    paths = {
+        "sentences": root / f"{sample}_sentences.npz",
+        "embeddings": root / f"{sample}_emb.npz",
+        "spots": root / f"{sample}_spots.h5ad",
+    }
     np.savez(paths["sentences"], barcodes=barcodes, panel_genes=np.array(GENES), panel_values=values)
     np.savez(paths["embeddings"], barcodes=barcodes, **emb)
     spots = ad.AnnData(X=np.zeros((n, 1), np.float32), obs=pd.DataFrame(index=barcodes))
@@ -49,10 +56,15 @@ def cohort(tmp_path):
 
 def _predict(method, cohort, **options):
     root, train, test = cohort
-    return predict_with_method(
-        method, spots_h5ad=test["spots"], test_sentences=test["sentences"],
-        train_sentences=[t["sentences"] for t in train], train_embeddings=[t["embeddings"] for t in train],
-        test_embedding=test["embeddings"], out_h5ad=root / f"{method}.h5ad", **options)
+    ctx = PredictionContext(
+        spots_h5ad=test["spots"],
+        test_sentences=test["sentences"],
+        train_value_files=[t["sentences"] for t in train],
+        train_embedding_files=[t["embeddings"] for t in train],
+        test_embedding=test["embeddings"],
+        settings=options,
+    )
+    return predict_with_method(method, ctx, root / f"{method}.h5ad")
 
 
 def _reference(train, key):
@@ -66,11 +78,12 @@ def test_mclstexp_method_is_mclstexp_retrieval_of_sentences_queried_with_images(
     expected = mclstexp_retrieval(_reference(train, "sentence_embeddings"), values, test["image_embeddings"], k=7)
     np.testing.assert_allclose(pred, expected, rtol=1e-12)
     # what a mis-wiring would give instead: another k, BLEEP's plain mean, the wrong side as reference or query
-    for wrong in (mclstexp_retrieval(_reference(train, "sentence_embeddings"), values, test["image_embeddings"], k=3),
-                  bleep_retrieval(_reference(train, "sentence_embeddings"), values, test["image_embeddings"], k=7),
-                  mclstexp_retrieval(_reference(train, "image_embeddings"), values, test["image_embeddings"], k=7),
-                  mclstexp_retrieval(_reference(train, "sentence_embeddings"), values, test["sentence_embeddings"],
-                                     k=7)):
+    for wrong in (
+        mclstexp_retrieval(_reference(train, "sentence_embeddings"), values, test["image_embeddings"], k=3),
+        bleep_retrieval(_reference(train, "sentence_embeddings"), values, test["image_embeddings"], k=7),
+        mclstexp_retrieval(_reference(train, "image_embeddings"), values, test["image_embeddings"], k=7),
+        mclstexp_retrieval(_reference(train, "sentence_embeddings"), values, test["sentence_embeddings"], k=7),
+    ):
         assert np.abs(pred - wrong).max() > 1e-3
     written = ad.read_h5ad(root / "mclstexp_comtip.h5ad")
     np.testing.assert_allclose(written.X, pred.astype(np.float32))
@@ -80,15 +93,16 @@ def test_mclstexp_method_is_mclstexp_retrieval_of_sentences_queried_with_images(
 
 def test_mclstexp_default_k_is_mclstexps_200(cohort):
     root, train, test = cohort
-    with pytest.raises(ValueError, match=r"evaluate\.mclstexp_k' = 200.*\(40\)"):
+    with pytest.raises(ConfigError, match=r"evaluate\.mclstexp_k' = 200.*\(40\)"):
         _predict("mclstexp_comtip", cohort)  # 40 training spots < 200
 
 
 def test_bleep_method_is_bleep_average(cohort):
     root, train, test = cohort
     pred = _predict("bleep_comtip", cohort, bleep_k=5, mclstexp_k=9)
-    expected = bleep_retrieval(_reference(train, "sentence_embeddings"), _reference(train, "values"),
-                               test["image_embeddings"], k=5)
+    expected = bleep_retrieval(
+        _reference(train, "sentence_embeddings"), _reference(train, "values"), test["image_embeddings"], k=5
+    )
     np.testing.assert_allclose(pred, expected, rtol=1e-12)
 
 
@@ -111,7 +125,7 @@ def test_test_embeddings_of_other_spots_are_refused(cohort):
     data = dict(np.load(test["embeddings"]))
     data["barcodes"] = data["barcodes"][::-1]
     np.savez(test["embeddings"], **data)
-    with pytest.raises(ValueError, match="not the test sample's spots"):
+    with pytest.raises(PipelineInputError, match="not the test sample's spots"):
         _predict("mclstexp_comtip", cohort, mclstexp_k=7)
     assert not (root / "mclstexp_comtip.h5ad").exists()
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from comtip.genes import value_bins
+from comtip.data.genes import value_bins
 from comtip.model import subsample_sentences
-from comtip.model.augment import value_probes, vocabulary_sentences
+from comtip.model.sentence_cuts import value_probes, vocabulary_sentences
 
 
 def _sentences(rows: int = 64, length: int = 8, seed: int = 0):
@@ -28,8 +28,9 @@ def _tokens(ids, values, bins, pad, row):
 @pytest.mark.parametrize("length", ["uniform", "log_uniform"])
 def test_subsentences_keep_order_and_lengths(length):
     ids, values, bins, pad = _sentences()
-    out = subsample_sentences(ids, values, bins, pad, torch.Generator().manual_seed(3), prob=1.0, min_len=1,
-                              length=length)
+    out = subsample_sentences(
+        ids, values, bins, pad, torch.Generator().manual_seed(3), prob=1.0, min_len=1, length=length
+    )
     new_ids, new_values, new_bins, new_pad = out
     assert all(a.shape == b.shape for a, b in zip(out, (ids, values, bins, pad)))
     n_old, n_new = (~pad).sum(1), (~new_pad).sum(1)
@@ -59,8 +60,9 @@ def test_probability_zero_and_min_len():
 def _cut_lengths(length: str, min_len: int = 1, rows: int = 40000, width: int = 127) -> torch.Tensor:
     ids = torch.arange(1, width + 1).repeat(rows, 1)
     pad = torch.zeros(rows, width, dtype=torch.bool)
-    out = subsample_sentences(ids, ids.float(), ids, pad, torch.Generator().manual_seed(1), prob=1.0,
-                              min_len=min_len, length=length)
+    out = subsample_sentences(
+        ids, ids.float(), ids, pad, torch.Generator().manual_seed(1), prob=1.0, min_len=min_len, length=length
+    )
     return (~out[3]).sum(1)
 
 
@@ -97,8 +99,12 @@ def test_value_probes_read_each_spots_value_or_zero():
     pad = values == 0
     genes, pv, pb = value_probes(ids, values, bins, pad, n_genes=10, generator=torch.Generator().manual_seed(0))
     assert sorted(genes.tolist()) == [2, 5, 7, 9]  # every gene present (fewer than n_genes); 0 only as padding
-    expected = {2: ([2.0, 4.0, 0.0], [4, 7, 0]), 5: ([3.0, 0.0, 0.0], [6, 0, 0]),
-                7: ([0.0, 0.5, 0.0], [0, 1, 0]), 9: ([1.0, 0.0, 2.5], [2, 0, 5])}
+    expected = {
+        2: ([2.0, 4.0, 0.0], [4, 7, 0]),
+        5: ([3.0, 0.0, 0.0], [6, 0, 0]),
+        7: ([0.0, 0.5, 0.0], [0, 1, 0]),
+        9: ([1.0, 0.0, 2.5], [2, 0, 5]),
+    }
     for k, g in enumerate(genes.tolist()):
         assert pv[k].tolist() == expected[g][0] and pb[k].tolist() == expected[g][1]
     two, _, _ = value_probes(ids, values, bins, pad, n_genes=2, generator=torch.Generator().manual_seed(0))
@@ -121,17 +127,22 @@ def test_vocabulary_sentences_read_each_genes_value_zeros_included():
     a gene the spot does not express, as a token, not padding) and value_bins' bin, sorted by value."""
     dense = _dense()
     rows, width = len(dense), 16
-    ids, values, bins, pad = (torch.zeros(rows, width, dtype=torch.long), torch.zeros(rows, width),
-                              torch.zeros(rows, width, dtype=torch.long), torch.ones(rows, width, dtype=torch.bool))
+    ids, values, bins, pad = (
+        torch.zeros(rows, width, dtype=torch.long),
+        torch.zeros(rows, width),
+        torch.zeros(rows, width, dtype=torch.long),
+        torch.ones(rows, width, dtype=torch.bool),
+    )
     edges = torch.tensor([0.5, 1.0, 2.0, 3.0])
-    out_ids, out_values, out_bins, out_pad = vocabulary_sentences(ids, values, bins, pad, dense, edges,
-                                                                  torch.Generator().manual_seed(2), prob=1.0)
+    out_ids, out_values, out_bins, out_pad = vocabulary_sentences(
+        ids, values, bins, pad, dense, edges, torch.Generator().manual_seed(2), prob=1.0
+    )
     n = (~out_pad).sum(1)
     assert n.min() >= 1 and n.max() <= 12  # at most the vocabulary (12 < width 16)
     assert torch.equal(out_pad, torch.arange(width)[None, :] >= n[:, None])  # packed to the front
     kept = ~out_pad
     assert torch.equal(out_values[kept], dense.gather(1, out_ids)[kept])  # each gene's own value
-    assert ((out_values[kept] == 0).sum() > 0)  # zero-valued genes are tokens
+    assert (out_values[kept] == 0).sum() > 0  # zero-valued genes are tokens
     assert np.array_equal(out_bins[kept].numpy(), value_bins(out_values[kept].numpy(), edges.numpy()))
     for row in range(rows):
         genes = out_ids[row][kept[row]]
@@ -151,8 +162,9 @@ def test_vocabulary_sentences_length_does_not_follow_the_spot():
     ids, values, bins, pad = _sentences(rows, width)
     same = vocabulary_sentences(ids, values, bins, pad, dense, torch.tensor([1.0]), g, prob=0.0)
     assert all(torch.equal(a, b) for a, b in zip(same, (ids, values, bins, pad)))
-    out_pad = vocabulary_sentences(ids, values, bins, pad, dense, torch.tensor([1.0]),
-                                   torch.Generator().manual_seed(1), prob=1.0)[3]
+    out_pad = vocabulary_sentences(
+        ids, values, bins, pad, dense, torch.tensor([1.0]), torch.Generator().manual_seed(1), prob=1.0
+    )[3]
     n = (~out_pad).sum(1).float()
     assert n.min() == 1 and n.max() == width  # uniform over 1..min(width, genes)
     assert n.mean().item() == pytest.approx((1 + width) / 2, abs=0.3)

@@ -10,14 +10,23 @@ import torch
 
 from comtip.model import CoMTIP, ModelConfig
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cfg(**kw) -> ModelConfig:
-    return ModelConfig(**{"image_size": 32, "vision_kwargs": {"depth": 2, "patch_size": 8, "embed_dim": 64, "num_heads": 2},
-                          "embed_dim": 32, "mfm_heads": 2, "text_dim": 32, "text_heads": 2, "text_ff": 64,
-                          "name_buckets": 1024, **kw})
+    return ModelConfig(
+        **{
+            "image_size": 32,
+            "vision_kwargs": {"depth": 2, "patch_size": 8, "embed_dim": 64, "num_heads": 2},
+            "embed_dim": 32,
+            "mfm_heads": 2,
+            "text_dim": 32,
+            "text_heads": 2,
+            "text_ff": 64,
+            "name_buckets": 1024,
+            **kw,
+        }
+    )
 
 
 def _batch(rows: int = 16, length: int = 8, vocab: int = 40, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -28,9 +37,13 @@ def _batch(rows: int = 16, length: int = 8, vocab: int = 40, seed: int = 0) -> d
     pad = torch.zeros(rows, length, dtype=torch.bool)
     pad[0, 1:] = True  # a single-gene sentence
     pad[1, 4:] = True
-    return {"images": torch.randn(rows, 3, 32, 32, generator=g), "gene_ids": ids.masked_fill(pad, 0),
-            "values": values.masked_fill(pad, 0.0), "bins": (values * 5).long().clamp(max=15).masked_fill(pad, 0),
-            "pad": pad}
+    return {
+        "images": torch.randn(rows, 3, 32, 32, generator=g),
+        "gene_ids": ids.masked_fill(pad, 0),
+        "values": values.masked_fill(pad, 0.0),
+        "bins": (values * 5).long().clamp(max=15).masked_fill(pad, 0),
+        "pad": pad,
+    }
 
 
 GENES = [f"GENE{i}" for i in range(40)]
@@ -44,8 +57,12 @@ def test_forward_returns_all_losses_and_trains_every_part():
     assert all(torch.isfinite(v) and v.ndim == 0 for v in out.values())
     assert out["loss_mfm"] > 0 and out["loss_paat"] > 0 and out["loss_value"] > 0
     cfg = model.cfg
-    expected = (out["loss_infonce"] + cfg.lambda_mfm * out["loss_mfm"] + cfg.lambda_paat * out["loss_paat"]
-                + cfg.lambda_value * out["loss_value"])
+    expected = (
+        out["loss_infonce"]
+        + cfg.lambda_mfm * out["loss_mfm"]
+        + cfg.lambda_paat * out["loss_paat"]
+        + cfg.lambda_value * out["loss_value"]
+    )
     torch.testing.assert_close(out["loss"], expected)
     out["loss"].backward()
     for part in (model.vision.vit, model.vision.generator, model.text, model.discriminator):
@@ -64,8 +81,9 @@ def test_switched_off_parts_give_zero_losses():
     assert only_shuffle(_batch())["loss_paat"].item() == 0.0  # hard negatives live in loss_infonce
     warming_up = CoMTIP(_cfg(), GENES)(_batch(), paat=False)  # the training loop's PAAT warm-up
     assert warming_up["loss_paat"].item() == 0.0
-    torch.testing.assert_close(warming_up["loss"], warming_up["loss_infonce"] + warming_up["loss_mfm"]
-                               + warming_up["loss_value"])
+    torch.testing.assert_close(
+        warming_up["loss"], warming_up["loss_infonce"] + warming_up["loss_mfm"] + warming_up["loss_value"]
+    )
 
 
 def test_logit_scale_is_clamped():
@@ -85,8 +103,9 @@ def test_set_vocabulary_embeds_unseen_genes():
     model.set_vocabulary(["NOVEL1", "NOVEL2"])
     assert model.vocabulary == ["NOVEL1", "NOVEL2"]
     ids = torch.tensor([[0], [1]])
-    emb = model.encode_sentences(ids, torch.ones(2, 1), torch.ones(2, 1, dtype=torch.long),
-                                 torch.zeros(2, 1, dtype=torch.bool))
+    emb = model.encode_sentences(
+        ids, torch.ones(2, 1), torch.ones(2, 1, dtype=torch.long), torch.zeros(2, 1, dtype=torch.bool)
+    )
     assert emb.shape == (2, 32) and torch.isfinite(emb).all()
     assert not torch.allclose(emb[0], emb[1])
 
@@ -119,9 +138,13 @@ def test_overfits_sentences_that_differ_only_in_pairing():
     g = torch.Generator().manual_seed(1)
     values = torch.linspace(3.0, 0.5, 6)
     genes = torch.stack([torch.randperm(6, generator=g) for _ in range(16)])  # value j goes to gene genes[r, j]
-    batch = {"images": torch.randn(16, 3, 32, 32, generator=g), "gene_ids": genes,
-             "values": values.expand(16, -1).clone(), "bins": (values * 5).long().expand(16, -1).clone(),
-             "pad": torch.zeros(16, 6, dtype=torch.bool)}
+    batch = {
+        "images": torch.randn(16, 3, 32, 32, generator=g),
+        "gene_ids": genes,
+        "values": values.expand(16, -1).clone(),
+        "bins": (values * 5).long().expand(16, -1).clone(),
+        "pad": torch.zeros(16, 6, dtype=torch.bool),
+    }
     top1 = _train_top1(batch, steps=150)
     assert top1 >= 0.8, f"image→sentence top-1 {top1:.2f} (chance 1/16)"
 
@@ -140,7 +163,10 @@ def test_value_contrast_uses_the_given_probes_and_scores_one_gene_prompts():
     probe_bins = (probe_values * 5).long().clamp(max=15)
     out = model({**batch, "probe_genes": genes, "probe_values": probe_values, "probe_bins": probe_bins})
     img = model.encode_image(batch["images"])
-    txt = torch.stack([model.encode_sentences(g.repeat(16, 1), v[:, None], b[:, None],
-                                              torch.zeros(16, 1, dtype=torch.bool))
-                       for g, v, b in zip(genes, probe_values, probe_bins)])
+    txt = torch.stack(
+        [
+            model.encode_sentences(g.repeat(16, 1), v[:, None], b[:, None], torch.zeros(16, 1, dtype=torch.bool))
+            for g, v, b in zip(genes, probe_values, probe_bins)
+        ]
+    )
     torch.testing.assert_close(out["loss_value"], value_contrast(img, txt, probe_values, model.scale()))

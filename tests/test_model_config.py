@@ -26,9 +26,18 @@ def test_unknown_key_is_named():
         ModelConfig.from_dict({"mask_ratoi": 0.5})
 
 
-@pytest.mark.parametrize("key,value", [("mask_ratio", 1.0), ("name_encoder", "bert"), ("text_heads", 3),
-                                       ("paat_steps", 0), ("n_bins", 1), ("max_logit_scale", 2.0),
-                                       ("vision_kwargs", {"img_size": 224})])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("mask_ratio", 1.0),
+        ("name_encoder", "bert"),
+        ("text_heads", 3),
+        ("paat_steps", 0),
+        ("n_bins", 1),
+        ("max_logit_scale", 2.0),
+        ("vision_kwargs", {"img_size": 224}),
+    ],
+)
 def test_bad_values_name_the_key(key, value):
     with pytest.raises(ValueError, match=f"'{key}'"):
         ModelConfig.from_dict({key: value})

@@ -10,7 +10,6 @@ import torch
 from comtip.model import GeneTextEncoder, HashNameEncoder, ModelConfig, name_ngrams, ngram_bucket
 from comtip.model.gene_text import MiniLMNameEncoder
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -60,13 +59,20 @@ def test_padding_does_not_change_the_embedding():
     bins = torch.tensor([[9, 4, 1]])
     short = enc(ids, values, bins, torch.zeros(1, 3, dtype=torch.bool))
     pad = torch.tensor([[False, False, False, True, True, True]])
-    long = enc(torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], 1),
-               torch.cat([values, torch.zeros(1, 3)], 1), torch.cat([bins, torch.zeros(1, 3, dtype=torch.long)], 1),
-               pad)
+    long = enc(
+        torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], 1),
+        torch.cat([values, torch.zeros(1, 3)], 1),
+        torch.cat([bins, torch.zeros(1, 3, dtype=torch.long)], 1),
+        pad,
+    )
     torch.testing.assert_close(short, long, rtol=1e-5, atol=1e-6)
     # and what is under the padding does not matter either
-    noisy = enc(torch.tensor([[3, 1, 7, 5, 5, 2]]), torch.tensor([[2.5, 1.0, 0.3, 9.0, 8.0, 7.0]]),
-                torch.tensor([[9, 4, 1, 15, 15, 15]]), pad)
+    noisy = enc(
+        torch.tensor([[3, 1, 7, 5, 5, 2]]),
+        torch.tensor([[2.5, 1.0, 0.3, 9.0, 8.0, 7.0]]),
+        torch.tensor([[9, 4, 1, 15, 15, 15]]),
+        pad,
+    )
     torch.testing.assert_close(short, noisy, rtol=1e-5, atol=1e-6)
 
 
@@ -117,10 +123,14 @@ def test_mean_pooling_is_the_masked_mean_of_the_gene_tokens_outputs():
     expected = torch.stack([enc.norm(out[0, 1:4].mean(dim=0)), enc.norm(out[1, 1]), enc.norm(out[2, 0])])
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     # more padding, with junk under it, changes nothing
-    wide = enc.encode_from_tokens(enc.token_embeddings(torch.cat([ids, torch.full((3, 2), 5)], 1),
-                                                       torch.cat([values, torch.full((3, 2), 9.0)], 1),
-                                                       torch.cat([bins, torch.full((3, 2), 15)], 1)),
-                                  torch.cat([pad, torch.ones(3, 2, dtype=torch.bool)], 1))
+    wide = enc.encode_from_tokens(
+        enc.token_embeddings(
+            torch.cat([ids, torch.full((3, 2), 5)], 1),
+            torch.cat([values, torch.full((3, 2), 9.0)], 1),
+            torch.cat([bins, torch.full((3, 2), 15)], 1),
+        ),
+        torch.cat([pad, torch.ones(3, 2, dtype=torch.bool)], 1),
+    )
     torch.testing.assert_close(wide, got, rtol=1e-5, atol=1e-6)
     cls = GeneTextEncoder(_cfg(), [f"G{i}" for i in range(10)]).eval()
     cls.load_state_dict(enc.state_dict())

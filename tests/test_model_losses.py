@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 from comtip.model.losses import gather_with_grad, info_nce, value_contrast
 
@@ -85,8 +86,9 @@ def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tor
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     out = Path(out_dir)
     try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
-                                timeout=datetime.timedelta(seconds=60))
+        dist.init_process_group(
+            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60)
+        )
     except Exception as err:  # reported to the parent, which skips
         (out / f"init_failed_{rank}").write_text(repr(err))
         return
@@ -118,3 +120,24 @@ def test_two_process_loss_equals_one_process_loss(tmp_path):
     for which in range(3):
         got = torch.cat([ranks[0]["grads"][which], ranks[1]["grads"][which]])
         torch.testing.assert_close(got / 2, full[which].grad, rtol=1e-5, atol=1e-6)
+
+
+def test_losses_are_computed_in_fp32_under_bf16_autocast():
+    """Under bf16 autocast the logits would keep 2-3 significant digits; the losses upcast and
+    compute in float32, giving what they give outside autocast on the same embeddings."""
+    g = torch.Generator().manual_seed(3)
+    img = F.normalize(torch.randn(32, 64, generator=g), dim=-1)
+    txt = F.normalize(img + 0.3 * torch.randn(32, 64, generator=g), dim=-1)
+    probe_txt = F.normalize(torch.randn(3, 32, 64, generator=g), dim=-1)
+    probe_values = torch.randint(0, 4, (3, 32), generator=g).float()
+    scale = torch.tensor(50.0)
+    plain = (info_nce(img, txt, scale), value_contrast(img, probe_txt, probe_values, scale))
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        assert (img @ txt.T).dtype == torch.bfloat16  # autocast is on for a matmul here
+        mixed = (info_nce(img, txt, scale), value_contrast(img, probe_txt, probe_values, scale))
+        from_bf16 = info_nce(img.bfloat16(), txt.bfloat16(), scale)
+    for a, b in zip(plain, mixed, strict=True):
+        assert b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert from_bf16.dtype == torch.float32
+    torch.testing.assert_close(from_bf16, info_nce(img.bfloat16().float(), txt.bfloat16().float(), scale))

@@ -9,13 +9,13 @@ import torch.nn.functional as F
 
 from comtip.model import GeneTextEncoder, ModelConfig, PairDiscriminator, adversarial_delta, info_nce, shuffle_values
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cfg(**kw) -> ModelConfig:
-    return ModelConfig(**{"text_dim": 16, "text_heads": 2, "text_ff": 32, "embed_dim": 8, "name_buckets": 512,
-                          "dropout": 0.0, **kw})
+    return ModelConfig(
+        **{"text_dim": 16, "text_heads": 2, "text_ff": 32, "embed_dim": 8, "name_buckets": 512, "dropout": 0.0, **kw}
+    )
 
 
 def _sentences(rows: int = 12, length: int = 6, vocab: int = 20, seed: int = 0):
@@ -30,12 +30,16 @@ def _sentences(rows: int = 12, length: int = 6, vocab: int = 20, seed: int = 0):
 
 
 def test_shuffle_keeps_multisets_and_changes_pairing():
-    values = torch.tensor([[3.0, 2.0, 1.0, 0.5],   # distinct values
-                           [2.0, 2.0, 1.0, 0.0],   # duplicates, 3 tokens
-                           [1.0, 1.0, 0.0, 0.0],   # 2 equal values: no other pairing exists
-                           [4.0, 0.0, 0.0, 0.0],   # length 1
-                           [0.0, 0.0, 0.0, 0.0],   # all padding
-                           [0.0, 5.0, 0.0, 6.0]])  # padding in the middle
+    values = torch.tensor(
+        [
+            [3.0, 2.0, 1.0, 0.5],  # distinct values
+            [2.0, 2.0, 1.0, 0.0],  # duplicates, 3 tokens
+            [1.0, 1.0, 0.0, 0.0],  # 2 equal values: no other pairing exists
+            [4.0, 0.0, 0.0, 0.0],  # length 1
+            [0.0, 0.0, 0.0, 0.0],  # all padding
+            [0.0, 5.0, 0.0, 6.0],
+        ]
+    )  # padding in the middle
     pad = torch.tensor([[0, 0, 0, 0], [0, 0, 0, 1], [0, 0, 1, 1], [0, 1, 1, 1], [1, 1, 1, 1], [1, 0, 1, 0]]).bool()
     bins = (values * 2).long()  # bins are a function of values: they must move together
     for seed in range(20):
@@ -90,8 +94,13 @@ def test_adversarial_step_works_under_no_grad():
     img = F.normalize(torch.randn(len(ids), 8), dim=1)
     with torch.no_grad():
         tokens = enc.token_embeddings(ids, values, bins)
-        delta = adversarial_delta(tokens, pad, lambda t: info_nce(img, enc.project(enc.encode_from_tokens(t, pad)), 10.0),
-                                  epsilon=0.05, steps=1)
+        delta = adversarial_delta(
+            tokens,
+            pad,
+            lambda t: info_nce(img, enc.project(enc.encode_from_tokens(t, pad)), 10.0),
+            epsilon=0.05,
+            steps=1,
+        )
     assert delta.abs().max() > 0
 
 

@@ -9,6 +9,7 @@ import timm
 import torch
 from torch import nn
 
+from comtip._core.errors import ConfigError
 from comtip.model import ModelConfig, VisionEncoder, n_visible_tokens, preprocess_images, random_masking
 
 TINY_VIT = {"depth": 2, "patch_size": 8, "embed_dim": 32, "num_heads": 2}  # 32 px → 4 × 4 = 16 patches
@@ -44,7 +45,7 @@ def test_mfm_targets_are_detached_and_the_masked_branch_learns():
     enc = VisionEncoder(_cfg())
     out = enc(torch.randn(2, 3, 32, 32))
     assert out.tokens.requires_grad
-    grad_targets, = torch.autograd.grad(out.loss_mfm, out.tokens, retain_graph=True, allow_unused=True)
+    (grad_targets,) = torch.autograd.grad(out.loss_mfm, out.tokens, retain_graph=True, allow_unused=True)
     assert grad_targets is None  # stop-gradient: the loss does not reach the full-branch features
     out.loss_mfm.backward()
     assert enc.generator.mask_query.grad.abs().sum() > 0
@@ -83,8 +84,9 @@ def test_preprocess_images_resizes_and_normalises():
 
 
 def _timm_state(img_size: int, **kw) -> dict[str, torch.Tensor]:
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=img_size, num_classes=5,
-                              **{**TINY_VIT, **kw})
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=img_size, num_classes=5, **{**TINY_VIT, **kw}
+    )
     return model.state_dict()
 
 
@@ -111,7 +113,7 @@ def test_pretrained_weights_at_another_size_get_resampled_positions(tmp_path):
 
 
 def test_pretrained_weights_errors(tmp_path, caplog):
-    with pytest.raises(FileNotFoundError, match="nope.pt"):
+    with pytest.raises(ConfigError, match=r"model\.pretrained_weights': no such file .*nope.pt"):
         VisionEncoder(_cfg(pretrained_weights=str(tmp_path / "nope.pt")))
     torch.save(_timm_state(32, depth=3), tmp_path / "deeper.pt")
     with pytest.raises(ValueError, match="does not match"):

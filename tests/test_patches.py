@@ -11,11 +11,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
-from test_slide import position_image, pyramid, write_generic_tiff
 
-from comtip.errors import PipelineInputError
-from comtip.patches import INDEX_COLUMNS, extract_patches, patch_geometry, read_boxes_raw, spatial_order
-from comtip.slide import open_slide
+from _helpers.slides import position_image, pyramid, write_generic_tiff
+from comtip._core.errors import PipelineInputError
+from comtip.data.patches import INDEX_COLUMNS, extract_patches, patch_geometry, read_boxes_raw, spatial_order
+from comtip.io.readers import open_slide
 
 SLIDE_MPP = 0.5
 # 32 px at 1 µm/px = a 64 px box on a 0.5 µm/px slide, read from level 1 (downsample 2).
@@ -126,7 +126,9 @@ def test_spatial_order_is_a_block_wise_permutation():
 
 def test_raw_ceiling_reads_the_same_regions(spots, slide_path):
     with open_slide(slide_path) as slide:
-        index = patch_geometry(CENTERS, size_px=SIZE_PX, mpp=PATCH_MPP, slide_mpp=SLIDE_MPP, slide_dimensions=slide.dimensions)
+        index = patch_geometry(
+            CENTERS, size_px=SIZE_PX, mpp=PATCH_MPP, slide_mpp=SLIDE_MPP, slide_dimensions=slide.dimensions
+        )
         pixels = read_boxes_raw(slide, index, SIZE_PX, SIZE_PX * PATCH_MPP / SLIDE_MPP, threads=2)
     assert pixels == len(CENTERS) * SIZE_PX * SIZE_PX
 
@@ -149,7 +151,7 @@ def test_failure_while_writing_leaves_nothing(spots, slide_path, tmp_path, monke
     def broken(*args: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr("comtip.patches._pwrite_all", broken)
+    monkeypatch.setattr("comtip.data.patches._pwrite_all", broken)
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(OSError, match="disk full"):

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import yaml
 
+from _helpers.workflow import GPU_RULES, snakemake_command, write_tiny_run_folder
 from conftest import REPO, dry_run_jobs, rule_blocks
-from test_workflow_e2e import write_tiny_run_folder
 
 SLURM = REPO / "profiles" / "slurm" / "config.yaml"
 LOCAL = REPO / "profiles" / "local" / "config.yaml"
-GPU_RULES = {"pretrain", "finetune", "embed_spots", "predict_finetuned", "predict_slide"}
 
 
 def _rules_declaring_gpu() -> set[str]:
@@ -71,9 +69,12 @@ def test_slurm_profile_resolves_gpu_rules_to_the_gpu_partition(tmp_path):
     profile.pop("software-deployment-method")
     (tmp_path / "profile").mkdir()
     (tmp_path / "profile" / "config.yaml").write_text(yaml.safe_dump(profile))
-    result = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
-                             "--directory", str(root), "--profile", str(tmp_path / "profile"), "-n"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        snakemake_command(root, "--profile", str(tmp_path / "profile"), "-n"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     jobs = _job_resources(result.stdout + result.stderr)
     assert {rule for rule, _ in jobs} >= GPU_RULES | {"ingest", "extract_patches", "evaluate"}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from comtip.provenance import finish_run_record, git_state, pinned_packages, start_run_record
+from comtip._core.provenance import finish_run_record, git_state, pinned_packages, start_run_record
 from conftest import REPO
 
 
@@ -22,8 +22,10 @@ def checkout(tmp_path):
     """A minimal pipeline checkout under git: pyproject with pins, one env file."""
     repo = tmp_path / "pipeline"
     (repo / "envs").mkdir(parents=True)
-    (repo / "pyproject.toml").write_text('[project]\nname = "x"\ndependencies = ["numpy==1.0", "pyyaml==6.0.3"]\n'
-                                         '[project.optional-dependencies]\ntest = ["pytest==9.2.0"]\n')
+    (repo / "pyproject.toml").write_text(
+        '[project]\nname = "x"\ndependencies = ["numpy==1.0", "pyyaml==6.0.3"]\n'
+        '[project.optional-dependencies]\ntest = ["pytest==9.2.0"]\n'
+    )
     (repo / "envs" / "torch.yaml").write_text("name: comtip-torch\n")
     _git(repo, "init", "-q")
     _git(repo, "add", ".")
@@ -41,8 +43,9 @@ def run_inputs(tmp_path):
 
 def test_record_holds_config_sheet_versions_and_commit(checkout, run_inputs, tmp_path):
     config, sheet = run_inputs
-    run_dir = start_run_record(tmp_path / "results", config, sample_sheet=sheet, pipeline_dir=checkout,
-                               argv=["snakemake", "--cores", "2"])
+    run_dir = start_run_record(
+        tmp_path / "results", config, sample_sheet=sheet, pipeline_dir=checkout, argv=["snakemake", "--cores", "2"]
+    )
     record = json.loads((run_dir / "run.json").read_text())
     head = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
     assert record["git"] == {"commit": head.strip(), "dirty": False, "changed_files": []}
@@ -80,7 +83,9 @@ def test_outside_git_the_commit_is_none_with_the_reason(tmp_path):
 def test_missing_sample_sheet_writes_nothing(checkout, tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.tsv"):
         start_run_record(tmp_path / "results", {}, sample_sheet=tmp_path / "nowhere.tsv", pipeline_dir=checkout)
-    assert not (tmp_path / "results" / "provenance").exists() or not any((tmp_path / "results" / "provenance").iterdir())
+    assert not (tmp_path / "results" / "provenance").exists() or not any(
+        (tmp_path / "results" / "provenance").iterdir()
+    )
 
 
 def test_finish_refuses_an_unknown_status(checkout, run_inputs, tmp_path):

@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 from skimage.color import rgb2hsv
 
-from comtip.slide import open_slide
-from comtip.tiling import read_mask
+from _helpers.workflow import snakemake, write_run_folder
+from comtip.data.tiling import read_mask
+from comtip.io.readers import open_slide
 from conftest import shared_data
-from test_workflow_e2e import snakemake, write_run_folder
 
 pytestmark = [pytest.mark.realdata, pytest.mark.e2e]
 SECTIONS = ("C2", "C3")
@@ -25,8 +25,11 @@ def her2st_run(tmp_path_factory):
         slide = next((outs / "image").glob("*.jpg"))
         rows.append(f"{section}\t{outs}\t{slide}\ttrain\t\t100\t\tC")
     root = write_run_folder(tmp_path_factory.mktemp("her2st"), rows)
-    targets = [f"results/{s}/{f}" for s in SECTIONS
-               for f in ("spots.h5ad", "spot_patches.npy", "spot_patches.parquet", "tissue_mask.png")]
+    targets = [
+        f"results/{s}/{f}"
+        for s in SECTIONS
+        for f in ("spots.h5ad", "spot_patches.npy", "spot_patches.parquet", "tissue_mask.png")
+    ]
     snakemake(root, *targets)
     return root
 

@@ -7,15 +7,14 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from _helpers.workflow import PREDICT_SAMPLE, SAMPLES, snakemake, snakemake_command, write_tiny_run_folder
 from compare_results import assert_same_results
-from conftest import REPO, dry_run_jobs
-from test_workflow_e2e import PREDICT_SAMPLE, SAMPLES, snakemake, write_tiny_run_folder
+from conftest import dry_run_jobs
 
 pytestmark = pytest.mark.e2e
 
@@ -41,8 +40,7 @@ def test_killed_run_reruns_incomplete_jobs_resumes_pretraining_and_ends_identica
     CI time down; the SLURM test compares a whole second run with the local one."""
     root = write_tiny_run_folder(tmp_path / "killed")
     resume = root / "results" / "models" / "pretrain" / "comtip.resume" / "last.pt"
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(root),
-           "--cores", "2", PRETRAINED]
+    cmd = snakemake_command(root, "--cores", "2", PRETRAINED)
     with open(tmp_path / "first.log", "w") as out:
         process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -75,8 +73,10 @@ def test_adding_samples_reruns_only_what_depends_on_them(tiny_run):
     (the panel, pretraining and fine-tuning are reused)."""
     sheet = (tiny_run / "config" / "samples.tsv").read_text()
     more = tiny_run / "config" / "samples_more.tsv"
-    more.write_text(sheet + "tiny_c\t../resources/demo/tiny_c/outs\t../resources/demo/tiny_c/slide.tif\ttest\t\t\tdemo\ttiny_c\n"
-                    "tiny_q\t\t../resources/demo/tiny_q/slide.tif\tpredict\t\t\t\t\n")
+    more.write_text(
+        sheet + "tiny_c\t../resources/demo/tiny_c/outs\t../resources/demo/tiny_c/slide.tif\ttest\t\t\tdemo\ttiny_c\n"
+        "tiny_q\t\t../resources/demo/tiny_q/slide.tif\tpredict\t\t\t\t\n"
+    )
     try:
         result = snakemake(tiny_run, "-n", "--config", "samples=config/samples_more.tsv")
     finally:
@@ -89,8 +89,16 @@ def test_adding_samples_reruns_only_what_depends_on_them(tiny_run):
             continue
         assert "tiny_c" in wildcards or "tiny_q" in wildcards, f"{rule} ({wildcards}) reruns for an old sample"
     assert not rules & {"select_genes", "pretrain", "finetune"}, rules
-    assert {"ingest", "extract_patches", "build_gene_sentences", "embed_spots", "predict_baseline",
-            "predict_finetuned", "evaluate", "predict_slide"} <= rules
+    assert {
+        "ingest",
+        "extract_patches",
+        "build_gene_sentences",
+        "embed_spots",
+        "predict_baseline",
+        "predict_finetuned",
+        "evaluate",
+        "predict_slide",
+    } <= rules
     assert ("predict_slide", "sample=tiny_q") in jobs
     old = set(SAMPLES) | {PREDICT_SAMPLE}
     assert not any(f"sample={s}" in w.split(", ") for _, w in jobs for s in old)

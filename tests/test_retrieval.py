@@ -8,10 +8,14 @@ import torch
 from comtip.training.retrieval import accuracy_from_embeddings, retrieval_table
 
 # sims[i, j] = similarity of image i to sentence j; the true sentence is j = i.
-SIMS = torch.tensor([[0.9, 0.1, 0.2, 0.3],   # rank 0
-                     [0.5, 0.4, 0.1, 0.0],   # 0.5 beats it: rank 1
-                     [0.2, 0.3, 0.1, 0.6],   # 0.2, 0.3, 0.6 beat it: rank 3
-                     [0.0, 0.1, 0.7, 0.7]])  # a tie does not beat it: rank 0
+SIMS = torch.tensor(
+    [
+        [0.9, 0.1, 0.2, 0.3],  # rank 0
+        [0.5, 0.4, 0.1, 0.0],  # 0.5 beats it: rank 1
+        [0.2, 0.3, 0.1, 0.6],  # 0.2, 0.3, 0.6 beat it: rank 3
+        [0.0, 0.1, 0.7, 0.7],
+    ]
+)  # a tie does not beat it: rank 0
 
 
 @pytest.mark.parametrize("batch", [1, 3, 256])

@@ -1,4 +1,4 @@
-"""comtip.simulate: the synthetic Visium samples must read like real Space Ranger output and
+"""comtip.demo: the synthetic Visium samples must read like real Space Ranger output and
 carry an image -> expression signal that models can learn (and evaluations can check)."""
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ import scanpy as sc
 from PIL import Image
 from scipy.stats import spearmanr
 
-from comtip import simulate
-from comtip.errors import PipelineInputError
-from comtip.simulate import SimulationParams, main, simulate_sample
+from comtip._core.errors import PipelineInputError
+from comtip.demo import SimulationParams, main, render, simulate_sample
 
 # scanpy warns about the deliberately duplicated gene symbol on every read.
 pytestmark = pytest.mark.filterwarnings("ignore:Variable names are not unique")
@@ -184,9 +183,7 @@ def test_tissue_is_visible_on_the_slide_and_in_the_hires_image(sample, positions
 def test_cell_types_look_different(truth, positions, level0):
     """Nearest-centroid on (mean colour, dark-pixel share) recovers the type of pure spots, and
     the dark-pixel share tracks the true nuclei density."""
-    xy = positions.set_index("barcode").loc[
-        truth.obs_names, ["pxl_col_in_fullres", "pxl_row_in_fullres"]
-    ]
+    xy = positions.set_index("barcode").loc[truth.obs_names, ["pxl_col_in_fullres", "pxl_row_in_fullres"]]
     radius = int(SMALL.spot_diameter_um / SMALL.mpp / 2 / np.sqrt(2))  # box inside the disk
     features = _disk_features(level0, xy.to_numpy(), radius)
     assert spearmanr(features[:, 3], truth.obs["nuclei_per_mm2"])[0] > 0.8
@@ -257,7 +254,7 @@ def test_a_failed_slide_write_leaves_no_slide(tmp_path, monkeypatch):
     def broken_band(self, index, y0, y1):
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(simulate._Renderer, "band", broken_band)
+    monkeypatch.setattr(render._Renderer, "band", broken_band)
     with pytest.raises(RuntimeError, match="killed"):
         simulate_sample(tmp_path / "x", "x", 1, SMALL)
     assert not [p for p in (tmp_path / "x").rglob("*") if p.is_file()]

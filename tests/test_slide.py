@@ -9,37 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from conftest import shared_data
 from PIL import Image
 
-from comtip.errors import PipelineInputError
-from comtip.slide import RESAMPLE, open_slide, resolve_mpp
-
-WIDTH, HEIGHT = 1000, 760
-DOWNSAMPLES = (1, 2, 4)
-
-
-def position_image(width: int = WIDTH, height: int = HEIGHT) -> np.ndarray:
-    """RGB where every pixel of the image has a distinct colour that encodes its position."""
-    y, x = np.mgrid[0:height, 0:width]
-    return np.stack([x % 256, y % 256, 16 * (x // 256) + 64 * (y // 256) + 3], axis=-1).astype(np.uint8)
-
-
-def pyramid(source: np.ndarray) -> list[np.ndarray]:
-    """Levels of downsample 1, 2, 4 taken by striding, so each level's pixels are known exactly."""
-    return [np.ascontiguousarray(source[::d, ::d]) for d in DOWNSAMPLES]
-
-
-def write_generic_tiff(path: Path, levels: list[np.ndarray], mpp: float) -> Path:
-    """Tiled pyramid as consecutive pages with µm/px in centimeter tags: openslide generic-tiff."""
-    with tifffile.TiffWriter(path) as tw:
-        for i, level in enumerate(levels):
-            ppcm = 1e4 / (mpp * DOWNSAMPLES[i])
-            tw.write(
-                level, tile=(128, 128), compression="zlib", photometric="rgb",
-                resolution=(ppcm, ppcm), resolutionunit="CENTIMETER", subfiletype=0 if i == 0 else 1,
-            )  # fmt: skip
-    return path
+from _helpers.slides import DOWNSAMPLES, HEIGHT, WIDTH, position_image, pyramid, write_generic_tiff
+from comtip._core.errors import PipelineInputError
+from comtip.io.readers import open_slide
+from comtip.io.slide import RESAMPLE, resolve_mpp
+from conftest import shared_data
 
 
 def write_ome_tiff(path: Path, levels: list[np.ndarray], mpp: float) -> Path:
@@ -66,7 +42,9 @@ def slides(tmp_path_factory: pytest.TempPathFactory, source: np.ndarray) -> dict
     levels = pyramid(source)
     Image.fromarray(source).save(folder / "plain.png")
     Image.fromarray(source).save(folder / "plain.jpg", quality=95)
-    tifffile.imwrite(folder / "strips.tif", source, photometric="rgb", resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    tifffile.imwrite(
+        folder / "strips.tif", source, photometric="rgb", resolution=(2e4, 2e4), resolutionunit="CENTIMETER"
+    )
     return {
         "generic": write_generic_tiff(folder / "generic.tif", levels, mpp=0.5),
         "ome": write_ome_tiff(folder / "pyramid.ome.tif", levels, mpp=0.25),
@@ -180,7 +158,7 @@ def test_best_level_tolerates_scanner_rounding(slides):
 
 @pytest.mark.parametrize("kind", ["generic", "ome", "png"])
 def test_thumbnail_size_factors_and_content(slides, source, kind, monkeypatch):
-    monkeypatch.setattr("comtip.slide.THUMBNAIL_BAND_BYTES", 50_000)  # many bands: seams would show
+    monkeypatch.setattr("comtip.io.slide.THUMBNAIL_BAND_BYTES", 50_000)  # many bands: seams would show
     with open_slide(slides[kind]) as slide:
         image, (sx, sy) = slide.thumbnail(10)
     assert image.shape == (76, 100, 3) and (sx, sy) == (10.0, 10.0)

@@ -11,17 +11,15 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from _helpers.workflow import GPU_RULES, snakemake_command, write_tiny_run_folder
 from compare_results import assert_same_results
 from conftest import REPO
 from slurm_localhost import ClusterError, LocalSlurm, missing_requirements
-from test_profiles import GPU_RULES
-from test_workflow_e2e import write_tiny_run_folder
 
 pytestmark = pytest.mark.e2e
 
@@ -73,8 +71,7 @@ def cluster(tmp_path_factory):
 
 
 def run_snakemake(cluster: LocalSlurm, root: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(root),
-           "--profile", str(root / "profile"), *args]
+    cmd = snakemake_command(root, "--profile", str(root / "profile"), *args)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=2400, env=cluster.env)
 
 
@@ -93,17 +90,27 @@ def slurm_run(cluster, tmp_path_factory) -> tuple[Path, subprocess.CompletedProc
     write_test_profile(root / "profile")
     result = run_snakemake(cluster, root)
     if result.returncode != 0:
-        pytest.fail(f"snakemake --profile (slurm) failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
-                    f"{result.stderr[-6000:]}\n{slurm_job_logs(root)}\n{cluster.logs()}")
+        pytest.fail(
+            f"snakemake --profile (slurm) failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+            f"{result.stderr[-6000:]}\n{slurm_job_logs(root)}\n{cluster.logs()}"
+        )
     return root, result
 
 
 def slurm_jobs(cluster: LocalSlurm) -> list[dict[str, str]]:
     """Every job the cluster has seen: id, partition, state, comment (the plugin writes the rule)."""
-    out = subprocess.run(["squeue", "--states=all", "-h", "-o", "%i|%P|%T|%k"], capture_output=True, text=True,
-                         env=cluster.env, check=True).stdout
-    return [dict(zip(("id", "partition", "state", "comment"), line.split("|", 3), strict=True))
-            for line in out.splitlines() if line.strip()]
+    out = subprocess.run(
+        ["squeue", "--states=all", "-h", "-o", "%i|%P|%T|%k"],
+        capture_output=True,
+        text=True,
+        env=cluster.env,
+        check=True,
+    ).stdout
+    return [
+        dict(zip(("id", "partition", "state", "comment"), line.split("|", 3), strict=True))
+        for line in out.splitlines()
+        if line.strip()
+    ]
 
 
 def test_every_job_ran_on_slurm_in_its_partition(cluster, slurm_run):

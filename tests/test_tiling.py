@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from comtip.errors import PipelineInputError
-from comtip.tiling import TissueParams, detect_tissue, read_mask, tile_grid, tile_slide
+from comtip._core.errors import PipelineInputError
+from comtip.data.tiling import TissueParams, detect_tissue, read_mask, tile_grid, tile_slide
 
 BACKGROUND = (242, 240, 244)
 
@@ -43,8 +43,8 @@ def test_blank_slide_gives_an_empty_mask():
 
 def test_debris_is_dropped_and_small_holes_filled():
     rgb = he_like(200, (40, 160, 40, 160))
-    rgb[95:100, 95:100] = BACKGROUND          # 5x5 px hole = 1600 µm² at 8 µm/px: filled
-    rgb[5:8, 180:183] = (205, 120, 175)       # 3x3 px speck = 576 µm²: dropped
+    rgb[95:100, 95:100] = BACKGROUND  # 5x5 px hole = 1600 µm² at 8 µm/px: filled
+    rgb[5:8, 180:183] = (205, 120, 175)  # 3x3 px speck = 576 µm²: dropped
     mask = detect_tissue(rgb, 8.0, TissueParams(opening_radius_um=0, closing_radius_um=0, blur_sigma_px=0))
     assert mask[97, 97]
     assert not mask[6, 181]
@@ -52,7 +52,7 @@ def test_debris_is_dropped_and_small_holes_filled():
 
 def test_tile_grid_fractions_and_bounds():
     mask = np.zeros((10, 10), bool)
-    mask[:, :4] = True                       # tissue on x < 40 of 100
+    mask[:, :4] = True  # tissue on x < 40 of 100
     tiles = tile_grid(mask, (10.0, 10.0), (100, 100), 25.0, min_tissue_fraction=0.0)
     assert len(tiles) == 16
     assert (tiles["x"] + tiles["size"] <= 100).all() and (tiles["y"] + tiles["size"] <= 100).all()
@@ -72,14 +72,24 @@ def write_spots(path: Path, xy: np.ndarray, mpp: float, diameter_px: float) -> P
 
 
 def test_tile_slide_writes_mask_tiles_and_thumbnail(tmp_path):
-    size = 1600                               # 1600 px at 1 µm/px; tissue in the middle
+    size = 1600  # 1600 px at 1 µm/px; tissue in the middle
     slide = tmp_path / "slide.png"
     Image.fromarray(he_like(size, (400, 1200, 300, 1300))).save(slide)
     spots = write_spots(tmp_path / "spots.h5ad", np.array([[800.0, 800.0], [500.0, 600.0]]), 1.0, 55.0)
     out = tmp_path / "out"
-    tiles = tile_slide(slide, spots, out / "mask.png", out / "tiles.parquet", out / "thumb.png", sample="s1",
-                       tissue=TissueParams(mask_mpp=8.0), tile_px=100, tile_mpp=1.0, min_tissue_fraction=0.5,
-                       thumbnail_max_px=400)
+    tiles = tile_slide(
+        slide,
+        spots,
+        out / "mask.png",
+        out / "tiles.parquet",
+        out / "thumb.png",
+        sample="s1",
+        tissue=TissueParams(mask_mpp=8.0),
+        tile_px=100,
+        tile_mpp=1.0,
+        min_tissue_fraction=0.5,
+        thumbnail_max_px=400,
+    )
     mask, scale = read_mask(out / "mask.png")
     assert mask.shape == (200, 200) and scale == (8.0, 8.0)
     assert mask[100, 100] and not mask[10, 10]
@@ -92,8 +102,8 @@ def test_tile_slide_writes_mask_tiles_and_thumbnail(tmp_path):
     with Image.open(out / "thumb.png") as thumb:
         assert thumb.size == (400, 400)
         pixels = np.asarray(thumb.convert("RGB"))
-    assert (pixels == (0, 200, 0)).all(axis=2).sum() > 100      # tissue contour drawn
-    assert (pixels == (30, 60, 230)).all(axis=2).sum() > 10     # spot circles drawn
+    assert (pixels == (0, 200, 0)).all(axis=2).sum() > 100  # tissue contour drawn
+    assert (pixels == (30, 60, 230)).all(axis=2).sum() > 10  # spot circles drawn
 
 
 def test_empty_mask_is_an_error_naming_sample_and_file(tmp_path):

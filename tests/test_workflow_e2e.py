@@ -1,9 +1,8 @@
-"""The Snakemake workflow end to end on a tiny synthetic cohort, asserting on content."""
+"""The Snakemake workflow end to end on a tiny synthetic cohort (the checked-in test config
+.test/config/), asserting on content."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import anndata as ad
@@ -13,48 +12,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from comtip.slide import open_slide
-from comtip.tiling import read_mask
-from conftest import REPO
+from _helpers.workflow import PREDICT_SAMPLE, SAMPLES, snakemake, write_run_folder
+from comtip.data.tiling import read_mask
+from comtip.io.readers import open_slide
 
 pytestmark = pytest.mark.e2e
-
-SAMPLES = {"tiny_a": "train", "tiny_v": "val", "tiny_b": "test"}
-PREDICT_SAMPLE = "tiny_p"  # H&E only: no Space Ranger folder
-# Small enough for CI on 2 cores; the data stages use the shipped defaults.
-TINY_MODEL = {"image_size": 32, "vision_kwargs": {"depth": 2}, "text_dim": 32, "text_heads": 2, "text_ff": 64,
-              "embed_dim": 64, "paat": False}  # PAAT off: it needs a warm-up and more steps than CI affords
-TINY_PRETRAIN = {"epochs": 30, "batch_size": 32, "warmup_steps": 3, "checkpoint_every": 10, "log_every": 2}
-
-
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
-           "--directory", str(workdir), "--cores", "2", *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    if check and result.returncode != 0:
-        raise AssertionError(f"snakemake failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
-    return result
-
-
-def write_run_folder(root: Path, rows: list[str]) -> Path:
-    (root / "config").mkdir(parents=True)
-    config = {"samples": "config/samples.tsv", "seed": 7,
-              "demo": {"dir": "resources/demo", "params": {"tissue_mm": 1.6, "n_genes": 80}},
-              "genes": {"n_genes": 60}, "model": TINY_MODEL, "pretrain": TINY_PRETRAIN,
-              "finetune": {"epochs": 15, "patience": 4},
-              "evaluate": {"bleep_k": 20, "map_genes": 2}}
-    (root / "config" / "config.yaml").write_text(yaml.safe_dump(config))
-    header = "sample\tspaceranger_dir\tslide\tsplit\tmpp\tspot_diameter_um\tbatch\tpatient\n"
-    (root / "config" / "samples.tsv").write_text(header + "".join(r + "\n" for r in rows))
-    return root
-
-
-def write_tiny_run_folder(root: Path) -> Path:
-    """The tiny cohort's run folder (config + sample sheet; the demo rule simulates the data)."""
-    rows = [f"{s}\t../resources/demo/{s}/outs\t../resources/demo/{s}/slide.tif\t{split}\t\t\tdemo\t{s}"
-            for s, split in SAMPLES.items()]
-    rows.append(f"{PREDICT_SAMPLE}\t\t../resources/demo/{PREDICT_SAMPLE}/slide.tif\tpredict\t\t\t\t")
-    return write_run_folder(root, rows)
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +29,9 @@ def demo_run(tiny_run) -> Path:
 @pytest.mark.parametrize("sample", list(SAMPLES))
 def test_spots_match_the_simulated_space_ranger_output(demo_run, sample):
     spots = ad.read_h5ad(demo_run / "results" / sample / "spots.h5ad")
-    positions = pd.read_csv(demo_run / "resources" / "demo" / sample / "outs" / "spatial" / "tissue_positions.csv",
-                            index_col="barcode")
+    positions = pd.read_csv(
+        demo_run / "resources" / "demo" / sample / "outs" / "spatial" / "tissue_positions.csv", index_col="barcode"
+    )
     in_tissue = positions[positions["in_tissue"] == 1]
     assert set(spots.obs_names) == set(in_tissue.index)
     xy = in_tissue.loc[spots.obs_names, ["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy()
@@ -131,7 +94,7 @@ def test_gene_sentences_align_with_spots_and_hide_heldout_genes(demo_run, sample
 def test_gene_selection_sees_training_samples_only(demo_run):
     result = snakemake(demo_run, "-n", "--forcerun", "select_genes")
     text = result.stdout + result.stderr
-    block = text[text.index("rule select_genes:"):]
+    block = text[text.index("rule select_genes:") :]
     inputs = block.splitlines()[1]
     assert "results/tiny_a/spots.h5ad" in inputs and "tiny_b" not in inputs
 
@@ -187,7 +150,10 @@ def test_pretrained_checkpoint_retrieves_training_pairs_far_above_chance(demo_ru
 def test_pretraining_beats_a_random_encoder_of_the_same_architecture(demo_run):
     summary = _summary(demo_run)
     for gene_set in ("all", "top50_heg"):
-        assert summary.loc[("ridge_comtip", gene_set), "pearson_mean"] > summary.loc[("ridge_random", gene_set), "pearson_mean"] + 0.1
+        assert (
+            summary.loc[("ridge_comtip", gene_set), "pearson_mean"]
+            > summary.loc[("ridge_random", gene_set), "pearson_mean"] + 0.1
+        )
 
 
 def test_report_figures_and_html_report(demo_run):
@@ -211,7 +177,7 @@ def test_virtual_visium_for_an_he_only_slide_covers_the_tissue(demo_run):
     np.testing.assert_allclose(virtual.obsm["spatial"], tiles[["x", "y"]].to_numpy() + tiles[["size"]].to_numpy() / 2)
     covered = np.zeros_like(mask)
     for x, y, size in tiles[["x", "y", "size"]].to_numpy():
-        covered[int(y / sy):int(np.ceil((y + size) / sy)), int(x / sx):int(np.ceil((x + size) / sx))] = True
+        covered[int(y / sy) : int(np.ceil((y + size) / sy)), int(x / sx) : int(np.ceil((x + size) / sx))] = True
     # the tiles cover the tissue (all but the rim thinner than a tile) and little else
     assert (covered & mask).sum() > 0.8 * mask.sum()
     assert (covered & ~mask).sum() < 0.5 * (covered & mask).sum()

@@ -15,7 +15,7 @@ import jsonschema
 import pandas as pd
 import yaml
 
-from comtip.errors import ConfigError
+from comtip._core.errors import ConfigError
 
 SPLITS = ("train", "val", "test", "predict")
 # Folder names under results/ that belong to the whole cohort, not to one sample.
@@ -106,8 +106,13 @@ def _normalise_parts(parts: Iterable[str]) -> list[str]:
     return out
 
 
-def load_sample_sheet(sheet_path: str | Path, schema_path: str | Path, *,
-                      run_dir: str | Path = ".", generated_under: str | Path | None = None) -> pd.DataFrame:
+def load_sample_sheet(
+    sheet_path: str | Path,
+    schema_path: str | Path,
+    *,
+    run_dir: str | Path = ".",
+    generated_under: str | Path | None = None,
+) -> pd.DataFrame:
     """Read, validate and resolve the sample sheet; index = sample name.
 
     Paths are resolved against the sheet's folder. A path that does not exist is an error
@@ -124,12 +129,12 @@ def load_sample_sheet(sheet_path: str | Path, schema_path: str | Path, *,
     run_dir = Path(run_dir).absolute()
     generated = None if generated_under is None else Path(_resolve(str(generated_under), run_dir, run_dir))
     if "sample" not in df.columns:
-        raise ConfigError(f"sample sheet {sheet_path.absolute()}: column 'sample' is missing "
-                          f"(columns found: {', '.join(df.columns)})")
+        raise ConfigError(
+            f"sample sheet {sheet_path.absolute()}: column 'sample' is missing (columns found: {', '.join(df.columns)})"
+        )
     dup = df["sample"][df["sample"].duplicated()]
     if len(dup):
-        raise ConfigError(f"sample sheet {sheet_path.absolute()}: sample name {dup.iloc[0]!r} "
-                          "appears more than once")
+        raise ConfigError(f"sample sheet {sheet_path.absolute()}: sample name {dup.iloc[0]!r} appears more than once")
 
     records = []
     for i, row in df.iterrows():
@@ -140,20 +145,25 @@ def load_sample_sheet(sheet_path: str | Path, schema_path: str | Path, *,
             lines = [f"column '{_where(e)}': {e.message}" if e.absolute_path else e.message for e in errors]
             raise ConfigError(f"sample sheet {sheet_path.absolute()}, sample {name!r}: " + "; ".join(lines))
         if name in RESERVED_SAMPLE_NAMES:
-            raise ConfigError(f"sample sheet {sheet_path.absolute()}: sample name {name!r} is reserved "
-                              f"(used for cohort outputs: {', '.join(sorted(RESERVED_SAMPLE_NAMES))})")
+            raise ConfigError(
+                f"sample sheet {sheet_path.absolute()}: sample name {name!r} is reserved "
+                f"(used for cohort outputs: {', '.join(sorted(RESERVED_SAMPLE_NAMES))})"
+            )
         if record["split"] != "predict" and "spaceranger_dir" not in record:
-            raise ConfigError(f"sample sheet {sheet_path.absolute()}, sample {name!r}: split "
-                              f"{record['split']!r} needs a spaceranger_dir (only 'predict' samples may lack one)")
+            raise ConfigError(
+                f"sample sheet {sheet_path.absolute()}, sample {name!r}: split "
+                f"{record['split']!r} needs a spaceranger_dir (only 'predict' samples may lack one)"
+            )
         for col in PATH_COLUMNS:
             if col not in record:
                 continue
             record[col] = _resolve(record[col], sheet_path.parent, run_dir)
             full = run_dir / record[col]  # absolute paths stay as they are
-            is_generated = generated is not None and (Path(record[col]) == generated or generated in Path(record[col]).parents)
+            is_generated = generated is not None and (
+                Path(record[col]) == generated or generated in Path(record[col]).parents
+            )
             if not is_generated and not full.exists():
-                raise ConfigError(f"sample sheet {sheet_path.absolute()}, sample {name!r}: {col} "
-                                  f"{full} does not exist")
+                raise ConfigError(f"sample sheet {sheet_path.absolute()}, sample {name!r}: {col} {full} does not exist")
         records.append(record)
     out = pd.DataFrame.from_records(records).set_index("sample", drop=False)
     return out

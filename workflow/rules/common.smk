@@ -5,8 +5,7 @@ import re
 import zlib
 
 from comtip.config import load_sample_sheet
-from comtip.ingest import spaceranger_files
-
+from comtip.io.layout import spaceranger_files
 
 SAMPLES = load_sample_sheet(
     config["samples"],
@@ -41,8 +40,15 @@ def all_outputs(wildcards):
     return files
 
 
+# Samples with Space Ranger output by split, in sheet order (computed once: input functions run
+# for every job of the DAG).
+_SPLITS = {
+    split: [s for s in ST_SAMPLES if SAMPLES.loc[s, "split"] == split] for split in ("train", "val", "test", "predict")
+}
+
+
 def samples_with_split(split):
-    return [s for s in ST_SAMPLES if SAMPLES.loc[s, "split"] == split]
+    return list(_SPLITS[split])
 
 
 def training_spots(wildcards):
@@ -125,8 +131,8 @@ def training_inputs(wildcards):
 
 # -- fine-tuning, prediction, evaluation -------------------------------------------------------
 
-from comtip.finetune_config import FinetuneConfig  # noqa: E402
-from comtip.method_names import BASELINE_METHODS  # noqa: E402
+from comtip.finetune.config import FinetuneConfig  # noqa: E402
+from comtip.predict import reference, registry  # noqa: E402
 
 TEST_SAMPLES = samples_with_split("test")
 PREDICT_SAMPLES = [s for s in SAMPLES.index if SAMPLES.loc[s, "split"] == "predict" and s not in ST_SAMPLES]
@@ -135,13 +141,13 @@ FINETUNE_MODES = [m.removeprefix("finetune_") for m in METHODS if m.startswith("
 if PREDICT_SAMPLES and config["evaluate"]["slide_model"] not in FINETUNE_MODES:
     FINETUNE_MODES.append(config["evaluate"]["slide_model"])
 # Checked now, so a wrong `finetune` key stops the run before any job, naming the key.
-for _mode in ("linear", "full"):
+for _mode in registry.FINETUNE_MODES:
     FinetuneConfig.from_dict({**config["finetune"], "mode": _mode, "seed": config["seed"]}).check()
 
 
 wildcard_constraints:
-    mode="linear|full",
-    encoder="comtip|random",
+    mode="|".join(registry.FINETUNE_MODES),
+    encoder="|".join(registry.ENCODERS),
 
 
 def finetune_params(wildcards):
@@ -158,22 +164,27 @@ def _pairs(samples):
 def finetune_inputs(wildcards):
     """Training slides to fit on, validation slides for early stopping."""
     train, val = _pairs(samples_with_split("train")), _pairs(samples_with_split("val"))
-    return {"train_patches": train["patches"], "train_sentences": train["sentences"],
-            "val_patches": val["patches"], "val_sentences": val["sentences"]}
+    return {
+        "train_patches": train["patches"],
+        "train_sentences": train["sentences"],
+        "val_patches": val["patches"],
+        "val_sentences": val["sentences"],
+    }
 
 
 def baseline_inputs(wildcards):
-    """What each comparison method learns from: training sentences, and embeddings where needed."""
-    method = wildcards.method
-    inputs = {"train_sentences": _pairs(samples_with_split("train"))["sentences"]}
-    encoder = method.split("_", 1)[1] if "_" in method else "comtip"
-    if method != "mean":
-        inputs["test_embedding"] = f"results/embeddings/{encoder}/{wildcards.sample}.npz"
-    if method.startswith(("ridge_", "bleep_", "mclstexp_")):
-        inputs["train_embeddings"] = [f"results/embeddings/{encoder}/{s}.npz" for s in samples_with_split("train")]
-    if method == "zeroshot":
-        inputs["checkpoint"] = f"results/models/pretrain/{PRETRAIN_MODEL}.pt"
-    return inputs
+    """What each comparison method reads, as its registry entry (comtip.predict.registry) says."""
+    return registry.method_inputs(wildcards.method, wildcards.sample, f"results/models/pretrain/{PRETRAIN_MODEL}.pt")
+
+
+def training_value_inputs(wildcards):
+    """gene_sentences.npz of the training samples, in sheet order."""
+    return {"files": [f"results/{s}/gene_sentences.npz" for s in samples_with_split("train")]}
+
+
+def training_embedding_inputs(wildcards):
+    """Embeddings of the training samples by one encoder, in sheet order."""
+    return {"files": [f"results/embeddings/{wildcards.encoder}/{s}.npz" for s in samples_with_split("train")]}
 
 
 def prediction_files():

@@ -11,19 +11,19 @@ rule simulate_demo_sample:
         lowres=f"{DEMO_DIR}/{{demo}}/outs/spatial/tissue_lowres_image.png",
         slide=f"{DEMO_DIR}/{{demo}}/slide.tif",
         truth=f"{DEMO_DIR}/{{demo}}/truth.h5ad",
-    params:
-        out_dir=demo_sample_dir,
-        seed=demo_seed,
-        simulation=config["demo"]["params"],
     log:
         "logs/simulate_demo_sample/{demo}.log",
     benchmark:
         "logs/benchmark/simulate_demo_sample/{demo}.tsv"
+    conda:
+        "../../envs/imaging.yaml"
     threads: 2
     resources:
         mem_mb=4000,
         runtime=20,
-    conda:
-        "../../envs/imaging.yaml"
+    params:
+        out_dir=demo_sample_dir,
+        seed=demo_seed,
+        simulation=config["demo"]["params"],
     script:
         "../scripts/simulate_demo_sample.py"

@@ -7,19 +7,19 @@ rule evaluate:
     output:
         metrics="results/evaluation/metrics.tsv",
         summary=report("results/evaluation/summary.tsv", caption="../report/summary.rst", category="Evaluation"),
-    params:
-        test_samples=TEST_SAMPLES,
-        prediction_keys=list(prediction_files()),
     log:
         "logs/evaluate/evaluate.log",
     benchmark:
         "logs/benchmark/evaluate/evaluate.tsv"
+    conda:
+        "../../envs/imaging.yaml"
     threads: 1
     resources:
         mem_mb=8000,
         runtime=30,
-    conda:
-        "../../envs/imaging.yaml"
+    params:
+        test_samples=TEST_SAMPLES,
+        prediction_keys=list(prediction_files()),
     script:
         "../scripts/evaluate.py"
 
@@ -33,24 +33,27 @@ rule evaluation_figures:
         pretrain_metrics=f"results/models/pretrain/{PRETRAIN_MODEL}.metrics.tsv",
     output:
         bars=report("results/evaluation/summary_pearson.png", caption="../report/bars.rst", category="Evaluation"),
-        curves=report("results/evaluation/training_curves.png", caption="../report/curves.rst",
-                      category="Training"),
-        maps=report(directory("results/evaluation/maps"), patterns=["{name}.png"],
-                    caption="../report/maps.rst", category="Spatial maps"),
+        curves=report("results/evaluation/training_curves.png", caption="../report/curves.rst", category="Training"),
+        maps=report(
+            directory("results/evaluation/maps"),
+            patterns=["{name}.png"],
+            caption="../report/maps.rst",
+            category="Spatial maps",
+        ),
+    log:
+        "logs/evaluation_figures/evaluation_figures.log",
+    benchmark:
+        "logs/benchmark/evaluation_figures/evaluation_figures.tsv"
+    conda:
+        "../../envs/imaging.yaml"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=30,
     params:
         test_samples=TEST_SAMPLES,
         methods=METHODS,
         finetune_modes=FINETUNE_MODES,
         n_map_genes=config["evaluate"]["map_genes"],
-    log:
-        "logs/evaluation_figures/evaluation_figures.log",
-    benchmark:
-        "logs/benchmark/evaluation_figures/evaluation_figures.tsv"
-    threads: 1
-    resources:
-        mem_mb=8000,
-        runtime=30,
-    conda:
-        "../../envs/imaging.yaml"
     script:
         "../scripts/evaluation_figures.py"

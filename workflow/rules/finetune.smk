@@ -7,18 +7,18 @@ rule finetune:
     output:
         checkpoint="results/models/finetune/{mode}.pt",
         metrics="results/models/finetune/{mode}.metrics.tsv",
-    params:
-        finetune=finetune_params,
     log:
         "logs/finetune/{mode}.log",
     benchmark:
         "logs/benchmark/finetune/{mode}.tsv"
+    conda:
+        "../../envs/torch.yaml"
     threads: 4
     resources:
         mem_mb=16000,
         runtime=240,
         gpu=1,
-    conda:
-        "../../envs/torch.yaml"
+    params:
+        finetune=finetune_params,
     script:
         "../scripts/finetune.py"

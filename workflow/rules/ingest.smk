@@ -5,20 +5,20 @@ rule ingest:
         slide=slide_path,
     output:
         spots="results/{sample}/spots.h5ad",
+    log:
+        "logs/ingest/{sample}.log",
+    benchmark:
+        "logs/benchmark/ingest/{sample}.tsv"
+    conda:
+        "../../envs/imaging.yaml"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=30,
     params:
         outs=spaceranger_dir,
         mpp=sample_mpp,
         spot_diameter_um=sample_spot_diameter_um,
         min_counts=config["ingest"]["min_counts"],
-    log:
-        "logs/ingest/{sample}.log",
-    benchmark:
-        "logs/benchmark/ingest/{sample}.tsv"
-    threads: 1
-    resources:
-        mem_mb=8000,
-        runtime=30,
-    conda:
-        "../../envs/imaging.yaml"
     script:
         "../scripts/ingest.py"

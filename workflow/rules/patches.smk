@@ -6,17 +6,17 @@ rule extract_patches:
     output:
         patches="results/{sample}/spot_patches.npy",
         index="results/{sample}/spot_patches.parquet",
-    params:
-        patch=config["patches"],
     log:
         "logs/extract_patches/{sample}.log",
     benchmark:
         "logs/benchmark/extract_patches/{sample}.tsv"
+    conda:
+        "../../envs/imaging.yaml"
     threads: 4
     resources:
         mem_mb=4000,
         runtime=30,
-    conda:
-        "../../envs/imaging.yaml"
+    params:
+        patch=config["patches"],
     script:
         "../scripts/extract_patches.py"

@@ -7,21 +7,69 @@ rule embed_spots:
         sentences="results/{sample}/gene_sentences.npz",
     output:
         embeddings="results/embeddings/{encoder}/{sample}.npz",
-    params:
-        seed=config["seed"],
     log:
         "logs/embed_spots/{encoder}/{sample}.log",
     benchmark:
         "logs/benchmark/embed_spots/{encoder}/{sample}.tsv"
+    conda:
+        "../../envs/torch.yaml"
     threads: 2
     resources:
         mem_mb=8000,
         runtime=60,
         gpu=1,
-    conda:
-        "../../envs/torch.yaml"
+    params:
+        seed=config["seed"],
     script:
         "../scripts/embed_spots.py"
+
+
+rule training_values:
+    """The training samples' panel values stacked in sheet order: what every comparison method
+    reads about the training slides' expression, in one file."""
+    input:
+        unpack(training_value_inputs),
+    output:
+        reference=registry.TRAINING_VALUES,
+    log:
+        "logs/training_values/training_values.log",
+    benchmark:
+        "logs/benchmark/training_values/training_values.tsv"
+    conda:
+        "../../envs/imaging.yaml"
+    threads: 1
+    resources:
+        mem_mb=16000,
+        runtime=30,
+    params:
+        samples=samples_with_split("train"),
+        arrays=list(reference.VALUE_KEYS),
+    script:
+        "../scripts/stack_training.py"
+
+
+rule training_embeddings:
+    """The training samples' embeddings by one encoder stacked in sheet order: the reference side
+    of the probes and retrieval methods, in one file."""
+    input:
+        unpack(training_embedding_inputs),
+    output:
+        reference=registry.TRAINING_EMBEDDINGS,
+    log:
+        "logs/training_embeddings/{encoder}.log",
+    benchmark:
+        "logs/benchmark/training_embeddings/{encoder}.tsv"
+    conda:
+        "../../envs/imaging.yaml"
+    threads: 1
+    resources:
+        mem_mb=16000,
+        runtime=30,
+    params:
+        samples=samples_with_split("train"),
+        arrays=list(reference.EMBEDDING_KEYS),
+    script:
+        "../scripts/stack_training.py"
 
 
 rule predict_baseline:
@@ -33,20 +81,20 @@ rule predict_baseline:
         test_sentences="results/{sample}/gene_sentences.npz",
     output:
         prediction="results/predictions/{sample}/{method}.h5ad",
-    wildcard_constraints:
-        method="|".join(BASELINE_METHODS),
-    params:
-        evaluation=config["evaluate"],
     log:
         "logs/predict_baseline/{sample}/{method}.log",
     benchmark:
         "logs/benchmark/predict_baseline/{sample}/{method}.tsv"
+    wildcard_constraints:
+        method="|".join(registry.BASELINE_METHODS),
+    conda:
+        "../../envs/torch.yaml"
     threads: 2
     resources:
         mem_mb=8000,
         runtime=60,
-    conda:
-        "../../envs/torch.yaml"
+    params:
+        evaluation=config["evaluate"],
     script:
         "../scripts/predict_baseline.py"
 
@@ -65,13 +113,13 @@ rule predict_finetuned:
         "logs/predict_finetuned/{sample}/{mode}.log",
     benchmark:
         "logs/benchmark/predict_finetuned/{sample}/{mode}.tsv"
+    conda:
+        "../../envs/torch.yaml"
     threads: 2
     resources:
         mem_mb=8000,
         runtime=60,
         gpu=1,
-    conda:
-        "../../envs/torch.yaml"
     script:
         "../scripts/predict_finetuned.py"
 
@@ -86,23 +134,26 @@ rule predict_slide:
         pretrained=f"results/models/pretrain/{PRETRAIN_MODEL}.pt",
     output:
         prediction="results/predictions/{sample}/virtual_visium.h5ad",
-        map=report("results/predictions/{sample}/virtual_visium.png", caption="../report/virtual_visium.rst",
-                   category="Virtual Visium"),
-    params:
-        mpp=sample_mpp,
-        patch=config["patches"],
-        map_genes=config["evaluate"]["map_genes"],
-        method=f"finetune_{config['evaluate']['slide_model']}",
+        map=report(
+            "results/predictions/{sample}/virtual_visium.png",
+            caption="../report/virtual_visium.rst",
+            category="Virtual Visium",
+        ),
     log:
         "logs/predict_slide/{sample}.log",
     benchmark:
         "logs/benchmark/predict_slide/{sample}.tsv"
+    conda:
+        "../../envs/torch.yaml"
     threads: 4
     resources:
         mem_mb=8000,
         runtime=120,
         gpu=1,
-    conda:
-        "../../envs/torch.yaml"
+    params:
+        mpp=sample_mpp,
+        patch=config["patches"],
+        map_genes=config["evaluate"]["map_genes"],
+        method=f"finetune_{config['evaluate']['slide_model']}",
     script:
         "../scripts/predict_slide.py"

@@ -12,21 +12,21 @@ rule pretrain:
         checkpoint="results/models/pretrain/{model}.pt",
         metrics="results/models/pretrain/{model}.metrics.tsv",
         retrieval="results/models/pretrain/{model}.retrieval.tsv",
-    params:
-        samples=samples_with_split("train"),
-        model=MODEL_CONFIG,
-        pretrain=config["pretrain"],
-        seed=config["seed"],
     log:
         "logs/pretrain/{model}.log",
     benchmark:
         "logs/benchmark/pretrain/{model}.tsv"
+    conda:
+        "../../envs/torch.yaml"
     threads: 8
     resources:
         mem_mb=16000,
         runtime=720,
         gpu=1,
-    conda:
-        "../../envs/torch.yaml"
+    params:
+        samples=samples_with_split("train"),
+        model=MODEL_CONFIG,
+        pretrain=config["pretrain"],
+        seed=config["seed"],
     script:
         "../scripts/pretrain.py"

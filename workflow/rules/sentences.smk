@@ -5,19 +5,19 @@ rule select_genes:
     output:
         panel="results/genes/gene_panel.tsv",
         bins="results/genes/value_bins.tsv",
-    params:
-        genes=config["genes"],
-        seed=config["seed"],
     log:
         "logs/select_genes/select_genes.log",
     benchmark:
         "logs/benchmark/select_genes/select_genes.tsv"
+    conda:
+        "../../envs/imaging.yaml"
     threads: 1
     resources:
         mem_mb=16000,
         runtime=30,
-    conda:
-        "../../envs/imaging.yaml"
+    params:
+        genes=config["genes"],
+        seed=config["seed"],
     script:
         "../scripts/select_genes.py"
 
@@ -30,17 +30,17 @@ rule build_gene_sentences:
         bins="results/genes/value_bins.tsv",
     output:
         sentences="results/{sample}/gene_sentences.npz",
-    params:
-        max_len=config["genes"]["max_len"],
     log:
         "logs/build_gene_sentences/{sample}.log",
     benchmark:
         "logs/benchmark/build_gene_sentences/{sample}.tsv"
+    conda:
+        "../../envs/imaging.yaml"
     threads: 1
     resources:
         mem_mb=8000,
         runtime=20,
-    conda:
-        "../../envs/imaging.yaml"
+    params:
+        max_len=config["genes"]["max_len"],
     script:
         "../scripts/build_gene_sentences.py"

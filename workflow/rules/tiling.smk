@@ -6,18 +6,18 @@ rule tile_slide:
         mask="results/{sample}/tissue_mask.png",
         tiles="results/{sample}/tiles.parquet",
         thumbnail=report("results/{sample}/thumbnail.png", caption="../report/thumbnail.rst", category="Thumbnails"),
-    params:
-        tiling=config["tiling"],
-        mpp=sample_mpp,
     log:
         "logs/tile_slide/{sample}.log",
     benchmark:
         "logs/benchmark/tile_slide/{sample}.tsv"
+    conda:
+        "../../envs/imaging.yaml"
     threads: 1
     resources:
         mem_mb=4000,
         runtime=30,
-    conda:
-        "../../envs/imaging.yaml"
+    params:
+        tiling=config["tiling"],
+        mpp=sample_mpp,
     script:
         "../scripts/tile_slide.py"

@@ -1,7 +1,7 @@
-"""Rule build_gene_sentences: thin adapter around comtip.genes.build_gene_sentences."""
+"""Rule build_gene_sentences: thin adapter around comtip.data.genes.build_gene_sentences."""
 
-from comtip.genes import build_gene_sentences
-from comtip.runtime import rule_logging
+from comtip._core.runtime import rule_logging
+from comtip.data.genes import build_gene_sentences
 
 with rule_logging(snakemake.log[0]):
     build_gene_sentences(

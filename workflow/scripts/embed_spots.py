@@ -1,8 +1,8 @@
-"""Rule embed_spots: thin adapter around comtip.methods.embed_sample."""
+"""Rule embed_spots: thin adapter around comtip.predict.embeddings.embed_sample."""
 
-from comtip.finetune import resolve_device
-from comtip.methods import embed_sample
-from comtip.runtime import rule_logging
+from comtip._core.devices import resolve_device
+from comtip._core.runtime import rule_logging
+from comtip.predict.embeddings import embed_sample
 
 with rule_logging(snakemake.log[0]):
     embed_sample(
@@ -13,4 +13,5 @@ with rule_logging(snakemake.log[0]):
         encoder=snakemake.wildcards.encoder,
         seed=snakemake.params.seed,
         device=str(resolve_device("auto")),
+        sample=snakemake.wildcards.sample,
     )

@@ -1,7 +1,7 @@
-"""Rule evaluate: thin adapter around comtip.figures.run_evaluation."""
+"""Rule evaluate: thin adapter around comtip.evaluation.run.run_evaluation."""
 
-from comtip.figures import run_evaluation
-from comtip.runtime import rule_logging
+from comtip._core.runtime import rule_logging
+from comtip.evaluation.run import run_evaluation
 
 with rule_logging(snakemake.log[0]):
     run_evaluation(

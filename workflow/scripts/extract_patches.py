@@ -1,7 +1,7 @@
-"""Rule extract_patches: thin adapter around comtip.patches.extract_patches."""
+"""Rule extract_patches: thin adapter around comtip.data.patches.extract_patches."""
 
-from comtip.patches import extract_patches
-from comtip.runtime import rule_logging
+from comtip._core.runtime import rule_logging
+from comtip.data.patches import extract_patches
 
 with rule_logging(snakemake.log[0]):
     extract_patches(

@@ -1,7 +1,7 @@
 """Rule finetune: thin adapter around comtip.finetune.finetune."""
 
+from comtip._core.runtime import rule_logging
 from comtip.finetune import FinetuneConfig, finetune
-from comtip.runtime import rule_logging
 
 with rule_logging(snakemake.log[0]):
     inp = snakemake.input

@@ -1,7 +1,7 @@
-"""Rule ingest: thin adapter around comtip.ingest.ingest_sample."""
+"""Rule ingest: thin adapter around comtip.data.ingest.ingest_sample."""
 
-from comtip.ingest import ingest_sample
-from comtip.runtime import rule_logging
+from comtip._core.runtime import rule_logging
+from comtip.data.ingest import ingest_sample
 
 with rule_logging(snakemake.log[0]):
     ingest_sample(

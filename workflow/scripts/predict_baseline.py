@@ -1,25 +1,18 @@
-"""Rule predict_baseline: thin adapter around comtip.methods.predict_with_method."""
+"""Rule predict_baseline: thin adapter around comtip.predict.methods.predict_with_method."""
 
-from comtip.methods import predict_with_method
-from comtip.runtime import rule_logging
+from comtip._core.runtime import rule_logging
+from comtip.predict.methods import PredictionContext, predict_with_method
 
 with rule_logging(snakemake.log[0]):
-    inp, cfg = snakemake.input, snakemake.params.evaluation
-    predict_with_method(
-        snakemake.wildcards.method,
+    inp = snakemake.input
+    context = PredictionContext(
         spots_h5ad=inp.spots,
         test_sentences=inp.test_sentences,
-        train_sentences=list(inp.train_sentences),
-        train_embeddings=list(inp.get("train_embeddings", [])),
+        train_value_files=[inp.train_values],
+        train_embedding_files=[f for f in [inp.get("train_embeddings")] if f],
         test_embedding=inp.get("test_embedding"),
         checkpoint=inp.get("checkpoint"),
-        out_h5ad=snakemake.output.prediction,
-        bleep_k=cfg["bleep_k"],
-        mclstexp_k=cfg["mclstexp_k"],
-        mclstexp_smooth_query=cfg["mclstexp_smooth_query"],
-        ridge_pca_dim=cfg["ridge_pca_dim"],
-        zeroshot_grid=cfg["zeroshot_grid"],
-        zeroshot_temperature=cfg["zeroshot_temperature"],
-        zeroshot_grid_kind=cfg["zeroshot_grid_kind"],
-        zeroshot_prior=cfg["zeroshot_prior"],
+        settings=snakemake.params.evaluation,
+        sample=snakemake.wildcards.sample,
     )
+    predict_with_method(snakemake.wildcards.method, context, snakemake.output.prediction)

@@ -1,8 +1,8 @@
-"""Rule predict_slide: thin adapter around comtip.predict.predict_slide."""
+"""Rule predict_slide: thin adapter around comtip.predict.slides.predict_slide."""
 
+from comtip._core.runtime import rule_logging
 from comtip.finetune import load_finetuned
-from comtip.predict import predict_slide
-from comtip.runtime import rule_logging
+from comtip.predict.slides import predict_slide
 
 with rule_logging(snakemake.log[0]):
     inp = snakemake.input

@@ -1,6 +1,6 @@
 """Rule pretrain: thin adapter around comtip.training.launch.run_pretrain (one process per GPU)."""
 
-from comtip.runtime import rule_logging
+from comtip._core.runtime import rule_logging
 from comtip.training.launch import run_pretrain
 
 with rule_logging(snakemake.log[0]):

@@ -1,7 +1,7 @@
-"""Rule select_genes: thin adapter around comtip.genes.select_genes."""
+"""Rule select_genes: thin adapter around comtip.data.genes.select_genes."""
 
-from comtip.genes import select_genes
-from comtip.runtime import rule_logging
+from comtip._core.runtime import rule_logging
+from comtip.data.genes import select_genes
 
 with rule_logging(snakemake.log[0]):
     genes = snakemake.params.genes

@@ -1,7 +1,7 @@
-"""Rule simulate_demo_sample: thin adapter around comtip.simulate.simulate_sample."""
+"""Rule simulate_demo_sample: thin adapter around comtip.demo.simulate_sample."""
 
-from comtip.runtime import rule_logging
-from comtip.simulate import SimulationParams, simulate_sample
+from comtip._core.runtime import rule_logging
+from comtip.demo import SimulationParams, simulate_sample
 
 with rule_logging(snakemake.log[0]):
     simulate_sample(

@@ -1,7 +1,7 @@
-"""Rule tile_slide: thin adapter around comtip.tiling.tile_slide."""
+"""Rule tile_slide: thin adapter around comtip.data.tiling.tile_slide."""
 
-from comtip.runtime import rule_logging
-from comtip.tiling import TissueParams, tile_slide
+from comtip._core.runtime import rule_logging
+from comtip.data.tiling import TissueParams, tile_slide
 
 with rule_logging(snakemake.log[0]):
     cfg = dict(snakemake.params.tiling)

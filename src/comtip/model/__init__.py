@@ -1,13 +1,13 @@
 """CoMTIP model (torch + timm): ViT with Masked Feature Modeling, Gene-Text Encoder with
 Pair-aware Adversarial Training, InfoNCE alignment. Design choices: ``docs/model.md``."""
 
-# Names resolve on first use (comtip._lazy): importing a light submodule does not import torch.
+# Names resolve on first use (comtip._core.lazy): importing a light submodule does not import torch.
 from __future__ import annotations
 
-from comtip._lazy import lazy_exports
+from comtip._core.lazy import lazy_exports
 
 _EXPORTS = {
-    "subsample_sentences": "comtip.model.augment",
+    "subsample_sentences": "comtip.model.sentence_cuts",
     "CoMTIP": "comtip.model.comtip",
     "ModelConfig": "comtip.model.config",
     "GeneTextEncoder": "comtip.model.gene_text",

@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from comtip.model.config import ModelConfig
-from comtip.model.augment import value_probes
 from comtip.model.gene_text import GeneTextEncoder
 from comtip.model.losses import info_nce, value_contrast
 from comtip.model.paat import PairDiscriminator, adversarial_delta, shuffle_values
+from comtip.model.sentence_cuts import value_probes
 from comtip.model.vision import VisionEncoder
 
 BATCH_KEYS = ("images", "gene_ids", "values", "bins", "pad")
@@ -53,8 +53,9 @@ class CoMTIP(nn.Module):
         """Normalised float (B, 3, H, W) → (B, embed_dim) L2-normalised (full branch only)."""
         return self.vision.embed(images)
 
-    def encode_sentences(self, gene_ids: torch.Tensor, values: torch.Tensor, bins: torch.Tensor,
-                         pad: torch.Tensor) -> torch.Tensor:
+    def encode_sentences(
+        self, gene_ids: torch.Tensor, values: torch.Tensor, bins: torch.Tensor, pad: torch.Tensor
+    ) -> torch.Tensor:
         """Gene sentences (B, L) → (B, embed_dim) L2-normalised."""
         return self.text(gene_ids, values, bins, pad)
 
@@ -68,7 +69,7 @@ class CoMTIP(nn.Module):
         InfoNCE + MFM (+ value contrast) and costs no extra text-encoder passes.
 
         The value contrast's prompts come from ``batch["probe_genes"/"probe_values"/"probe_bins"]``
-        (:func:`comtip.model.augment.value_probes` of the sentences before sub-sampling, as the
+        (:func:`comtip.model.sentence_cuts.value_probes` of the sentences before sub-sampling, as the
         training loop passes them); without those keys they are drawn here from the batch's
         own sentences with the global torch RNG."""
         missing = [k for k in BATCH_KEYS if k not in batch]
@@ -88,7 +89,8 @@ class CoMTIP(nn.Module):
         if use_paat and (cfg.paat_shuffle_negatives or cfg.paat_discriminator):
             shuffled_values, shuffled_bins, changed = shuffle_values(values, bins, pad)
             shuffled_rep = self.text.encode_from_tokens(
-                self.text.token_embeddings(gene_ids, shuffled_values, shuffled_bins), pad)
+                self.text.token_embeddings(gene_ids, shuffled_values, shuffled_bins), pad
+            )
             if cfg.paat_shuffle_negatives:
                 extra, extra_mask = self.text.project(shuffled_rep), changed
             if self.discriminator is not None:
@@ -113,13 +115,29 @@ class CoMTIP(nn.Module):
             else:
                 genes, probe_values, probe_bins = value_probes(gene_ids, values, bins, pad, cfg.value_contrast_genes)
             loss_value = self._value_loss(img, genes, probe_values, probe_bins, scale)
-        loss = (loss_infonce + cfg.lambda_mfm * vision.loss_mfm + cfg.lambda_paat * loss_paat
-                + cfg.lambda_value * loss_value)
-        return {"loss": loss, "loss_infonce": loss_infonce, "loss_mfm": vision.loss_mfm,
-                "loss_paat": loss_paat, "loss_value": loss_value, "logit_scale": scale.detach()}
+        loss = (
+            loss_infonce
+            + cfg.lambda_mfm * vision.loss_mfm
+            + cfg.lambda_paat * loss_paat
+            + cfg.lambda_value * loss_value
+        )
+        return {
+            "loss": loss,
+            "loss_infonce": loss_infonce,
+            "loss_mfm": vision.loss_mfm,
+            "loss_paat": loss_paat,
+            "loss_value": loss_value,
+            "logit_scale": scale.detach(),
+        }
 
-    def _value_loss(self, img: torch.Tensor, genes: torch.Tensor, probe_values: torch.Tensor,
-                    probe_bins: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def _value_loss(
+        self,
+        img: torch.Tensor,
+        genes: torch.Tensor,
+        probe_values: torch.Tensor,
+        probe_bins: torch.Tensor,
+        scale: torch.Tensor,
+    ) -> torch.Tensor:
         """Embed the K × B one-gene prompts in one pass and score them (losses.value_contrast)."""
         n_genes, rows = probe_values.shape
         if n_genes == 0:  # a batch without any token: nothing to probe

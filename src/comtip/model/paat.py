@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def shuffle_values(values: torch.Tensor, bins: torch.Tensor, pad: torch.Tensor,
-                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def shuffle_values(
+    values: torch.Tensor, bins: torch.Tensor, pad: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Re-pair genes and values within each sentence; returns (values, bins, changed).
 
     Each sentence's non-pad slots are put in a random order and each slot takes the value (and
@@ -75,8 +76,9 @@ class PairDiscriminator(nn.Module):
         return F.binary_cross_entropy_with_logits(logits, labels)
 
 
-def adversarial_delta(tokens: torch.Tensor, pad: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor],
-                      epsilon: float, steps: int) -> torch.Tensor:
+def adversarial_delta(
+    tokens: torch.Tensor, pad: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor], epsilon: float, steps: int
+) -> torch.Tensor:
     """Perturbation of ``tokens`` (B, L, C) that increases ``loss_fn(tokens + delta)``; detached.
 
     L∞ ball of radius ``epsilon × RMS`` (RMS over the non-pad token entries of the batch,
@@ -97,6 +99,6 @@ def adversarial_delta(tokens: torch.Tensor, pad: torch.Tensor, loss_fn: Callable
     with torch.enable_grad():  # also under no_grad (validation): the attack needs ∇ wrt delta
         for _ in range(steps):
             delta.requires_grad_(True)
-            grad, = torch.autograd.grad(loss_fn(base + delta), delta)
+            (grad,) = torch.autograd.grad(loss_fn(base + delta), delta)
             delta = (delta.detach() + step * grad.sign() * keep).clamp(-radius, radius)
     return delta

@@ -30,14 +30,18 @@ from timm.models import load_state_dict
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
+from comtip._core.errors import ConfigError
 from comtip.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
 
-def preprocess_images(images: torch.Tensor, image_size: int,
-                      mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
-                      std: tuple[float, float, float] = IMAGENET_DEFAULT_STD) -> torch.Tensor:
+def preprocess_images(
+    images: torch.Tensor,
+    image_size: int,
+    mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
+    std: tuple[float, float, float] = IMAGENET_DEFAULT_STD,
+) -> torch.Tensor:
     """uint8 (B, H, W, 3) patches → float (B, 3, image_size, image_size), normalised.
 
     Resized with antialiased bilinear interpolation (patches are usually larger than the model
@@ -63,8 +67,14 @@ def n_visible_tokens(n_tokens: int, mask_ratio: float) -> int:
     return min(max(round(n_tokens * (1.0 - mask_ratio)), 1), n_tokens - 1)
 
 
-def random_masking(batch: int, n_tokens: int, mask_ratio: float, *, device: torch.device | str = "cpu",
-                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def random_masking(
+    batch: int,
+    n_tokens: int,
+    mask_ratio: float,
+    *,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample random split of ``n_tokens`` positions into (visible, masked) index tensors.
 
     ``n_visible_tokens(n_tokens, mask_ratio)`` positions stay visible, the rest are masked; the
@@ -127,8 +137,10 @@ class VisionEncoder(nn.Module):
         kwargs = {"img_size": cfg.image_size, "num_classes": 0, **cfg.vision_kwargs}
         self.vit = timm.create_model(cfg.vision_model, pretrained=False, **kwargs)
         if not isinstance(self.vit, VisionTransformer):
-            raise ValueError(f"vision_model {cfg.vision_model!r} is not a timm VisionTransformer "
-                             f"(got {type(self.vit).__name__}); MFM needs ViT patch tokens")
+            raise ValueError(
+                f"vision_model {cfg.vision_model!r} is not a timm VisionTransformer "
+                f"(got {type(self.vit).__name__}); MFM needs ViT patch tokens"
+            )
         if self.vit.pos_embed is None or getattr(self.vit, "dynamic_img_size", False):
             raise ValueError(f"vision_model {cfg.vision_model!r} needs a fixed absolute pos_embed for MFM")
         if cfg.pretrained_weights is not None:
@@ -152,7 +164,7 @@ class VisionEncoder(nn.Module):
     def _patch_pos_embed(self) -> torch.Tensor:
         """(N, C) positional embeddings of the patch positions (without prefix tokens)."""
         pos = self.vit.pos_embed[0]
-        return pos if self.vit.no_embed_class else pos[self.vit.num_prefix_tokens:]
+        return pos if self.vit.no_embed_class else pos[self.vit.num_prefix_tokens :]
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         """Patch embedding + positions: (B, P + N, C), the P prefix (class/register) tokens first."""
@@ -180,8 +192,7 @@ class VisionEncoder(nn.Module):
         if self.generator is None:
             return VisionOutput(embedding, tokens, images.new_zeros(()), None)
         batch, n_tokens = tokens.shape[:2]
-        visible, masked = random_masking(batch, n_tokens, self.mask_ratio, device=images.device,
-                                         generator=generator)
+        visible, masked = random_masking(batch, n_tokens, self.mask_ratio, device=images.device, generator=generator)
         kept = torch.cat([x[:, :prefix], _gather_tokens(x[:, prefix:], visible)], dim=1)
         context = self._encode_tokens(kept)
         pos = self._patch_pos_embed().unsqueeze(0).expand(batch, -1, -1)
@@ -202,13 +213,15 @@ def load_vit_weights(vit: VisionTransformer, path: str | Path) -> None:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"pretrained_weights: no such file {path.resolve()}")
+        raise ConfigError(f"config key 'model.pretrained_weights': no such file {path.resolve()}")
     if path.suffix == ".safetensors":
         try:
             import safetensors.torch  # noqa: F401  (timm loads it; fail here with a clear message)
         except ImportError as err:
-            raise ImportError(f"pretrained_weights {path}: reading .safetensors needs the "
-                              "'safetensors' package (pip install safetensors)") from err
+            raise ImportError(
+                f"pretrained_weights {path}: reading .safetensors needs the "
+                "'safetensors' package (pip install safetensors)"
+            ) from err
     state = load_state_dict(str(path), use_ema=False)
     state = checkpoint_filter_fn(state, vit)
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
@@ -217,7 +230,9 @@ def load_vit_weights(vit: VisionTransformer, path: str | Path) -> None:
     except RuntimeError as err:  # shape mismatch: another width/depth/patch size
         raise ValueError(f"pretrained_weights {path}: does not match the vision model: {err}") from err
     if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"pretrained_weights {path}: does not match the vision model "
-                         f"(missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}, "
-                         "first 5 of each shown)")
+        raise ValueError(
+            f"pretrained_weights {path}: does not match the vision model "
+            f"(missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}, "
+            "first 5 of each shown)"
+        )
     log.info("vision encoder: loaded pretrained weights from %s", path)

@@ -1,10 +1,10 @@
 """CoMTIP pretraining: data from the patch and sentence files, the (DDP-capable, resumable) training
 loop, checkpoints and the retrieval check. Entry point: :func:`pretrain`."""
 
-# Names resolve on first use (comtip._lazy): importing a light submodule does not import torch.
+# Names resolve on first use (comtip._core.lazy): importing a light submodule does not import torch.
 from __future__ import annotations
 
-from comtip._lazy import lazy_exports
+from comtip._core.lazy import lazy_exports
 
 _EXPORTS = {
     "FORMAT_VERSION": "comtip.training.checkpoint",

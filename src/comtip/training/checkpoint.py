@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from comtip.atomic import atomic_path
+from comtip._core.atomic import atomic_path
 from comtip.model import CoMTIP, ModelConfig
 from comtip.training.config import RUN_ONLY_KEYS
 
@@ -37,13 +37,20 @@ def plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
 
 
-def run_definition(model_config: dict, train_config: dict, fingerprint: dict, *, world_size: int,
-                   device_type: str) -> dict:
+def run_definition(
+    model_config: dict, train_config: dict, fingerprint: dict, *, world_size: int, device_type: str
+) -> dict:
     """What a resume checkpoint must match: everything that changes the computed result (the
     number of processes changes the batches, the device type the numerics)."""
     pretrain = {k: v for k, v in train_config.items() if k not in RUN_ONLY_KEYS}
-    return plain({"model": model_config, "pretrain": pretrain, "data": fingerprint,
-                  "processes": {"world_size": world_size, "device": device_type}})
+    return plain(
+        {
+            "model": model_config,
+            "pretrain": pretrain,
+            "data": fingerprint,
+            "processes": {"world_size": world_size, "device": device_type},
+        }
+    )
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -65,15 +72,17 @@ def load_resume(folder: Path, definition: dict) -> dict | None:
     if changed:
         raise ValueError(
             f"resume checkpoint {path.absolute()} was written by a different run ("
-            + "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")
+            + "; ".join(changed[:8])
+            + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")
             + f"). Delete the folder {folder.absolute()} to start pretraining from scratch, "
-            "or restore the previous configuration to continue it.")
+            "or restore the previous configuration to continue it."
+        )
     return state
 
 
 def save_torch(obj: Any, path: str | Path) -> None:
     """``torch.save`` through a file handle: given a path, torch names the zip archive's folder
-    after the file, so the same state written under two temporary names (``comtip.atomic`` adds
+    after the file, so the same state written under two temporary names (``comtip._core.atomic`` adds
     the pid) gives different bytes. Through a handle the folder is always ``archive``: the same
     state gives the same file, and sha256 records of checkpoints are reproducible."""
     with open(path, "wb") as fh:
@@ -99,8 +108,16 @@ def set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def final_state(model: torch.nn.Module, *, model_config: dict, train_config: dict, vocabulary: list[str],
-                bin_edges: list[float], step: int, fingerprint: dict) -> dict:
+def final_state(
+    model: torch.nn.Module,
+    *,
+    model_config: dict,
+    train_config: dict,
+    vocabulary: list[str],
+    bin_edges: list[float],
+    step: int,
+    fingerprint: dict,
+) -> dict:
     """The pretrained checkpoint: everything needed to rebuild the model and to read new data the
     same way (vocabulary, value-bin edges), and what it was trained on."""
     return {
@@ -121,9 +138,10 @@ def load_pretrained(path: str | Path, *, map_location: str | torch.device = "cpu
     state = torch.load(path, map_location=map_location, weights_only=True)
     version = state.get("format_version")
     if version != FORMAT_VERSION:
-        raise ValueError(f"{Path(path).absolute()}: checkpoint format_version {version!r}, this code reads "
-                         f"{FORMAT_VERSION}")
-    model = CoMTIP(ModelConfig.from_dict(state["model_config"]), state["vocabulary"])
+        raise ValueError(
+            f"{Path(path).absolute()}: checkpoint format_version {version!r}, this code reads {FORMAT_VERSION}"
+        )
+    model = CoMTIP(ModelConfig.architecture(state["model_config"]), state["vocabulary"])
     model.load_state_dict(state.pop("model_state"))
     model.eval()
     return model, state

@@ -7,13 +7,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
+from comtip._core.devices import DEVICES
+from comtip._core.errors import ConfigError
+from comtip._core.seeds import derive_seed  # noqa: F401 (re-exported: the streams below are its keys)
+from comtip.model.config import GENE_POOLS, LENGTH_DISTRIBUTIONS, ModelConfig
 
-from comtip.errors import ConfigError
-from comtip.model import ModelConfig
-from comtip.model.augment import GENE_POOLS, LENGTH_DISTRIBUTIONS
-
-DEVICES = ("auto", "cpu", "cuda")
 # Options that change how a run is executed but not what it computes: a resume checkpoint written
 # with other values of these is still a valid starting point.
 RUN_ONLY_KEYS = ("checkpoint_every", "num_workers")
@@ -48,7 +46,9 @@ class TrainConfig:
     subsample_min_len: int = 1
     subsample_length: str = "uniform"
     subsample_genes: str = "vocabulary"
-    paat_warmup_steps: int = 0
+    # PAAT switches on after this many optimiser steps; None = paat_warmup_fraction of the run.
+    paat_warmup_steps: int | None = None
+    paat_warmup_fraction: float = 0.15
     bf16: bool = True
     device: str = "auto"
     retrieval_spots: int = 1000
@@ -60,17 +60,37 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
-            raise ConfigError(f"config key 'pretrain.{unknown[0]}': unknown option "
-                              f"(known: {', '.join(sorted(names))})")
+            raise ConfigError(f"config key 'pretrain.{unknown[0]}': unknown option (known: {', '.join(sorted(names))})")
         cfg = cls(**values)
         cfg.check()
         return cfg
 
     def check(self) -> None:
         """Range checks that the schema also states, repeated here for callers outside Snakemake."""
-        minimum = {"epochs": 1, "batch_size": 1, "grad_accum": 1, "checkpoint_every": 1, "log_every": 1,
-                   "retrieval_spots": 1, "subsample_min_len": 1, "warmup_steps": 0, "paat_warmup_steps": 0, "num_workers": 0,
-                   "seed": 0, "weight_decay": 0, "min_lr_ratio": 0, "color_jitter": 0, "subsample_prob": 0}
+        minimum = {
+            "epochs": 1,
+            "batch_size": 1,
+            "grad_accum": 1,
+            "checkpoint_every": 1,
+            "log_every": 1,
+            "retrieval_spots": 1,
+            "subsample_min_len": 1,
+            "warmup_steps": 0,
+            "num_workers": 0,
+            "seed": 0,
+            "weight_decay": 0,
+            "min_lr_ratio": 0,
+            "color_jitter": 0,
+            "subsample_prob": 0,
+        }
+        if self.paat_warmup_steps is not None and self.paat_warmup_steps < 0:
+            raise ConfigError(
+                f"config key 'pretrain.paat_warmup_steps': must be >= 0 or null, got {self.paat_warmup_steps}"
+            )
+        if not 0 <= self.paat_warmup_fraction <= 1:
+            raise ConfigError(
+                f"config key 'pretrain.paat_warmup_fraction': must be in [0, 1], got {self.paat_warmup_fraction}"
+            )
         maximum = {"min_lr_ratio": 1, "color_jitter": 0.99, "subsample_prob": 1}
         for key, low in minimum.items():
             if getattr(self, key) < low:
@@ -84,11 +104,14 @@ class TrainConfig:
         if self.lr <= 0:
             raise ConfigError(f"config key 'pretrain.lr': must be > 0, got {self.lr}")
         if self.subsample_length not in LENGTH_DISTRIBUTIONS:
-            raise ConfigError(f"config key 'pretrain.subsample_length': must be one of {LENGTH_DISTRIBUTIONS}, "
-                              f"got {self.subsample_length!r}")
+            raise ConfigError(
+                f"config key 'pretrain.subsample_length': must be one of {LENGTH_DISTRIBUTIONS}, "
+                f"got {self.subsample_length!r}"
+            )
         if self.subsample_genes not in GENE_POOLS:
-            raise ConfigError(f"config key 'pretrain.subsample_genes': must be one of {GENE_POOLS}, "
-                              f"got {self.subsample_genes!r}")
+            raise ConfigError(
+                f"config key 'pretrain.subsample_genes': must be one of {GENE_POOLS}, got {self.subsample_genes!r}"
+            )
         if self.device not in DEVICES:
             raise ConfigError(f"config key 'pretrain.device': must be one of {DEVICES}, got {self.device!r}")
 
@@ -105,13 +128,23 @@ def model_config_from_yaml(values: dict[str, Any] | None, *, gene_bins: int) -> 
     except (TypeError, ValueError) as err:
         raise ConfigError(f"config key 'model': {err}") from err
     if cfg.n_bins < gene_bins:
-        raise ConfigError(f"config key 'model.n_bins': {cfg.n_bins} is less than genes.n_bins ({gene_bins}); "
-                          f"value bins up to {gene_bins - 1} would have no embedding")
+        raise ConfigError(
+            f"config key 'model.n_bins': {cfg.n_bins} is less than genes.n_bins ({gene_bins}); "
+            f"value bins up to {gene_bins - 1} would have no embedding"
+        )
     return cfg
 
 
 def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
     return cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+
+
+def paat_start(cfg: TrainConfig, total: int) -> int:
+    """The first optimiser step trained with PAAT: ``paat_warmup_steps``, or else
+    ``paat_warmup_fraction`` of the ``total`` steps (rounded up)."""
+    if cfg.paat_warmup_steps is not None:
+        return cfg.paat_warmup_steps
+    return math.ceil(cfg.paat_warmup_fraction * total)
 
 
 def lr_factor(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -133,9 +166,3 @@ STREAM_MODEL = 1
 STREAM_AUGMENT = 2
 STREAM_RETRIEVAL = 3
 STREAM_INIT = 4
-
-
-def derive_seed(seed: int, stream: int, *keys: int) -> int:
-    """A 63-bit seed from the config seed, a stream id and integer keys (step, rank, epoch)."""
-    state = np.random.SeedSequence([seed, stream, *keys]).generate_state(1, dtype=np.uint64)[0]
-    return int(state) >> 1

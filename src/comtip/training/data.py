@@ -18,9 +18,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from comtip.alignment import first_mismatch, value_at
-from comtip.errors import PipelineInputError
-from comtip.training.config import STREAM_EPOCH, derive_seed
+from comtip._core.errors import PipelineInputError
+from comtip._core.seeds import derive_seed
+from comtip.data.barcodes import first_mismatch, value_at
+from comtip.training.config import STREAM_EPOCH
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,13 @@ DENSE_KEY = "vocabulary_values"
 # what each spot contributes to a batch besides its image
 BATCH_KEYS = (*SENTENCE_KEYS, DENSE_KEY)
 # dtypes the model takes (batch dict of CoMTIP.forward)
-TORCH_DTYPES = {"gene_ids": torch.long, "values": torch.float32, "bins": torch.long, "pad": torch.bool,
-                DENSE_KEY: torch.float32}
+TORCH_DTYPES = {
+    "gene_ids": torch.long,
+    "values": torch.float32,
+    "bins": torch.long,
+    "pad": torch.bool,
+    DENSE_KEY: torch.float32,
+}
 
 
 @dataclass(frozen=True)
@@ -44,11 +50,17 @@ class SampleFiles:
     sentences: Path  # gene_sentences.npz
 
 
-def sample_files(samples: Sequence[str], patches: Sequence[str | Path], indexes: Sequence[str | Path],
-                 sentences: Sequence[str | Path]) -> list[SampleFiles]:
+def sample_files(
+    samples: Sequence[str],
+    patches: Sequence[str | Path],
+    indexes: Sequence[str | Path],
+    sentences: Sequence[str | Path],
+) -> list[SampleFiles]:
     if not len(samples) == len(patches) == len(indexes) == len(sentences):
-        raise ValueError(f"{len(samples)} samples but {len(patches)} patch files, {len(indexes)} patch "
-                         f"indexes and {len(sentences)} sentence files")
+        raise ValueError(
+            f"{len(samples)} samples but {len(patches)} patch files, {len(indexes)} patch "
+            f"indexes and {len(sentences)} sentence files"
+        )
     if not samples:
         raise PipelineInputError("no training sample: pretraining needs at least one sample with split = train")
     return [SampleFiles(s, Path(p), Path(i), Path(t)) for s, p, i, t in zip(samples, patches, indexes, sentences)]
@@ -57,8 +69,11 @@ def sample_files(samples: Sequence[str], patches: Sequence[str | Path], indexes:
 def _open_patches(files: SampleFiles) -> np.ndarray:
     patches = np.load(files.patches, mmap_mode="r")
     if patches.dtype != np.uint8 or patches.ndim != 4 or patches.shape[3] != 3:
-        raise PipelineInputError(f"expected uint8 patches of shape (N, H, W, 3), found {patches.dtype} "
-                                 f"{patches.shape}", sample=files.name, path=files.patches)
+        raise PipelineInputError(
+            f"expected uint8 patches of shape (N, H, W, 3), found {patches.dtype} {patches.shape}",
+            sample=files.name,
+            path=files.patches,
+        )
     return patches
 
 
@@ -70,13 +85,19 @@ def _read_sentences(files: SampleFiles, n_patches: int) -> tuple[dict[str, np.nd
         column = {g: j for j, g in enumerate(panel)}
         missing = [str(g) for g in arrays["vocabulary"] if str(g) not in column]
         if missing:
-            raise PipelineInputError(f"vocabulary genes {missing[:3]} are not among panel_genes; rerun "
-                                     "build_gene_sentences", sample=files.name, path=files.sentences)
+            raise PipelineInputError(
+                f"vocabulary genes {missing[:3]} are not among panel_genes; rerun build_gene_sentences",
+                sample=files.name,
+                path=files.sentences,
+            )
         arrays[DENSE_KEY] = npz["panel_values"][:, [column[str(g)] for g in arrays["vocabulary"]]].astype(np.float32)
     index_barcodes = pd.read_parquet(files.index, columns=["barcode"])["barcode"].to_numpy(dtype=str)
     if len(index_barcodes) != n_patches:
-        raise PipelineInputError(f"{len(index_barcodes)} rows but {files.patches.name} holds {n_patches} "
-                                 "patches; rerun extract_patches", sample=files.name, path=files.index)
+        raise PipelineInputError(
+            f"{len(index_barcodes)} rows but {files.patches.name} holds {n_patches} patches; rerun extract_patches",
+            sample=files.name,
+            path=files.index,
+        )
     barcodes = arrays.pop("barcodes").astype(str)
     if len(barcodes) != n_patches or not np.array_equal(barcodes, index_barcodes):
         mismatch = first_mismatch(barcodes, index_barcodes)
@@ -84,7 +105,10 @@ def _read_sentences(files: SampleFiles, n_patches: int) -> tuple[dict[str, np.nd
             f"gene sentences are not aligned with the patches: row {mismatch} is barcode "
             f"{value_at(barcodes, mismatch)!r} here but {value_at(index_barcodes, mismatch)!r} in {files.index} "
             f"({len(barcodes)} vs {len(index_barcodes)} rows); rerun build_gene_sentences and "
-            "extract_patches from the same spots.h5ad", sample=files.name, path=files.sentences)
+            "extract_patches from the same spots.h5ad",
+            sample=files.name,
+            path=files.sentences,
+        )
     return arrays, barcodes
 
 
@@ -106,18 +130,29 @@ class SpotData:
             if vocabulary is None:
                 vocabulary, first = vocab, files
             elif vocab != vocabulary:
-                raise PipelineInputError(f"vocabulary differs from the one of sample {first.name} "
-                                         f"({first.sentences}); rebuild every sample's gene sentences from "
-                                         "the same gene_panel.tsv", sample=files.name, path=files.sentences)
+                raise PipelineInputError(
+                    f"vocabulary differs from the one of sample {first.name} "
+                    f"({first.sentences}); rebuild every sample's gene sentences from "
+                    "the same gene_panel.tsv",
+                    sample=files.name,
+                    path=files.sentences,
+                )
             if shapes and (patches.shape[1:], arrays["pad"].shape[1]) != shapes[0]:
                 raise PipelineInputError(
                     f"patches {patches.shape[1:]} / sentence length {arrays['pad'].shape[1]} differ from sample "
-                    f"{self.samples[0].name}'s {shapes[0]}", sample=files.name, path=files.patches)
+                    f"{self.samples[0].name}'s {shapes[0]}",
+                    sample=files.name,
+                    path=files.patches,
+                )
             shapes.append((patches.shape[1:], arrays["pad"].shape[1]))
             keep = ~arrays["pad"].all(axis=1)
             if not keep.all():
-                log.info("[%s] %d of %d spots express no pretraining gene: skipped",
-                         files.name, int((~keep).sum()), len(keep))
+                log.info(
+                    "[%s] %d of %d spots express no pretraining gene: skipped",
+                    files.name,
+                    int((~keep).sum()),
+                    len(keep),
+                )
             parts.append({key: arrays[key][keep] for key in BATCH_KEYS})
             sample_of.append(np.full(int(keep.sum()), k, np.int32))
             rows.append(np.flatnonzero(keep))
@@ -129,8 +164,11 @@ class SpotData:
         self.sample_of = np.concatenate(sample_of)
         self.row_of = np.concatenate(rows)
         if len(self) == 0:
-            raise PipelineInputError("no training spot expresses any pretraining gene",
-                                     sample=self.samples[0].name, path=self.samples[0].sentences)
+            raise PipelineInputError(
+                "no training spot expresses any pretraining gene",
+                sample=self.samples[0].name,
+                path=self.samples[0].sentences,
+            )
         # What a resume checkpoint must have been trained on (cheap to compute, changes whenever
         # a sample, its spots or the gene vocabulary change).
         self.fingerprint = {
@@ -197,7 +235,8 @@ class BatchPlan:
             raise PipelineInputError(
                 f"{self.n_spots} training spots are fewer than one optimiser step needs "
                 f"({self.spots_per_step} = batch_size {self.batch_size} x grad_accum {self.grad_accum} x "
-                f"{self.world_size} processes); lower pretrain.batch_size")
+                f"{self.world_size} processes); lower pretrain.batch_size"
+            )
         return steps
 
     def permutation(self, epoch: int) -> np.ndarray:
@@ -206,7 +245,7 @@ class BatchPlan:
 
     def micro_batch(self, perm: np.ndarray, step_in_epoch: int, micro: int, rank: int) -> np.ndarray:
         start = step_in_epoch * self.spots_per_step + (micro * self.world_size + rank) * self.batch_size
-        return perm[start:start + self.batch_size]
+        return perm[start : start + self.batch_size]
 
 
 class MicroBatches(torch.utils.data.Sampler):

@@ -30,13 +30,23 @@ def run_pretrain(kwargs: Mapping, processes: int, log_path: str | Path | None = 
     if processes <= 1:
         pretrain(**kwargs)
         return
-    plain = {k: ([str(p) for p in v] if isinstance(v, list | tuple) else (str(v) if isinstance(v, Path) else v))
-             for k, v in kwargs.items()}
+    plain = {
+        k: ([str(p) for p in v] if isinstance(v, list | tuple) else (str(v) if isinstance(v, Path) else v))
+        for k, v in kwargs.items()
+    }
     with tempfile.TemporaryDirectory(prefix="comtip-launch-") as tmp:
         args = Path(tmp) / "pretrain_args.json"
         args.write_text(json.dumps(plain))
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-                   "-m", "comtip.training.launch", str(args)]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={processes}",
+            "-m",
+            "comtip.training.launch",
+            str(args),
+        ]
         log.info("launching %d processes: %s", processes, " ".join(command))
         output = open(log_path, "a") if log_path else None  # noqa: SIM115 (closed below)
         try:

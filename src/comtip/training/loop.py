@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -25,82 +24,35 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from comtip.atomic import atomic_paths
-from comtip.errors import ConfigError
-from comtip.genes import read_bin_edges
+from comtip._core.atomic import atomic_paths
+from comtip._core.devices import deterministic_on_cpu
+from comtip._core.errors import ConfigError
+from comtip._core.seeds import derive_seed
+from comtip.data.genes import read_bin_edges
 from comtip.model import CoMTIP, ModelConfig, preprocess_images
-from comtip.model.augment import subsample_sentences, value_probes, vocabulary_sentences
 from comtip.model.comtip import PROBE_KEYS
+from comtip.model.sentence_cuts import subsample_sentences, value_probes, vocabulary_sentences
 from comtip.training import checkpoint as ckpt
-from comtip.training.augment import augment_images
-from comtip.training.config import (STREAM_AUGMENT, STREAM_INIT, STREAM_MODEL, STREAM_RETRIEVAL, TrainConfig,
-                                    derive_seed, lr_factor, total_steps)
+from comtip.training.config import (
+    STREAM_AUGMENT,
+    STREAM_INIT,
+    STREAM_MODEL,
+    STREAM_RETRIEVAL,
+    TrainConfig,
+    paat_start,
+    total_steps,
+)
 from comtip.training.data import DENSE_KEY, SENTENCE_KEYS, BatchPlan, MicroBatches, SpotData, sample_files
+from comtip.training.guard import NonFiniteGuard
+from comtip.training.image_augment import augment_images
 from comtip.training.metrics import LOSS_COLUMNS, MetricsLog, progress_line
+from comtip.training.optimizer import build_optimizer
+from comtip.training.processes import Processes, start_processes
 from comtip.training.retrieval import accuracy_from_embeddings, embed, retrieval_table
 
 log = logging.getLogger(__name__)
 
 RETRIEVAL_K = (1, 5)
-
-
-@dataclass(frozen=True)
-class Processes:
-    """Where this process sits in the run (torchrun's RANK / WORLD_SIZE / LOCAL_RANK)."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-    owns_group: bool  # this call initialised the process group, so it also tears it down
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def start_processes(device: str) -> Processes:
-    """Read torchrun's environment (absent = one process) and join the process group: NCCL on
-    GPUs, gloo on CPU. ``device="cuda"`` without a visible GPU is an error, not a CPU run."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("pretrain.device is 'cuda' but torch sees no CUDA device")
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    where = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(where)
-    owns_group = world_size > 1 and not dist.is_initialized()
-    if owns_group:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Processes(rank, world_size, where, owns_group)
-
-
-@contextlib.contextmanager
-def deterministic_on_cpu(device: torch.device) -> Iterator[None]:
-    """Enforce deterministic kernels for a CPU run (GPU kernels would need CUBLAS workspace
-    settings and cost speed; there bit-identity is not promised), restoring the previous mode."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(previous or device.type == "cpu")
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous)
-
-
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, total: int
-                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW without weight decay on biases, norms, embeddings' scales and the logit scale
-    (every parameter with fewer than 2 dimensions), and the warmup + cosine schedule."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
-
-    def factor(step: int) -> float:
-        return lr_factor(step, warmup_steps=cfg.warmup_steps, total_steps=total, min_lr_ratio=cfg.min_lr_ratio)
-
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 @dataclass
@@ -115,30 +67,56 @@ class Window:
 class Trainer:
     """One pretraining run; ``run()`` trains from scratch or from the resume checkpoint."""
 
-    def __init__(self, data: SpotData, model_cfg: ModelConfig, cfg: TrainConfig, bin_edges: list[float],
-                 procs: Processes, resume_folder: Path):
+    def __init__(
+        self,
+        data: SpotData,
+        model_cfg: ModelConfig,
+        cfg: TrainConfig,
+        bin_edges: list[float],
+        procs: Processes,
+        resume_folder: Path,
+    ):
         self.data, self.model_cfg, self.cfg, self.bin_edges, self.procs = data, model_cfg, cfg, bin_edges, procs
         self.edges = torch.tensor(bin_edges, dtype=torch.float32, device=procs.device)
         self.folder = resume_folder
         self.plan = BatchPlan(len(data), cfg.batch_size, cfg.grad_accum, procs.world_size, cfg.seed)
         self.total = total_steps(cfg, self.plan.steps_per_epoch)
-        self.definition = ckpt.run_definition(model_cfg.to_dict(), cfg.to_dict(), data.fingerprint,
-                                              world_size=procs.world_size, device_type=procs.device.type)
+        self.definition = ckpt.run_definition(
+            model_cfg.to_dict(),
+            cfg.to_dict(),
+            data.fingerprint,
+            world_size=procs.world_size,
+            device_type=procs.device.type,
+        )
         torch.manual_seed(derive_seed(cfg.seed, STREAM_INIT))  # same initial weights on every process
         self.model = CoMTIP(model_cfg, data.vocabulary).to(procs.device)
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg, self.total)
         self.step = 0
+        self.guard = NonFiniteGuard(procs.device)
+        self.paat_start = paat_start(cfg, self.total)
+        if model_cfg.paat:
+            log.info(
+                "PAAT from step %d of %d (pretrain.paat_warmup_steps / paat_warmup_fraction)",
+                self.paat_start,
+                self.total,
+            )
+        self.saved_step = 0  # the step of the resume checkpoint on disk
         state = ckpt.load_resume(self.folder, self.definition)
         if state is not None:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             ckpt.set_rng_states(state["rng"])
-            self.step = int(state["step"])
+            self.step = self.saved_step = int(state["step"])
             log.info("resuming from step %d of %d (%s)", self.step, self.total, self.folder / ckpt.RESUME_FILE)
         self.metrics = MetricsLog(self.folder / "metrics.tsv", self.step) if procs.is_main else None
-        self.ddp = (DistributedDataParallel(self.model, device_ids=[procs.device.index] if procs.device.type == "cuda"
-                                            else None) if procs.world_size > 1 else None)
+        self.ddp = (
+            DistributedDataParallel(
+                self.model, device_ids=[procs.device.index] if procs.device.type == "cuda" else None
+            )
+            if procs.world_size > 1
+            else None
+        )
 
     # -- one optimiser step ----------------------------------------------------------------------
 
@@ -146,32 +124,60 @@ class Trainer:
         """Move a micro-batch to the device, augment images and sentences, preprocess images."""
         batch = {k: v.to(self.procs.device, non_blocking=True) for k, v in batch.items()}
         cfg = self.cfg
-        images = augment_images(batch["images"], flip=cfg.flip, rot90=cfg.rot90, jitter=cfg.color_jitter,
-                                generator=generator)
+        images = augment_images(
+            batch["images"], flip=cfg.flip, rot90=cfg.rot90, jitter=cfg.color_jitter, generator=generator
+        )
         probes = {}
         if self.model_cfg.value_contrast:  # from the whole sentences, before sub-sampling
-            probes = dict(zip(PROBE_KEYS, value_probes(batch["gene_ids"], batch["values"], batch["bins"],
-                                                       batch["pad"], self.model_cfg.value_contrast_genes,
-                                                       generator=generator)))
+            probes = dict(
+                zip(
+                    PROBE_KEYS,
+                    value_probes(
+                        batch["gene_ids"],
+                        batch["values"],
+                        batch["bins"],
+                        batch["pad"],
+                        self.model_cfg.value_contrast_genes,
+                        generator=generator,
+                    ),
+                )
+            )
         sentence = (batch["gene_ids"], batch["values"], batch["bins"], batch["pad"])
         if cfg.subsample_genes == "vocabulary":
             gene_ids, values, bins, pad = vocabulary_sentences(
-                *sentence, batch[DENSE_KEY], self.edges, generator=generator, prob=cfg.subsample_prob,
-                min_len=cfg.subsample_min_len, length=cfg.subsample_length)
+                *sentence,
+                batch[DENSE_KEY],
+                self.edges,
+                generator=generator,
+                prob=cfg.subsample_prob,
+                min_len=cfg.subsample_min_len,
+                length=cfg.subsample_length,
+            )
         else:
             gene_ids, values, bins, pad = subsample_sentences(
-                *sentence, generator=generator, prob=cfg.subsample_prob, min_len=cfg.subsample_min_len,
-                length=cfg.subsample_length)
-        return {"images": preprocess_images(images, self.model_cfg.image_size),
-                "gene_ids": gene_ids, "values": values, "bins": bins, "pad": pad, **probes}
+                *sentence,
+                generator=generator,
+                prob=cfg.subsample_prob,
+                min_len=cfg.subsample_min_len,
+                length=cfg.subsample_length,
+            )
+        return {
+            "images": preprocess_images(images, self.model_cfg.image_size),
+            "gene_ids": gene_ids,
+            "values": values,
+            "bins": bins,
+            "pad": pad,
+            **probes,
+        }
 
     def _train_step(self, batches: Iterator[dict[str, torch.Tensor]], window: Window) -> dict[str, torch.Tensor]:
         """Forward/backward over ``grad_accum`` micro-batches, clip, AdamW step, schedule step.
         Returns the step's losses (mean over micro-batches), still on the device."""
         cfg, device = self.cfg, self.procs.device
         torch.manual_seed(derive_seed(cfg.seed, STREAM_MODEL, self.step, self.procs.rank))
-        generator = torch.Generator(device).manual_seed(derive_seed(cfg.seed, STREAM_AUGMENT, self.step,
-                                                                    self.procs.rank))
+        generator = torch.Generator(device).manual_seed(
+            derive_seed(cfg.seed, STREAM_AUGMENT, self.step, self.procs.rank)
+        )
         module = self.ddp if self.ddp is not None else self.model
         sums: dict[str, torch.Tensor] = {}
         for micro in range(cfg.grad_accum):
@@ -183,7 +189,7 @@ class Trainer:
             sync = contextlib.nullcontext() if self.ddp is None or last else self.ddp.no_sync()
             with sync:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda"):
-                    out = module(batch, paat=self.step >= cfg.paat_warmup_steps)
+                    out = module(batch, paat=self.step >= self.paat_start)
                 (out["loss"] / cfg.grad_accum).backward()
             for key in LOSS_COLUMNS:
                 value = out[key].detach().float()
@@ -193,7 +199,9 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {k: v / cfg.grad_accum for k, v in sums.items()}
+        losses = {k: v / cfg.grad_accum for k, v in sums.items()}
+        self.guard.update(self.step + 1, losses)
+        return losses
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
@@ -206,25 +214,33 @@ class Trainer:
             stacked /= self.procs.world_size
         values = stacked.tolist()
         elapsed = time.perf_counter() - window.start
-        row = {"step": self.step, "epoch": self.step / self.plan.steps_per_epoch, "lr": lr,
-               **dict(zip(LOSS_COLUMNS, values[:-1])),
-               "samples_per_s": window.steps * self.plan.spots_per_step / elapsed,
-               "data_wait_fraction": values[-1] / elapsed}
+        row = {
+            "step": self.step,
+            "epoch": self.step / self.plan.steps_per_epoch,
+            "lr": lr,
+            **dict(zip(LOSS_COLUMNS, values[:-1])),
+            "samples_per_s": window.steps * self.plan.spots_per_step / elapsed,
+            "data_wait_fraction": values[-1] / elapsed,
+        }
         return row
 
     def _save_resume(self) -> None:
+        self.saved_step = self.step
         if self.procs.is_main:
-            ckpt.save_resume(self.folder, {
-                "definition": self.definition,
-                "step": self.step,
-                "epoch": self.step / self.plan.steps_per_epoch,
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "rng": ckpt.rng_states(),
-                "vocabulary": self.data.vocabulary,
-                "bin_edges": self.bin_edges,
-            })
+            ckpt.save_resume(
+                self.folder,
+                {
+                    "definition": self.definition,
+                    "step": self.step,
+                    "epoch": self.step / self.plan.steps_per_epoch,
+                    "model": self.model.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "rng": ckpt.rng_states(),
+                    "vocabulary": self.data.vocabulary,
+                    "bin_edges": self.bin_edges,
+                },
+            )
         if self.procs.world_size > 1:
             dist.barrier()  # no process runs ahead of a checkpoint that may be the one resumed from
 
@@ -232,13 +248,24 @@ class Trainer:
 
     def run(self) -> None:
         cfg, plan = self.cfg, self.plan
-        log.info("pretraining on %d spots of %d samples (%s), %d processes on %s: %d steps of %d spots "
-                 "(%d steps per epoch)", len(self.data), len(self.data.samples),
-                 ", ".join(self.data.fingerprint["samples"]), self.procs.world_size, self.procs.device, self.total,
-                 plan.spots_per_step, plan.steps_per_epoch)
+        log.info(
+            "pretraining on %d spots of %d samples (%s), %d processes on %s: %d steps of %d spots (%d steps per epoch)",
+            len(self.data),
+            len(self.data.samples),
+            ", ".join(self.data.fingerprint["samples"]),
+            self.procs.world_size,
+            self.procs.device,
+            self.total,
+            plan.spots_per_step,
+            plan.steps_per_epoch,
+        )
         loader = torch.utils.data.DataLoader(
-            self.data, batch_size=None, sampler=MicroBatches(plan, self.procs.rank, self.step, self.total),
-            num_workers=cfg.num_workers, pin_memory=self.procs.device.type == "cuda")
+            self.data,
+            batch_size=None,
+            sampler=MicroBatches(plan, self.procs.rank, self.step, self.total),
+            num_workers=cfg.num_workers,
+            pin_memory=self.procs.device.type == "cuda",
+        )
         batches = iter(loader)
         self.model.train()
         first_step, started = self.step, time.perf_counter()
@@ -248,6 +275,8 @@ class Trainer:
             losses = self._train_step(batches, window)
             self.step += 1
             window.steps += 1
+            if self.step % cfg.log_every == 0 or self.step % cfg.checkpoint_every == 0 or self.step == self.total:
+                self.guard.check(self.procs.world_size, self.folder, self.saved_step)
             if self.step % cfg.log_every == 0 or self.step == self.total:
                 row = self._row(losses, lr, window)
                 if self.metrics is not None:
@@ -268,9 +297,13 @@ class Trainer:
             if len(spots) > self.cfg.retrieval_spots:
                 spots = np.sort(rng.choice(spots, self.cfg.retrieval_spots, replace=False))
             # one sample's patches in memory at a time (at most retrieval_spots of them)
-            image_emb, text_emb = embed(self.model, self.data.images(spots),
-                                        {key: self.data.sentences[key][spots] for key in SENTENCE_KEYS},
-                                        self.model_cfg.image_size, bf16=self.cfg.bf16)
+            image_emb, text_emb = embed(
+                self.model,
+                self.data.images(spots),
+                {key: self.data.sentences[key][spots] for key in SENTENCE_KEYS},
+                self.model_cfg.image_size,
+                bf16=self.cfg.bf16,
+            )
             results[files.name] = accuracy_from_embeddings(image_emb, text_emb, RETRIEVAL_K)
             image_embs.append(image_emb)
             text_embs.append(text_emb)
@@ -278,20 +311,42 @@ class Trainer:
             results["all"] = accuracy_from_embeddings(torch.cat(image_embs), torch.cat(text_embs), RETRIEVAL_K)
         table = retrieval_table(results, RETRIEVAL_K)
         for row in table.itertuples():
-            log.info("retrieval on %s (%d spots): top-%d %.3f (chance %.4f)", row.spots, row.n_spots, row.k,
-                     row.accuracy, row.chance)
+            log.info(
+                "retrieval on %s (%d spots): top-%d %.3f (chance %.4f)",
+                row.spots,
+                row.n_spots,
+                row.k,
+                row.accuracy,
+                row.chance,
+            )
         return table
 
     def final_state(self) -> dict:
-        return ckpt.final_state(self.model, model_config=self.model_cfg.to_dict(), train_config=self.cfg.to_dict(),
-                                vocabulary=self.data.vocabulary, bin_edges=self.bin_edges, step=self.step,
-                                fingerprint=self.data.fingerprint)
+        return ckpt.final_state(
+            self.model,
+            model_config=self.model_cfg.to_dict(),
+            train_config=self.cfg.to_dict(),
+            vocabulary=self.data.vocabulary,
+            bin_edges=self.bin_edges,
+            step=self.step,
+            fingerprint=self.data.fingerprint,
+        )
 
 
-def pretrain(samples: Sequence[str], patches: Sequence[str | Path], indexes: Sequence[str | Path],
-             sentences: Sequence[str | Path], bins_tsv: str | Path, out_checkpoint: str | Path,
-             out_metrics: str | Path, out_retrieval: str | Path, *, model_config: Mapping,
-             train_config: Mapping, threads: int | None = None) -> pd.DataFrame | None:
+def pretrain(
+    samples: Sequence[str],
+    patches: Sequence[str | Path],
+    indexes: Sequence[str | Path],
+    sentences: Sequence[str | Path],
+    bins_tsv: str | Path,
+    out_checkpoint: str | Path,
+    out_metrics: str | Path,
+    out_retrieval: str | Path,
+    *,
+    model_config: Mapping,
+    train_config: Mapping,
+    threads: int | None = None,
+) -> pd.DataFrame | None:
     """Pretrain CoMTIP on the training samples' patches and gene sentences.
 
     Writes, on the main process and only at the end, ``out_checkpoint`` (see
@@ -309,15 +364,19 @@ def pretrain(samples: Sequence[str], patches: Sequence[str | Path], indexes: Seq
         data = SpotData(sample_files(samples, patches, indexes, sentences))
         top_bin = int(data.sentences["bins"].max())
         if top_bin >= model_cfg.n_bins:
-            raise ConfigError(f"config key 'model.n_bins': {model_cfg.n_bins}, but the gene sentences hold value "
-                              f"bin {top_bin}; set model.n_bins to at least genes.n_bins")
+            raise ConfigError(
+                f"config key 'model.n_bins': {model_cfg.n_bins}, but the gene sentences hold value "
+                f"bin {top_bin}; set model.n_bins to at least genes.n_bins"
+            )
         height, width, _ = data.patch_shape
         if cfg.rot90 and height != width:
-            raise ConfigError(f"config key 'pretrain.rot90': needs square patches, the patches are "
-                              f"{height} x {width} px")
+            raise ConfigError(
+                f"config key 'pretrain.rot90': needs square patches, the patches are {height} x {width} px"
+            )
         with deterministic_on_cpu(procs.device):
-            trainer = Trainer(data, model_cfg, cfg, read_bin_edges(bins_tsv).tolist(), procs,
-                              ckpt.resume_dir(out_checkpoint))
+            trainer = Trainer(
+                data, model_cfg, cfg, read_bin_edges(bins_tsv).tolist(), procs, ckpt.resume_dir(out_checkpoint)
+            )
             trainer.run()
             if not procs.is_main:
                 return None

@@ -40,8 +40,10 @@ class MetricsLog:
 
 def progress_line(row: dict[str, float], total_steps: int, seconds_per_step: float) -> str:
     eta = datetime.timedelta(seconds=round(seconds_per_step * (total_steps - row["step"])))
-    return (f"step {int(row['step'])}/{total_steps} (epoch {row['epoch']:.2f}) loss {row['loss']:.4f} "
-            f"(infonce {row['loss_infonce']:.4f}, mfm {row['loss_mfm']:.4f}, paat {row['loss_paat']:.4f}, "
-            f"value {row['loss_value']:.4f}) "
-            f"lr {row['lr']:.3g} {row['samples_per_s']:.1f} samples/s "
-            f"data wait {100 * row['data_wait_fraction']:.0f}% ETA {eta}")
+    return (
+        f"step {int(row['step'])}/{total_steps} (epoch {row['epoch']:.2f}) loss {row['loss']:.4f} "
+        f"(infonce {row['loss_infonce']:.4f}, mfm {row['loss_mfm']:.4f}, paat {row['loss_paat']:.4f}, "
+        f"value {row['loss_value']:.4f}) "
+        f"lr {row['lr']:.3g} {row['samples_per_s']:.1f} samples/s "
+        f"data wait {100 * row['data_wait_fraction']:.0f}% ETA {eta}"
+    )

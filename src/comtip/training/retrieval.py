@@ -21,8 +21,15 @@ def _autocast(device: torch.device, bf16: bool):
 
 
 @torch.no_grad()
-def embed(model: torch.nn.Module, images_uint8: np.ndarray, sentences: Mapping[str, np.ndarray], image_size: int,
-          *, batch: int = 256, bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def embed(
+    model: torch.nn.Module,
+    images_uint8: np.ndarray,
+    sentences: Mapping[str, np.ndarray],
+    image_size: int,
+    *,
+    batch: int = 256,
+    bf16: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised (N, D) image and sentence embeddings (float32, on CPU), model in eval mode."""
     device = next(model.parameters()).device
     was_training = model.training
@@ -30,21 +37,33 @@ def embed(model: torch.nn.Module, images_uint8: np.ndarray, sentences: Mapping[s
     images, texts = [], []
     try:
         for lo in range(0, len(images_uint8), batch):
-            chunk = torch.from_numpy(np.array(images_uint8[lo:lo + batch])).to(device)
-            tokens = {k: torch.from_numpy(np.asarray(sentences[k][lo:lo + batch])).to(device, TORCH_DTYPES[k])
-                      for k in SENTENCE_KEYS}
+            chunk = torch.from_numpy(np.array(images_uint8[lo : lo + batch])).to(device)
+            tokens = {
+                k: torch.from_numpy(np.asarray(sentences[k][lo : lo + batch])).to(device, TORCH_DTYPES[k])
+                for k in SENTENCE_KEYS
+            }
             with _autocast(device, bf16):
                 images.append(model.encode_image(preprocess_images(chunk, image_size)).float().cpu())
-                texts.append(model.encode_sentences(tokens["gene_ids"], tokens["values"], tokens["bins"],
-                                                    tokens["pad"]).float().cpu())
+                texts.append(
+                    model.encode_sentences(tokens["gene_ids"], tokens["values"], tokens["bins"], tokens["pad"])
+                    .float()
+                    .cpu()
+                )
     finally:
         model.train(was_training)
     return torch.cat(images), torch.cat(texts)
 
 
-def retrieval_accuracy(model: torch.nn.Module, images_uint8: np.ndarray, sentences: Mapping[str, np.ndarray],
-                       image_size: int, k: Sequence[int] = (1, 5), batch: int = 256, *,
-                       bf16: bool = False) -> dict[str, float]:
+def retrieval_accuracy(
+    model: torch.nn.Module,
+    images_uint8: np.ndarray,
+    sentences: Mapping[str, np.ndarray],
+    image_size: int,
+    k: Sequence[int] = (1, 5),
+    batch: int = 256,
+    *,
+    bf16: bool = False,
+) -> dict[str, float]:
     """Image -> sentence top-k accuracy over ``N`` spots, with the chance level of each k.
 
     Returns ``{"n": N, "top1": ..., "chance_top1": 1/N, "top5": ..., "chance_top5": 5/N}``.
@@ -53,8 +72,9 @@ def retrieval_accuracy(model: torch.nn.Module, images_uint8: np.ndarray, sentenc
     return accuracy_from_embeddings(image_emb, text_emb, k, batch)
 
 
-def accuracy_from_embeddings(image_emb: torch.Tensor, text_emb: torch.Tensor, k: Sequence[int] = (1, 5),
-                             batch: int = 256) -> dict[str, float]:
+def accuracy_from_embeddings(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, k: Sequence[int] = (1, 5), batch: int = 256
+) -> dict[str, float]:
     """Top-k accuracy of paired rows (row i of each is spot i), as :func:`retrieval_accuracy`,
     plus ``median_rank`` of the true sentence (0 = first) and its chance level ``(N - 1) / 2``.
 
@@ -66,12 +86,15 @@ def accuracy_from_embeddings(image_emb: torch.Tensor, text_emb: torch.Tensor, k:
     n = len(image_emb)
     ranks = []
     for lo in range(0, n, batch):
-        sims = image_emb[lo:lo + batch] @ text_emb.T
+        sims = image_emb[lo : lo + batch] @ text_emb.T
         true = sims[torch.arange(len(sims)), torch.arange(lo, lo + len(sims))]
         ranks.append((sims > true[:, None]).sum(dim=1))
     rank = torch.cat(ranks)
-    out: dict[str, float] = {"n": float(n), "median_rank": float(np.median(rank.numpy())) if n else float("nan"),
-                             "chance_median_rank": (n - 1) / 2}
+    out: dict[str, float] = {
+        "n": float(n),
+        "median_rank": float(np.median(rank.numpy())) if n else float("nan"),
+        "chance_median_rank": (n - 1) / 2,
+    }
     for kk in k:
         out[f"top{kk}"] = float((rank < kk).float().mean())
         out[f"chance_top{kk}"] = min(1.0, kk / n)
@@ -81,8 +104,18 @@ def accuracy_from_embeddings(image_emb: torch.Tensor, text_emb: torch.Tensor, k:
 def retrieval_table(results: Mapping[str, Mapping[str, float]], k: Sequence[int]) -> pd.DataFrame:
     """Long table: one row per (set of spots, k) with accuracy and chance; the set's median rank
     of the true sentence and its chance level are repeated on each of its rows."""
-    rows = [{"spots": name, "n_spots": int(r["n"]), "k": kk, "accuracy": r[f"top{kk}"],
-             "chance": r[f"chance_top{kk}"], "fold_over_chance": r[f"top{kk}"] / r[f"chance_top{kk}"],
-             "median_rank": r["median_rank"], "chance_median_rank": r["chance_median_rank"]}
-            for name, r in results.items() for kk in k]
+    rows = [
+        {
+            "spots": name,
+            "n_spots": int(r["n"]),
+            "k": kk,
+            "accuracy": r[f"top{kk}"],
+            "chance": r[f"chance_top{kk}"],
+            "fold_over_chance": r[f"top{kk}"] / r[f"chance_top{kk}"],
+            "median_rank": r["median_rank"],
+            "chance_median_rank": r["chance_median_rank"],
+        }
+        for name, r in results.items()
+        for kk in k
+    ]
     return pd.DataFrame(rows)

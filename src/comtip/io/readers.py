@@ -1,0 +1,365 @@
+"""The slide readers behind :class:`comtip.io.slide.Slide` — openslide (vendor formats), tifffile
+(OME-TIFFs and SubIFD pyramids openslide cannot see), Pillow (plain JPEG/PNG/TIFF) — and
+:func:`open_slide`, which picks the first reader that accepts a file."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openslide
+import tifffile
+from PIL import Image
+
+from comtip._core.errors import PipelineInputError
+from comtip.io.slide import WHITE, Slide, _composite_on_white, _mpp_from_resolution, _paste_inside, _Refused
+
+# Decoded tiles kept by the tifffile reader (openslide has its own cache).
+TILE_CACHE_BYTES = 64 * 2**20
+# Rows of a plain image copied at once into its array by the Pillow reader.
+PILLOW_BAND_BYTES = 64 * 2**20
+_OME_UNITS_UM = {"pm": 1e-6, "Å": 1e-4, "nm": 1e-3, "µm": 1.0, "um": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
+# YCbCr tiles are JPEG, which the codec decodes to RGB.
+_TIFF_PHOTOMETRICS = {tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR}
+_PILLOW_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"}
+
+
+# -- openslide ----------------------------------------------------------------------------------
+
+
+class OpenSlideSlide(Slide):
+    """A slide read through openslide (thread-safe handle; openslide pads and caches)."""
+
+    reader = "openslide"
+
+    def __init__(self, path: Path):
+        try:
+            self._osr = openslide.OpenSlide(str(path))
+        except openslide.OpenSlideError as err:
+            raise _Refused(str(err) or type(err).__name__) from err
+        try:
+            mpp = _openslide_mpp(self._osr.properties, path)
+        except BaseException:
+            self._osr.close()
+            raise
+        super().__init__(
+            path,
+            [tuple(d) for d in self._osr.level_dimensions],
+            [float(d) for d in self._osr.level_downsamples],
+            mpp,
+        )
+
+    def _read(self, x: int, y: int, w: int, h: int, level: int) -> np.ndarray:
+        image = self._osr.read_region((x, y), level, (w, h))
+        rgba = np.asarray(image)
+        if rgba[..., 3].min() == 255:  # the common case; PIL drops alpha faster than numpy
+            return np.array(image.convert("RGB"))
+        return _composite_on_white(rgba)
+
+    def close(self) -> None:
+        self._osr.close()
+
+
+def _openslide_mpp(props: Any, path: Path) -> float | None:
+    """``openslide.mpp-x``, else TIFF XResolution with a centimeter/inch unit, else None."""
+    if openslide.PROPERTY_NAME_MPP_X in props:
+        value = props[openslide.PROPERTY_NAME_MPP_X]
+        try:
+            return float(value)
+        except ValueError as err:
+            raise PipelineInputError(f"unreadable {openslide.PROPERTY_NAME_MPP_X} {value!r}", path=path) from err
+    if "tiff.XResolution" in props and "tiff.ResolutionUnit" in props:
+        return _mpp_from_resolution(float(props["tiff.XResolution"]), props["tiff.ResolutionUnit"])
+    return None
+
+
+# -- tifffile -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _TiffLevel:
+    """One tiled level: where its tiles are in the file and how to decode them."""
+
+    width: int
+    height: int
+    tile_w: int
+    tile_h: int
+    samples: int
+    offsets: tuple[int, ...]
+    bytecounts: tuple[int, ...]
+    decode: Callable[..., tuple[Any, Any, Any]]
+    jpegtables: bytes | None
+
+    @property
+    def tiles_across(self) -> int:
+        return -(-self.width // self.tile_w)
+
+
+class TiffFileSlide(Slide):
+    """A tiled TIFF pyramid read tile by tile through tifffile (OME-TIFF, SubIFD pyramids).
+
+    Only the tiles that intersect a region are read and decoded, and the last decoded tiles are
+    kept (:data:`TILE_CACHE_BYTES`) because neighbouring regions share them. File reads are
+    serialised by a lock (one shared handle); decoding runs outside it, so threads overlap.
+    """
+
+    reader = "tifffile"
+
+    def __init__(self, path: Path):
+        try:
+            self._tif = tifffile.TiffFile(path)
+        except (tifffile.TiffFileError, OSError) as err:
+            raise _Refused(str(err)) from err
+        self._lock = threading.Lock()
+        try:
+            if not self._tif.series:
+                raise _Refused("no image in this TIFF")
+            self._levels = [_tiff_level(level) for level in self._tif.series[0].levels]
+            tile_bytes = max(lv.tile_w * lv.tile_h * 3 for lv in self._levels)
+            self._tile = functools.lru_cache(maxsize=max(1, TILE_CACHE_BYTES // tile_bytes))(self._decode_tile)
+            for index in range(len(self._levels)):
+                self._check_decodes(index)
+            mpp = _tifffile_mpp(self._tif, path)
+        except BaseException:
+            self._tif.close()
+            raise
+        dims = [(lv.width, lv.height) for lv in self._levels]
+        w0, h0 = dims[0]
+        super().__init__(path, dims, [(w0 / w + h0 / h) / 2 for w, h in dims], mpp)
+
+    def _check_decodes(self, level: int) -> None:
+        """Decode one tile of a level now, so that a missing codec refuses the file at open."""
+        stored = [i for i, count in enumerate(self._levels[level].bytecounts) if count][:1]
+        try:
+            for tile in stored:
+                self._tile(level, tile)
+        except Exception as err:  # any codec failure means this reader cannot serve the file
+            raise _Refused(f"cannot decode tiles of level {level}: {type(err).__name__}: {err}") from err
+
+    def _decode_tile(self, level: int, index: int) -> np.ndarray:
+        """Tile ``index`` of ``level`` as read-only RGB (tile_h, tile_w, 3); a missing tile is white."""
+        lv = self._levels[level]
+        offset, count = lv.offsets[index], lv.bytecounts[index]
+        if count == 0:
+            tile = np.full((lv.tile_h, lv.tile_w, 3), WHITE, np.uint8)
+        else:
+            with self._lock:
+                handle = self._tif.filehandle
+                handle.seek(offset)
+                data = handle.read(count)
+            pixels = lv.decode(data, index, jpegtables=lv.jpegtables)[0]
+            tile = _to_rgb(pixels.reshape(lv.tile_h, lv.tile_w, lv.samples))
+        tile.flags.writeable = False  # shared through the cache
+        return tile
+
+    def _read(self, x: int, y: int, w: int, h: int, level: int) -> np.ndarray:
+        d = self.level_downsamples[level]
+        lv = self._levels[level]
+        reader = lambda lx, ly, rw, rh: self._read_inside(level, lx, ly, rw, rh)  # noqa: E731
+        return _paste_inside(reader, (lv.width, lv.height), round(x / d), round(y / d), w, h)
+
+    def _read_inside(self, level: int, lx: int, ly: int, w: int, h: int) -> np.ndarray:
+        lv = self._levels[level]
+        out = np.empty((h, w, 3), np.uint8)
+        for ty in range(ly // lv.tile_h, (ly + h - 1) // lv.tile_h + 1):
+            for tx in range(lx // lv.tile_w, (lx + w - 1) // lv.tile_w + 1):
+                tile = self._tile(level, ty * lv.tiles_across + tx)
+                tx0, ty0 = tx * lv.tile_w, ty * lv.tile_h
+                x0, y0 = max(lx, tx0), max(ly, ty0)
+                x1, y1 = min(lx + w, tx0 + lv.tile_w), min(ly + h, ty0 + lv.tile_h)
+                out[y0 - ly : y1 - ly, x0 - lx : x1 - lx] = tile[y0 - ty0 : y1 - ty0, x0 - tx0 : x1 - tx0]
+        return out
+
+    def close(self) -> None:
+        self._tile.cache_clear()
+        self._tif.close()
+
+
+def _tiff_level(level: tifffile.TiffPageSeries) -> _TiffLevel:
+    """Check that a series level is one tiled 8-bit RGB/grey plane and describe its tiles."""
+    if len(level.pages) != 1:
+        raise _Refused(f"a level has {len(level.pages)} planes; expected one RGB image")
+    page, key = level.pages[0], level.keyframe
+    if not key.is_tiled:
+        raise _Refused("level is not tiled")
+    if key.dtype != np.uint8 or key.samplesperpixel not in (1, 3, 4):
+        raise _Refused(f"pixels are {key.dtype} x {key.samplesperpixel} samples; expected 8-bit grey/RGB(A)")
+    if key.photometric not in _TIFF_PHOTOMETRICS:
+        raise _Refused(f"photometric {key.photometric.name} is not grey or RGB")
+    if key.samplesperpixel > 1 and key.planarconfig != tifffile.PLANARCONFIG.CONTIG:
+        raise _Refused("planar (separated) samples are not supported")
+    if key.imagedepth != 1:
+        raise _Refused("volumetric tiles are not supported")
+    return _TiffLevel(
+        width=key.imagewidth,
+        height=key.imagelength,
+        tile_w=key.tilewidth,
+        tile_h=key.tilelength,
+        samples=key.samplesperpixel,
+        offsets=tuple(page.dataoffsets),
+        bytecounts=tuple(page.databytecounts),
+        decode=key.decode,
+        jpegtables=key.jpegtables,
+    )
+
+
+def _to_rgb(pixels: np.ndarray) -> np.ndarray:
+    """(h, w, s) grey, RGB or RGBA ``uint8`` to RGB, RGBA composited on white."""
+    if pixels.shape[2] == 1:
+        return np.repeat(pixels, 3, axis=2)
+    if pixels.shape[2] == 4:
+        return _composite_on_white(pixels)
+    return pixels
+
+
+def _tifffile_mpp(tif: tifffile.TiffFile, path: Path) -> float | None:
+    """µm/px from OME ``PhysicalSizeX``, else from level-0 resolution tags (cm or inch)."""
+    if tif.is_ome:
+        mpp = _ome_mpp(tif.ome_metadata, path)
+        if mpp is not None:
+            return mpp
+    page = tif.series[0].levels[0].keyframe
+    if "XResolution" not in page.tags or "ResolutionUnit" not in page.tags:
+        return None
+    return _mpp_from_resolution(page.resolution[0], page.resolutionunit.name)
+
+
+def _ome_mpp(xml: str | None, path: Path) -> float | None:
+    """``PhysicalSizeX`` of the first OME image in µm, or None when the OME-XML has none."""
+    pixels = ET.fromstring(xml).find(".//{*}Image/{*}Pixels") if xml else None
+    if pixels is None or "PhysicalSizeX" not in pixels.attrib:
+        return None
+    unit = pixels.attrib.get("PhysicalSizeXUnit", "µm")
+    if unit not in _OME_UNITS_UM:
+        raise PipelineInputError(f"OME PhysicalSizeXUnit {unit!r} is not a length unit", path=path)
+    return float(pixels.attrib["PhysicalSizeX"]) * _OME_UNITS_UM[unit]
+
+
+# -- Pillow -------------------------------------------------------------------------------------
+
+
+class PillowSlide(Slide):
+    """A plain image (JPEG, PNG, non-tiled TIFF) decoded once and kept in memory as RGB."""
+
+    reader = "pillow"
+
+    def __init__(self, path: Path):
+        with _unlimited_pixels():
+            try:
+                image = Image.open(path)
+            except OSError as err:
+                raise _Refused(str(err)) from err
+            with image:
+                _check_plain_image(image)
+                mpp = _pillow_mpp(image)
+                try:
+                    self._pixels = _pillow_rgb(image)
+                except OSError as err:  # truncated or corrupt pixel data
+                    raise _Refused(f"cannot decode pixels: {err}") from err
+        height, width = self._pixels.shape[:2]
+        super().__init__(path, [(width, height)], [1.0], mpp)
+
+    def _read(self, x: int, y: int, w: int, h: int, level: int) -> np.ndarray:
+        reader = lambda lx, ly, rw, rh: self._pixels[ly : ly + rh, lx : lx + rw].copy()  # noqa: E731
+        return _paste_inside(reader, self.dimensions, x, y, w, h)
+
+    def close(self) -> None:
+        self._pixels = np.empty((0, 0, 3), np.uint8)
+
+
+@contextlib.contextmanager
+def _unlimited_pixels() -> Iterator[None]:
+    """Lift Pillow's decompression-bomb limit while opening one slide (full-res H&E is huge)."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _check_plain_image(image: Image.Image) -> None:
+    """Refuse what would be wrong to load whole: tiled or multi-page TIFFs, non-8-bit pixels."""
+    if image.format == "TIFF" and (322 in image.tag_v2 or 330 in image.tag_v2):  # TileWidth, SubIFDs
+        raise _Refused("tiled or SubIFD TIFF: a pyramid must not be loaded whole into memory")
+    if getattr(image, "n_frames", 1) > 1:
+        raise _Refused(f"{image.n_frames} frames/pages: a pyramid must not be loaded whole into memory")
+    if image.mode not in _PILLOW_MODES:
+        raise _Refused(f"pixel mode {image.mode!r} is not 8-bit grey/colour")
+
+
+def _pillow_mpp(image: Image.Image) -> float | None:
+    """µm/px only from TIFF resolution tags in centimeters (dpi of plain images is arbitrary)."""
+    if image.format != "TIFF" or image.tag_v2.get(296) != 3 or 282 not in image.tag_v2:
+        return None
+    return _mpp_from_resolution(float(image.tag_v2[282]), "centimeter")
+
+
+def _pillow_rgb(image: Image.Image) -> np.ndarray:
+    """Decode to an RGB array band by band (no whole-image temporaries), transparency on white."""
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+    mode = "RGBA" if has_alpha else "RGB"
+    decoded = image if image.mode == mode else image.convert(mode)
+    width, height = decoded.size
+    rows = max(1, PILLOW_BAND_BYTES // (4 * width))
+    out = np.empty((height, width, 3), np.uint8)
+    for top in range(0, height, rows):
+        band = np.asarray(decoded.crop((0, top, width, min(height, top + rows))))
+        out[top : top + rows] = _composite_on_white(band) if has_alpha else band
+    return out
+
+
+# -- opening ------------------------------------------------------------------------------------
+
+_READERS: dict[str, Callable[[Path], Slide]] = {
+    "openslide": OpenSlideSlide,
+    "tifffile": TiffFileSlide,
+    "pillow": PillowSlide,
+}
+
+
+def open_slide(path: str | Path, *, sample: str | None = None) -> Slide:
+    """Open a slide with the first reader that accepts it (order chosen by file type).
+
+    TIFFs go to openslide first, except OME-TIFFs and SubIFD pyramids (whose levels openslide
+    does not see), which go to tifffile first; other files to openslide, then Pillow. Raises
+    :class:`PipelineInputError` naming the file and each reader's reason when none accepts it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineInputError("slide file not found", sample=sample, path=path)
+    reasons = []
+    for name in _reader_order(path):
+        try:
+            return _READERS[name](path)
+        except _Refused as err:
+            reasons.append(f"{name}: {err}")
+        except PipelineInputError as err:  # bad metadata found by a reader: add the sample
+            raise PipelineInputError(err.message, sample=sample, path=path) from err
+    raise PipelineInputError("no reader can open this slide (" + "; ".join(reasons) + ")", sample=sample, path=path)
+
+
+def _reader_order(path: Path) -> list[str]:
+    with path.open("rb") as handle:
+        magic = handle.read(4)
+    if magic not in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):
+        return ["openslide", "pillow"]
+    if _pyramid_hidden_from_openslide(path):
+        return ["tifffile", "openslide", "pillow"]
+    return ["openslide", "tifffile", "pillow"]
+
+
+def _pyramid_hidden_from_openslide(path: Path) -> bool:
+    """True for OME-TIFFs and SubIFD pyramids: openslide would open them with level 0 only."""
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return bool(tif.is_ome or (len(tif.pages) and tif.pages[0].subifds))
+    except tifffile.TiffFileError:
+        return False  # not parseable by tifffile: let the readers give their own reasons

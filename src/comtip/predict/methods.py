@@ -1,0 +1,208 @@
+"""The functions behind the ``predict_baseline`` methods of :mod:`comtip.predict.registry`, and
+the context they read.
+
+Every method predicts the normalised (log1p CP10k) expression of all panel genes for the spots of
+one test sample, from what the training samples teach it; nothing here looks at test expression.
+
+``mclstexp_comtip`` is faithful to mclSTExp's ``evel_her2st.py`` in k, the weights and the roles
+(expression-side references queried with image embeddings). It is not mclSTExp in its spot
+context: mclSTExp embeds each reference spot's expression with learned x/y position embeddings
+and a Transformer over the spots of a batch (a trained model property); ours are CoMTIP's
+per-spot sentence embeddings, with no position and no neighbours. Optional and ours, not
+mclSTExp's: ``evaluate.mclstexp_smooth_query`` averages each test image embedding with its
+spatial neighbours' before retrieval. Details in ``docs/evaluation.md``.
+
+The encoder of ``ridge_{encoder}`` is ``comtip`` (the pretrained checkpoint) or ``random`` (same
+architecture, random initialisation, seeded): the difference between the two is what pretraining
+bought. The retrieval methods run on ``comtip`` only: a random encoder's image and sentence spaces
+are not aligned, so cross-modal retrieval from it has no meaning.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+
+from comtip._core.errors import ConfigError, PipelineInputError
+from comtip.predict.baselines import (
+    bleep_retrieval,
+    hest_ridge,
+    mclstexp_retrieval,
+    mean_baseline,
+    spatial_neighbour_mean,
+)
+from comtip.predict.registry import method as registry_method
+from comtip.predict.writers import write_prediction_h5ad
+from comtip.predict.zeroshot import zero_shot, zero_shot_grid_and_prior
+from comtip.training.checkpoint import load_pretrained
+
+log = logging.getLogger(__name__)
+
+# The ``evaluate.*`` settings the methods read, with the schema's defaults (a test keeps them equal).
+DEFAULT_SETTINGS: dict[str, Any] = {
+    "bleep_k": 50,
+    "mclstexp_k": 200,
+    "mclstexp_smooth_query": False,
+    "ridge_pca_dim": 256,
+    "zeroshot_grid": 16,
+    "zeroshot_grid_kind": "quantile",
+    "zeroshot_prior": "training",
+    "zeroshot_temperature": None,
+}
+
+
+@dataclass(frozen=True)
+class PredictionContext:
+    """What a method may read for one test sample: the rule's input files by role and the
+    ``evaluate`` settings (missing ones take :data:`DEFAULT_SETTINGS`).
+
+    ``train_value_files`` hold ``panel_values`` and ``train_embedding_files`` the embeddings of the
+    training spots, stacked in the given order: the one stacked file of each that the rule reads
+    (:mod:`comtip.predict.reference`), or the per-sample files.
+
+    Arrays are loaded on first use, so a method pays only for what it reads; rows of the test
+    sample's embeddings and spots are checked to be its ``gene_sentences.npz`` rows in order.
+    """
+
+    spots_h5ad: str | Path
+    test_sentences: str | Path
+    train_value_files: Sequence[str | Path]
+    train_embedding_files: Sequence[str | Path] = ()
+    test_embedding: str | Path | None = None
+    checkpoint: str | Path | None = None
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    sample: str | None = None
+    device: str = "cpu"
+
+    def setting(self, key: str) -> Any:
+        return self.settings[key] if key in self.settings else DEFAULT_SETTINGS[key]
+
+    @functools.cached_property
+    def _test(self) -> dict[str, np.ndarray]:
+        with np.load(self.test_sentences) as npz:
+            return {key: npz[key] for key in ("barcodes", "panel_genes")}
+
+    @property
+    def barcodes(self) -> np.ndarray:
+        return self._test["barcodes"]
+
+    @property
+    def genes(self) -> list[str]:
+        return list(self._test["panel_genes"])
+
+    @functools.cached_property
+    def train_values(self) -> np.ndarray:
+        """(training spots, panel genes) normalised values of every training sample, stacked."""
+        return _stack(self.train_value_files, "panel_values")
+
+    def train_stack(self, key: str) -> np.ndarray:
+        """``key`` of the training samples' embeddings, stacked in sample order."""
+        return _stack(self.train_embedding_files, key)
+
+    def test_rows(self, key: str) -> np.ndarray:
+        """``key`` of the test sample's embeddings, refused unless its rows are the test spots in order."""
+        data = np.load(self.test_embedding)
+        if not np.array_equal(np.asarray(data["barcodes"], dtype=str), np.asarray(self.barcodes, dtype=str)):
+            raise PipelineInputError(
+                "embedding rows are not the test sample's spots in gene_sentences.npz order",
+                sample=self.sample,
+                path=self.test_embedding,
+            )
+        return data[key]
+
+    def spot_xy(self) -> np.ndarray:
+        """Test spot centres (full-resolution px) from ``spots.h5ad``, checked to be the test rows."""
+        spots = ad.read_h5ad(self.spots_h5ad, backed="r")
+        try:
+            if not np.array_equal(np.asarray(spots.obs_names, dtype=str), np.asarray(self.barcodes, dtype=str)):
+                raise PipelineInputError(
+                    "spots are not the test sample's gene_sentences.npz rows", sample=self.sample, path=self.spots_h5ad
+                )
+            return np.asarray(spots.obsm["spatial"], dtype=np.float64)
+        finally:
+            spots.file.close()
+
+    def retrieval_k(self, key: str) -> int:
+        """``evaluate.{key}``, refused unless 1 <= k <= the number of training spots."""
+        k, n_train = self.setting(key), len(self.train_values)
+        if not 1 <= k <= n_train:
+            raise ConfigError(
+                f"config key 'evaluate.{key}' = {k}: retrieval needs 1 <= k <= the number of training spots ({n_train})"
+            )
+        return k
+
+
+def _stack(npzs: Sequence[str | Path], key: str) -> np.ndarray:
+    return np.concatenate([np.load(p)[key] for p in npzs], axis=0)
+
+
+def mean(ctx: PredictionContext) -> np.ndarray:
+    return mean_baseline(ctx.train_values, len(ctx.barcodes))
+
+
+def ridge(ctx: PredictionContext) -> np.ndarray:
+    return hest_ridge(
+        ctx.train_stack("features"),
+        ctx.train_values,
+        ctx.test_rows("features"),
+        pca_dim=ctx.setting("ridge_pca_dim"),
+        fit_intercept=True,
+    )
+
+
+def bleep(ctx: PredictionContext) -> np.ndarray:
+    k = ctx.retrieval_k("bleep_k")
+    return bleep_retrieval(
+        ctx.train_stack("sentence_embeddings"),
+        ctx.train_values,
+        ctx.test_rows("image_embeddings"),
+        k=k,
+        method="average",
+    )
+
+
+def mclstexp(ctx: PredictionContext) -> np.ndarray:
+    k = ctx.retrieval_k("mclstexp_k")
+    query = ctx.test_rows("image_embeddings")
+    if ctx.setting("mclstexp_smooth_query"):
+        query = spatial_neighbour_mean(query, ctx.spot_xy())
+    return mclstexp_retrieval(ctx.train_stack("sentence_embeddings"), ctx.train_values, query, k=k)
+
+
+def zeroshot(ctx: PredictionContext) -> np.ndarray:
+    model, info = load_pretrained(ctx.checkpoint)
+    grid, prior = zero_shot_grid_and_prior(
+        ctx.train_values,
+        ctx.setting("zeroshot_grid"),
+        grid=ctx.setting("zeroshot_grid_kind"),
+        prior=ctx.setting("zeroshot_prior"),
+    )
+    return zero_shot(
+        model,
+        ctx.test_rows("image_embeddings"),
+        ctx.genes,
+        grid,
+        np.asarray(info["bin_edges"], np.float32),
+        temperature=ctx.setting("zeroshot_temperature"),
+        prior=prior,
+        device=ctx.device,
+    )
+
+
+def predict_with_method(method: str, ctx: PredictionContext, out_h5ad: str | Path) -> np.ndarray:
+    """Predict all panel genes of one test sample with ``method`` (a ``predict_baseline`` entry of
+    the registry); write the prediction h5ad and return the prediction."""
+    entry = registry_method(method)
+    if entry.rule != "predict_baseline":
+        raise ValueError(f"method {method!r} runs in rule {entry.rule}, not through predict_with_method")
+    pred = entry.resolve()(ctx)
+    log.info("%s: predicted %d spots x %d genes", method, *pred.shape)
+    write_prediction_h5ad(out_h5ad, pred, ctx.genes, ctx.spots_h5ad, method, barcodes=ctx.barcodes)
+    return pred

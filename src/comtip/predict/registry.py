@@ -1,0 +1,167 @@
+"""Every prediction method, declared once: its name, what it reads, the rule that runs it and the
+function that computes it.
+
+Standard library only (and the torch-free fine-tuning config): the workflow reads this registry
+when Snakemake parses it (wildcard constraints, input functions), so it must not import torch.
+The functions are named by dotted path and imported when a prediction runs. Adding a method =
+one :class:`Method` entry here plus its function; ``workflow/schemas/config.schema.yaml`` lists
+the same names for ``evaluate.methods`` and ``docs/evaluation.md`` holds :func:`method_table`,
+both checked against this registry by ``tests/test_registry.py``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from comtip.finetune.config import MODES as FINETUNE_MODES
+
+ENCODERS = ("comtip", "random")
+
+# What a method reads besides the training and test gene sentences (which every method reads) and
+# the test sample's spots.h5ad (whose spots every prediction file copies):
+TEST_EMBEDDING = "test_embedding"  # the test sample's embeddings by the method's encoder
+TRAIN_EMBEDDINGS = "train_embeddings"  # the training samples' embeddings by the method's encoder
+PRETRAINED = "pretrained"  # the pretrained CoMTIP checkpoint
+FINETUNED = "finetuned"  # a fine-tuned head (results/models/finetune/{mode}.pt) and the test patches
+SPOT_XY = "spot_xy"  # the test spots' coordinates (from spots.h5ad), for spatial context
+NEEDS = (TEST_EMBEDDING, TRAIN_EMBEDDINGS, PRETRAINED, FINETUNED, SPOT_XY)
+
+RULES = ("predict_baseline", "predict_finetuned")
+
+# The files of the contract between rules (docs/architecture.md) that methods read: the training
+# slides' values and embeddings stacked into one file each (comtip.predict.reference), and the
+# test slide's embeddings.
+TRAINING_VALUES = "results/genes/training_values.npz"
+TRAINING_EMBEDDINGS = "results/embeddings/{encoder}/training/reference.npz"
+EMBEDDINGS = "results/embeddings/{encoder}/{sample}.npz"
+
+
+@dataclass(frozen=True)
+class Method:
+    """One prediction method: ``function`` ("module:attribute") computes it in rule ``rule``.
+
+    A ``predict_baseline`` function takes a :class:`comtip.predict.methods.PredictionContext` and
+    returns the (spots, panel genes) prediction; ``settings`` are the ``evaluate.*`` keys it reads.
+    """
+
+    name: str
+    summary: str
+    function: str
+    rule: str = "predict_baseline"
+    encoder: str | None = None
+    needs: tuple[str, ...] = ()
+    settings: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # programming errors in this file, caught by the registry's tests
+        assert self.rule in RULES, self.rule
+        assert set(self.needs) <= set(NEEDS), self.needs
+        assert (self.encoder is None) == (not {TEST_EMBEDDING, TRAIN_EMBEDDINGS} & set(self.needs)), self.name
+        assert self.encoder is None or self.encoder in ENCODERS, self.encoder
+
+    def resolve(self) -> Callable[..., Any]:
+        """The function that computes this method (imports its module, e.g. torch for zero-shot)."""
+        module, attribute = self.function.split(":")
+        return getattr(importlib.import_module(module), attribute)
+
+
+def _ridge(encoder: str, what: str) -> Method:
+    return Method(
+        f"ridge_{encoder}",
+        f"HEST-Benchmark probe on frozen {what} image features: StandardScaler → PCA → ridge",
+        "comtip.predict.methods:ridge",
+        encoder=encoder,
+        needs=(TEST_EMBEDDING, TRAIN_EMBEDDINGS),
+        settings=("ridge_pca_dim",),
+    )
+
+
+def _finetune(mode: str, what: str) -> Method:
+    return Method(
+        f"finetune_{mode}",
+        f"{what} on the pretrained image encoder (`comtip.finetune`)",
+        "comtip.finetune.predict:predict_finetuned",
+        rule="predict_finetuned",
+        needs=(PRETRAINED, FINETUNED),
+    )
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method(
+            "mean",
+            "mean expression of the training spots (the floor any method must beat)",
+            "comtip.predict.methods:mean",
+        ),
+        _ridge("comtip", "CoMTIP"),
+        _ridge("random", "random-init (same architecture, seeded)"),
+        Method(
+            "bleep_comtip",
+            "BLEEP's retrieval rule on CoMTIP embeddings: mean expression of the top-k training "
+            "spots whose sentence embedding is closest to the test image embedding",
+            "comtip.predict.methods:bleep",
+            encoder="comtip",
+            needs=(TEST_EMBEDDING, TRAIN_EMBEDDINGS),
+            settings=("bleep_k",),
+        ),
+        Method(
+            "mclstexp_comtip",
+            "mclSTExp's retrieval rule on CoMTIP embeddings: the top-k training spots by the "
+            "same cosine, weighted by 1 / L1 distance²",
+            "comtip.predict.methods:mclstexp",
+            encoder="comtip",
+            needs=(TEST_EMBEDDING, TRAIN_EMBEDDINGS, SPOT_XY),
+            settings=("mclstexp_k", "mclstexp_smooth_query"),
+        ),
+        Method(
+            "zeroshot",
+            'CoMTIP zero-shot: the image embedding scored against "gene at value v" prompts, '
+            "weighted by the training value prior",
+            "comtip.predict.methods:zeroshot",
+            encoder="comtip",
+            needs=(TEST_EMBEDDING, PRETRAINED),
+            settings=("zeroshot_grid", "zeroshot_grid_kind", "zeroshot_prior", "zeroshot_temperature"),
+        ),
+        _finetune("linear", "linear probe"),
+        _finetune("full", "full fine-tune"),
+    )
+}
+BASELINE_METHODS = tuple(name for name, m in METHODS.items() if m.rule == "predict_baseline")
+assert [m.name for m in METHODS.values() if m.rule == "predict_finetuned"] == [f"finetune_{x}" for x in FINETUNE_MODES]
+
+
+def method(name: str) -> Method:
+    """The registry entry of ``name``; a ``ValueError`` listing the known names otherwise (the
+    config schema has already refused unknown names in ``evaluate.methods``)."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}") from None
+
+
+def method_inputs(name: str, sample: str, pretrained: str) -> dict[str, str]:
+    """The files a ``predict_baseline`` job of ``name`` on test ``sample`` reads, by role (the
+    rule's named inputs, as :class:`comtip.predict.methods.PredictionContext` takes them)."""
+    entry = method(name)
+    inputs = {"train_values": TRAINING_VALUES}
+    if TEST_EMBEDDING in entry.needs:
+        inputs["test_embedding"] = EMBEDDINGS.format(encoder=entry.encoder, sample=sample)
+    if TRAIN_EMBEDDINGS in entry.needs:
+        inputs["train_embeddings"] = TRAINING_EMBEDDINGS.format(encoder=entry.encoder)
+    if PRETRAINED in entry.needs:
+        inputs["checkpoint"] = pretrained
+    return inputs
+
+
+def method_table(methods: Mapping[str, Method] = METHODS) -> str:
+    """The markdown table of the methods that ``docs/evaluation.md`` holds."""
+    rows = ["| method | rule | reads | settings (`evaluate.*`) | what it is |", "|---|---|---|---|---|"]
+    for m in methods.values():
+        reads = ", ".join(("gene sentences", *m.needs))
+        settings = ", ".join(f"`{s}`" for s in m.settings) or "—"
+        rows.append(f"| `{m.name}` | `{m.rule}` | {reads} | {settings} | {m.summary} |")
+    return "\n".join(rows) + "\n"
