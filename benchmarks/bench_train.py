@@ -37,6 +37,7 @@ import yaml
 
 from _markdown import write_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from comtip.model import CoMTIP, ModelConfig, preprocess_images
+from comtip.model.config import IMAGENET_MEAN, IMAGENET_STD
 from comtip.model.sentence_cuts import subsample_sentences
 from comtip.training import BatchPlan, SpotData, TrainConfig, pretrain, sample_files
 from comtip.training.data import MicroBatches
@@ -151,7 +152,7 @@ def input_pipeline(cohort: dict, train: dict, image_size: int, batches: int) -> 
             prob=cfg.subsample_prob,
             min_len=cfg.subsample_min_len,
         )
-        preprocess_images(images, image_size)
+        preprocess_images(images, image_size, IMAGENET_MEAN, IMAGENET_STD)
     return batches * cfg.batch_size / (time.perf_counter() - start)
 
 

@@ -63,7 +63,9 @@ def test_image_embeddings_match_encode_image_in_batches(model, patches_memmap):
     assert model.training  # mode restored
     model.eval()
     with torch.no_grad():
-        direct = model.encode_image(preprocess_images(torch.from_numpy(np.array(patches_memmap)), 32)).numpy()
+        direct = model.encode_image(
+            preprocess_images(torch.from_numpy(np.array(patches_memmap)), 32, model.cfg.image_mean, model.cfg.image_std)
+        ).numpy()
     np.testing.assert_allclose(emb, direct, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from comtip._core.errors import ConfigError
 from comtip.model import ModelConfig, VisionEncoder, n_visible_tokens, preprocess_images, random_masking
+from comtip.model.vision import vit_normalisation
 
 TINY_VIT = {"depth": 2, "patch_size": 8, "embed_dim": 32, "num_heads": 2}  # 32 px → 4 × 4 = 16 patches
 
@@ -75,12 +76,14 @@ def test_embed_equals_full_branch_in_eval():
 
 def test_preprocess_images_resizes_and_normalises():
     images = torch.full((2, 40, 40, 3), 255, dtype=torch.uint8)
-    out = preprocess_images(images, 32)
+    imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    out = preprocess_images(images, 32, *imagenet)
     assert out.shape == (2, 3, 32, 32) and out.dtype == torch.float32
     expected = (1.0 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
     torch.testing.assert_close(out[0, :, 5, 5], expected)
     with pytest.raises(ValueError, match="uint8"):
-        preprocess_images(images.float(), 32)
+        preprocess_images(images.float(), 32, *imagenet)
+    torch.testing.assert_close(preprocess_images(images, 32, (0.5,) * 3, (0.5,) * 3)[0, :, 5, 5], torch.ones(3))
 
 
 def _timm_state(img_size: int, **kw) -> dict[str, torch.Tensor]:
@@ -121,3 +124,36 @@ def test_pretrained_weights_errors(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="comtip.model.vision"):
         VisionEncoder(_cfg())
     assert "random initialisation" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("name", "mean"),
+    [("vit_base_patch32_224", (0.5, 0.5, 0.5)), ("deit_tiny_patch16_224", (0.485, 0.456, 0.406))],
+)
+def test_normalisation_is_the_backbones_own_and_is_stored_with_the_config(name, mean):
+    cfg = _cfg(vision_model=name, vision_kwargs={**_cfg().vision_kwargs, "embed_dim": 48, "num_heads": 2})
+    enc = VisionEncoder(cfg)
+    assert cfg.image_mean == mean and vit_normalisation(enc.vit)[0] == mean
+    stored = cfg.to_dict()
+    assert stored["image_mean"] == list(mean)
+    assert ModelConfig.architecture(stored).image_mean == mean
+
+
+def test_normalisation_override_and_checkpoints_from_before_it_was_stored():
+    cfg = _cfg(image_mean=(0.7, 0.6, 0.5), image_std=(0.2, 0.2, 0.2))
+    enc = VisionEncoder(cfg)
+    assert vit_normalisation(enc.vit) == ((0.7, 0.6, 0.5), (0.2, 0.2, 0.2))
+    old = {k: v for k, v in _cfg().to_dict().items() if k not in ("image_mean", "image_std")}
+    rebuilt = ModelConfig.architecture(old)  # trained with preprocess_images' old ImageNet default
+    assert rebuilt.image_mean == (0.485, 0.456, 0.406) and rebuilt.image_std == (0.229, 0.224, 0.225)
+    with pytest.raises(ValueError, match="image_mean"):
+        _cfg(image_mean=(0.5, 0.5, 0.5))
+    with pytest.raises(ValueError, match="image_std"):
+        _cfg(image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.0, 0.5))
+
+
+def test_finetuning_vit_carries_the_checkpoints_normalisation():
+    from comtip.finetune.head import build_vit
+
+    stored = _cfg(image_mean=(0.6, 0.6, 0.6), image_std=(0.3, 0.3, 0.3)).to_dict()
+    assert vit_normalisation(build_vit(stored)) == ((0.6, 0.6, 0.6), (0.3, 0.3, 0.3))

@@ -15,47 +15,53 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scanpy as sc
-import scipy.sparse as sp
 
 from comtip._core.atomic import atomic_path, atomic_paths
 from comtip._core.errors import PipelineInputError
+from comtip.data.gene_stats import (
+    ExactQuantiles,
+    GeneMoments,
+    normalised_csr,
+    read_normalised,
+    seurat_dispersion_norm,
+)
 
 log = logging.getLogger(__name__)
 
-TARGET_SUM = 1e4
 PANEL_METHODS = ("hvg", "heg", "hvg_heg")
 
 
 def normalise(counts) -> np.ndarray:
     """log1p(counts / library size × 1e4), dense float32 (spots × genes)."""
-    x = counts.toarray() if sp.issparse(counts) else np.asarray(counts)
-    x = x.astype(np.float64)
-    library = x.sum(axis=1, keepdims=True)
-    library[library == 0] = 1.0
-    return np.log1p(x / library * TARGET_SUM).astype(np.float32)
+    return normalised_csr(counts).toarray()
 
 
-def _load_normalised(path: str | Path, genes: Sequence[str] | None = None) -> tuple[pd.Index, np.ndarray, pd.Index]:
-    adata = ad.read_h5ad(path)
-    values = normalise(adata.X)
-    names = pd.Index(adata.var_names)
-    if genes is not None:
-        columns = names.get_indexer(pd.Index(genes))
-        out = np.zeros((adata.n_obs, len(genes)), np.float32)
-        present = columns >= 0
-        out[:, present] = values[:, columns[present]]
-        return pd.Index(adata.obs_names), out, pd.Index(genes)
-    return pd.Index(adata.obs_names), values, names
+def _common_genes(paths: Sequence[str | Path]) -> pd.Index:
+    common: pd.Index | None = None
+    for path in paths:
+        names = pd.Index(ad.read_h5ad(path, backed="r").var_names)
+        common = names if common is None else common.intersection(names, sort=False)
+    assert common is not None
+    return common
 
 
-def _normalised_dispersion(values: np.ndarray, genes: list[str]) -> np.ndarray:
-    """Seurat-flavoured dispersion (scanpy): var/mean of normalised counts, z-scored within
-    bins of mean expression, so that low-count genes do not win by Poisson noise alone."""
-    adata = ad.AnnData(values, var=pd.DataFrame(index=genes))
-    adata.uns["log1p"] = {"base": None}
-    hvg = sc.pp.highly_variable_genes(adata, flavor="seurat", inplace=False)
-    return np.nan_to_num(hvg["dispersions_norm"].to_numpy(np.float64), nan=-np.inf)
+def gene_statistics(train_h5ads: Sequence[str | Path]) -> pd.DataFrame:
+    """Per-gene statistics of the genes common to all training samples, one sample in memory at a
+    time (memory O(genes), not O(cohort)): ``mean``, ``variance`` (ddof 0) and ``spot_fraction`` of
+    the normalised values, Seurat's normalised ``dispersion`` and both ranks (ties by gene order).
+    ``attrs["n_spots"]`` is the number of training spots."""
+    common = _common_genes(train_h5ads)
+    moments = GeneMoments(len(common))
+    for path in train_h5ads:
+        moments.add(read_normalised(path, list(common))[1])
+    stats = pd.DataFrame(
+        {"gene": common, "mean": moments.mean, "variance": moments.variance, "spot_fraction": moments.spot_fraction}
+    ).set_index("gene", drop=False)
+    stats["dispersion"] = seurat_dispersion_norm(moments)
+    stats["dispersion_rank"] = stats["dispersion"].rank(ascending=False, method="first").astype(int)
+    stats["mean_rank"] = stats["mean"].rank(ascending=False, method="first").astype(int)
+    stats.attrs["n_spots"] = moments.n_spots
+    return stats
 
 
 def select_genes(
@@ -83,23 +89,7 @@ def select_genes(
         raise PipelineInputError("no training sample: gene selection needs at least one sample with split = train")
     if method not in PANEL_METHODS:
         raise ValueError(f"method must be one of {PANEL_METHODS}, got {method!r}")
-    common: pd.Index | None = None
-    for path in train_h5ads:
-        names = pd.Index(ad.read_h5ad(path, backed="r").var_names)
-        common = names if common is None else common.intersection(names, sort=False)
-    assert common is not None
-    blocks = [_load_normalised(p, list(common))[1] for p in train_h5ads]
-    values = np.concatenate(blocks, axis=0)
-    mean = values.mean(axis=0)
-    variance = values.var(axis=0)
-    expressed = (values > 0).mean(axis=0)
-    stats = pd.DataFrame({"gene": common, "mean": mean, "variance": variance, "spot_fraction": expressed}).set_index(
-        "gene", drop=False
-    )
-    stats["dispersion"] = _normalised_dispersion(values, list(common))
-    stats["dispersion_rank"] = stats["dispersion"].rank(ascending=False, method="first").astype(int)
-    stats["mean_rank"] = stats["mean"].rank(ascending=False, method="first").astype(int)
-
+    stats = gene_statistics(train_h5ads)
     missing = [g for g in explicit if g not in stats.index]
     if missing:
         raise PipelineInputError(
@@ -132,12 +122,7 @@ def select_genes(
     table.insert(1, "rank", np.arange(1, len(panel) + 1))
     table["heldout"] = table["gene"].isin(heldout)
 
-    pretrain_cols = [list(common).index(g) for g in table.loc[~table["heldout"], "gene"]]
-    nonzero = values[:, pretrain_cols]
-    nonzero = nonzero[nonzero > 0]
-    if nonzero.size == 0:
-        raise PipelineInputError("pretraining genes are never expressed in the training samples", path=train_h5ads[0])
-    edges = np.unique(np.quantile(nonzero, np.linspace(0, 1, n_bins)[1:-1]))
+    edges = _bin_edges(train_h5ads, list(table.loc[~table["heldout"], "gene"]), n_bins)
     with atomic_paths(out_panel, out_bins) as (tmp_panel, tmp_bins):
         table.to_csv(tmp_panel, sep="\t", index=False)
         pd.DataFrame({"edge": edges}).to_csv(tmp_bins, sep="\t", index=False)
@@ -146,10 +131,24 @@ def select_genes(
         len(table),
         len(heldout),
         len(train_h5ads),
-        len(values),
+        stats.attrs["n_spots"],
         len(edges) + 1,
     )
     return table
+
+
+def _bin_edges(train_h5ads: Sequence[str | Path], genes: list[str], n_bins: int) -> np.ndarray:
+    """Quantiles of the pretraining genes' non-zero training values (exact; two passes, one
+    sample in memory at a time)."""
+    quantiles = ExactQuantiles(np.linspace(0, 1, n_bins)[1:-1])
+    for path in train_h5ads:
+        quantiles.add_coarse(read_normalised(path, genes)[1].data)
+    if quantiles.total == 0:
+        raise PipelineInputError("pretraining genes are never expressed in the training samples", path=train_h5ads[0])
+    quantiles.finish_coarse()
+    for path in train_h5ads:
+        quantiles.add_fine(read_normalised(path, genes)[1].data)
+    return np.unique(quantiles.result())
 
 
 def read_panel(path: str | Path) -> pd.DataFrame:
@@ -197,7 +196,8 @@ def build_gene_sentences(
     """Write ``gene_sentences.npz`` for one sample (rows in spots.h5ad order)."""
     panel = read_panel(panel_tsv)
     edges = read_bin_edges(bins_tsv)
-    barcodes, panel_values, _ = _load_normalised(spots_h5ad, list(panel["gene"]))
+    barcodes, panel_sparse = read_normalised(spots_h5ad, list(panel["gene"]))
+    panel_values = panel_sparse.toarray()
     names = pd.Index(ad.read_h5ad(spots_h5ad, backed="r").var_names)
     absent = [g for g in panel["gene"] if g not in names]
     if absent:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from comtip.model import ModelConfig, preprocess_images
+from comtip.model.vision import resolve_normalisation, vit_normalisation
 
 FORMAT_VERSION = 1
 CHECKPOINT_KIND = "comtip_finetune"
@@ -42,13 +43,17 @@ class ExpressionHead(nn.Module):
 def pooled_features(vit: nn.Module, images: torch.Tensor, image_size: int) -> torch.Tensor:
     """uint8 (B, H, W, 3) → (B, C) pooled ViT features before CoMTIP's projection (the same
     computation as ``VisionEncoder.embed`` up to the projection, through timm's public API)."""
-    return vit.forward_head(vit.forward_features(preprocess_images(images, image_size)), pre_logits=True)
+    return vit.forward_head(
+        vit.forward_features(preprocess_images(images, image_size, *vit_normalisation(vit))), pre_logits=True
+    )
 
 
 def build_vit(model_config: dict[str, Any]) -> nn.Module:
     """The pretrained model's ViT architecture, uninitialised weights (a checkpoint fills them):
     built without ``pretrained_weights``, which may name a file absent where predictions run."""
     cfg = ModelConfig.architecture(model_config)
-    return timm.create_model(
+    vit = timm.create_model(
         cfg.vision_model, pretrained=False, img_size=cfg.image_size, num_classes=0, **cfg.vision_kwargs
     )
+    resolve_normalisation(cfg, vit)  # the checkpoint's normalisation, recorded on the ViT
+    return vit

@@ -39,6 +39,7 @@ from comtip.finetune.data import ExpressionData, extract_features, load_samples
 from comtip.finetune.head import CHECKPOINT_KIND, FORMAT_VERSION, ExpressionHead, pooled_features
 from comtip.training.checkpoint import load_pretrained, plain, save_torch
 from comtip.training.image_augment import flip_and_rotate
+from comtip.training.optimizer import decay_groups
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +52,10 @@ STREAM_FT_MODEL = 12
 
 
 def _param_groups(module: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups as in pretraining: no weight decay on parameters with fewer than 2 dimensions
-    (biases, norms) — decaying the head's bias would pull it away from the target mean."""
-    params = list(module.parameters())
-    return [
-        {"params": [p for p in params if p.ndim >= 2], "lr": lr, "weight_decay": weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "lr": lr, "weight_decay": 0.0},
-    ]
+    """AdamW groups as in pretraining (:func:`comtip.training.optimizer.decay_groups`): no weight
+    decay on biases, norms, tokens and position embeddings — decaying the head's bias would pull
+    it away from the target mean."""
+    return decay_groups(module, weight_decay, lr=lr)
 
 
 class _Run:

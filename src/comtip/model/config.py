@@ -17,6 +17,9 @@ TEXT_POOLINGS = ("cls", "mean")
 # How training sentences are cut (pretraining options; the cuts are model.sentence_cuts).
 LENGTH_DISTRIBUTIONS = ("uniform", "log_uniform")
 GENE_POOLS = ("expressed", "vocabulary")
+# What checkpoints written before the image normalisation was recorded were trained with.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -28,6 +31,11 @@ class ModelConfig:
     image_size: int = 112
     vision_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
     pretrained_weights: str | None = None  # local .pt/.pth/.safetensors; None = random init
+    # Per-channel image normalisation (of RGB in [0, 1]); None = the backbone's own, from timm's
+    # pretrained_cfg (0.5/0.5 for the augreg ViTs, ImageNet's for others). Resolved when the
+    # model is built and stored in its checkpoint, so every later stage uses the same values.
+    image_mean: tuple[float, float, float] | None = None
+    image_std: tuple[float, float, float] | None = None
     embed_dim: int = 256  # shared image-text space
     # Masked Feature Modeling
     mfm: bool = True
@@ -66,10 +74,21 @@ class ModelConfig:
     def __post_init__(self) -> None:
         self.name_ngrams = tuple(int(n) for n in self.name_ngrams)
         self.vision_kwargs = dict(self.vision_kwargs)
+        if self.image_mean is not None:
+            self.image_mean = tuple(float(v) for v in self.image_mean)
+        if self.image_std is not None:
+            self.image_std = tuple(float(v) for v in self.image_std)
         reserved = sorted({"img_size", "num_classes", "pretrained"} & set(self.vision_kwargs))
         checks = [
             ("vision_kwargs", not reserved, f"must not set {reserved}: use image_size / pretrained_weights"),
             ("image_size", self.image_size >= 8, "must be >= 8"),
+            ("image_mean", (self.image_mean is None) == (self.image_std is None), "and image_std: set both or neither"),
+            ("image_mean", self.image_mean is None or len(self.image_mean) == 3, "must be 3 values (R, G, B)"),
+            (
+                "image_std",
+                self.image_std is None or (len(self.image_std) == 3 and min(self.image_std) > 0),
+                "must be 3 positive values (R, G, B)",
+            ),
             ("embed_dim", self.embed_dim >= 1, "must be >= 1"),
             ("mask_ratio", 0.0 < self.mask_ratio < 1.0, "must be in (0, 1)"),
             ("mfm_heads", self.mfm_heads >= 1, "must be >= 1"),
@@ -115,10 +134,15 @@ class ModelConfig:
         """The architecture of a stored config without its ``pretrained_weights``: what rebuilding
         a model from a checkpoint needs (the checkpoint holds the weights; the weights file may
         not exist where the checkpoint is read, and a ``random`` encoder must not load it)."""
-        return cls.from_dict({**d, "pretrained_weights": None})
+        d = {**d, "pretrained_weights": None}
+        if "image_mean" not in d:  # a checkpoint from before the normalisation was stored: ImageNet's
+            d.update(image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
+        return cls.from_dict(d)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (lists for tuples) for checkpoints and YAML; ``from_dict`` reads it back."""
         d = dataclasses.asdict(self)
         d["name_ngrams"] = list(self.name_ngrams)
+        for key in ("image_mean", "image_std"):
+            d[key] = None if d[key] is None else list(d[key])
         return d

@@ -36,18 +36,40 @@ from comtip.model.config import ModelConfig
 log = logging.getLogger(__name__)
 
 
+def resolve_normalisation(cfg: ModelConfig, vit: nn.Module) -> None:
+    """Fix ``cfg.image_mean``/``image_std`` (the backbone's own from timm's ``pretrained_cfg``
+    when unset; ImageNet's if it names none) and record them in ``vit.pretrained_cfg``, where
+    :func:`vit_normalisation` (and timm's ``resolve_data_config``) read them."""
+    if cfg.image_mean is None:
+        own = dict(getattr(vit, "pretrained_cfg", None) or {})
+        cfg.image_mean = tuple(float(v) for v in own.get("mean", IMAGENET_DEFAULT_MEAN))
+        cfg.image_std = tuple(float(v) for v in own.get("std", IMAGENET_DEFAULT_STD))
+    vit.pretrained_cfg = {
+        **dict(getattr(vit, "pretrained_cfg", None) or {}),
+        "mean": cfg.image_mean,
+        "std": cfg.image_std,
+    }
+
+
+def vit_normalisation(vit: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) recorded in a ViT's ``pretrained_cfg`` by :func:`resolve_normalisation`."""
+    own = getattr(vit, "pretrained_cfg", None) or {}
+    if "mean" not in own or "std" not in own:
+        raise ValueError("the ViT carries no image normalisation (build it through resolve_normalisation)")
+    return tuple(own["mean"]), tuple(own["std"])
+
+
 def preprocess_images(
     images: torch.Tensor,
     image_size: int,
-    mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
-    std: tuple[float, float, float] = IMAGENET_DEFAULT_STD,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
 ) -> torch.Tensor:
     """uint8 (B, H, W, 3) patches → float (B, 3, image_size, image_size), normalised.
 
     Resized with antialiased bilinear interpolation (patches are usually larger than the model
-    input, and plain bilinear downsampling aliases nuclei texture); ImageNet mean/std by default,
-    which is what timm's ImageNet ViTs expect (pass ``mean``/``std`` for weights trained with
-    another normalisation, e.g. 0.5/0.5 for some augreg checkpoints).
+    input, and plain bilinear downsampling aliases nuclei texture), then normalised per channel
+    with the model's ``image_mean``/``image_std`` (:func:`resolve_normalisation`).
     """
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected uint8 (B, H, W, 3) images, got {images.dtype} {tuple(images.shape)}")
@@ -147,6 +169,7 @@ class VisionEncoder(nn.Module):
             load_vit_weights(self.vit, cfg.pretrained_weights)
         else:
             log.info("vision encoder %s: no pretrained_weights given, random initialisation", cfg.vision_model)
+        resolve_normalisation(cfg, self.vit)
         width = self.vit.num_features
         self.proj = nn.Linear(width, cfg.embed_dim)
         self.mask_ratio = cfg.mask_ratio

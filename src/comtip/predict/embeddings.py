@@ -54,7 +54,12 @@ def _map_patches(
             chunk = torch.from_numpy(np.array(patches[lo : lo + batch_size])).to(
                 device
             )  # a copy: memmaps are read-only
-            out.append(fn(preprocess_images(chunk, image_size)).float().cpu().numpy())
+            out.append(
+                fn(preprocess_images(chunk, image_size, model.cfg.image_mean, model.cfg.image_std))
+                .float()
+                .cpu()
+                .numpy()
+            )
     if not out:
         raise ValueError("no patches to embed")
     return np.concatenate(out)

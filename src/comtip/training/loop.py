@@ -162,7 +162,9 @@ class Trainer:
                 length=cfg.subsample_length,
             )
         return {
-            "images": preprocess_images(images, self.model_cfg.image_size),
+            "images": preprocess_images(
+                images, self.model_cfg.image_size, self.model_cfg.image_mean, self.model_cfg.image_std
+            ),
             "gene_ids": gene_ids,
             "values": values,
             "bins": bins,

@@ -43,7 +43,11 @@ def embed(
                 for k in SENTENCE_KEYS
             }
             with _autocast(device, bf16):
-                images.append(model.encode_image(preprocess_images(chunk, image_size)).float().cpu())
+                images.append(
+                    model.encode_image(preprocess_images(chunk, image_size, model.cfg.image_mean, model.cfg.image_std))
+                    .float()
+                    .cpu()
+                )
                 texts.append(
                     model.encode_sentences(tokens["gene_ids"], tokens["values"], tokens["bins"], tokens["pad"])
                     .float()
