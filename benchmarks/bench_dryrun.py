@@ -20,7 +20,6 @@ import argparse
 import os
 import platform
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from _markdown import write_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _peer import MEASURE, checkouts  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 HEADER = "sample\tspaceranger_dir\tslide\tsplit\tmpp\tspot_diameter_um\tbatch\tpatient\n"
@@ -57,17 +57,10 @@ def write_cohort(root: Path, n: int) -> Path:
 
 def dry_run(checkout: Path, run: Path) -> tuple[float, float, int]:
     """(seconds, peak RSS in MB, jobs planned) of one ``snakemake -n`` in a fresh process."""
-    code = (
-        "import resource, subprocess, sys, time; t = time.perf_counter(); "
-        "r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
-        "dt = time.perf_counter() - t; "
-        "print(dt, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode); "
-        "sys.stderr.write(r.stdout[-3000:] + r.stderr[-3000:] if r.returncode else r.stdout)"
-    )
     cmd = [
         sys.executable,
         "-c",
-        code,
+        MEASURE,
         sys.executable,
         "-m",
         "snakemake",
@@ -99,29 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path, help="write the table as a section of this file")
     args = parser.parse_args(argv)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        checkouts = {"this checkout": REPO}
-        if args.peer_ref:
-            peer = Path(tmp) / "peer"
-            subprocess.run(
-                ["git", "-C", str(REPO), "worktree", "add", "--detach", str(peer), args.peer_ref],
-                check=True,
-                capture_output=True,
-            )
-            checkouts[f"peer {args.peer_ref}"] = peer
-        try:
-            rows = []
-            for n in args.samples:
-                run = write_cohort(Path(tmp) / f"n{n}", n)
-                for label, checkout in checkouts.items():
-                    results = [dry_run(checkout, run) for _ in range(args.repeats)]
-                    best = min(results)
-                    rows.append((n, label, best[0], max(r[1] for r in results), best[2]))
-                    print(f"{n} samples, {label}: {best[0]:.2f} s, {rows[-1][3]:.0f} MB, {best[2]} jobs", flush=True)
-        finally:
-            if args.peer_ref:
-                subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(peer)], check=False)
-                shutil.rmtree(peer, ignore_errors=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, checkouts(REPO, args.peer_ref, Path(tmp)) as found:
+        for n in args.samples:
+            run = write_cohort(Path(tmp) / f"n{n}", n)
+            for label, checkout in found.items():
+                results = [dry_run(checkout, run) for _ in range(args.repeats)]
+                best = min(results)
+                rows.append((n, label, best[0], max(r[1] for r in results), best[2]))
+                print(f"{n} samples, {label}: {best[0]:.2f} s, {rows[-1][3]:.0f} MB, {best[2]} jobs", flush=True)
 
     commit = subprocess.run(
         ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from _markdown import write_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _peer import MEASURE, checkouts  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Gene selection at cohort scale"
@@ -58,17 +58,11 @@ def write_sample(path: Path, seed: int, n_spots: int, n_genes: int, detected: in
 
 def run_select(checkout: Path, paths: list[Path], out: Path) -> tuple[float, float]:
     """(seconds, peak RSS in MB) of ``select_genes`` on ``paths`` in a fresh process."""
-    code = (
-        "import resource, subprocess, sys, time; t = time.perf_counter(); "
-        "r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
-        "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode); "
-        "sys.stderr.write(r.stderr[-3000:])"
-    )
     call = (
         "import sys; from comtip.data.genes import select_genes; "
         f"select_genes(sys.argv[1:], {str(out / 'panel.tsv')!r}, {str(out / 'bins.tsv')!r})"
     )
-    cmd = [sys.executable, "-c", code, sys.executable, "-c", call, *map(str, paths)]
+    cmd = [sys.executable, "-c", MEASURE, sys.executable, "-c", call, *map(str, paths)]
     env = {**os.environ, "PYTHONPATH": str(checkout / "src")}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
     seconds, rss_kb, rc = result.stdout.split()
@@ -89,45 +83,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, checkouts(REPO, args.peer_ref, Path(tmp)) as found:
         root = Path(tmp)
-        checkouts = {"this checkout": REPO}
-        if args.peer_ref:
-            peer = root / "peer"
-            subprocess.run(
-                ["git", "-C", str(REPO), "worktree", "add", "--detach", str(peer), args.peer_ref],
-                check=True,
-                capture_output=True,
-            )
-            checkouts[f"peer {args.peer_ref}"] = peer
-        try:
-            paths: list[Path] = []
-            for n in sorted(args.samples):
-                while len(paths) < n:
-                    paths.append(root / f"S{len(paths):03d}.h5ad")
-                    write_sample(paths[-1], len(paths), args.spots, args.genes, args.detected)
-                panels = {}
-                for label, checkout in checkouts.items():
-                    if label != "this checkout" and n > args.peer_max:
-                        continue
-                    out = root / f"out_{n}_{label.split()[0]}"
-                    out.mkdir()
-                    seconds, rss = run_select(checkout, paths, out)
-                    panels[label] = (out / "panel.tsv").read_text(), (out / "bins.tsv").read_text()
-                    rows.append((n, label, seconds, rss))
-                    print(f"{n} samples, {label}: {seconds:.1f} s, {rss:.0f} MB", flush=True)
-                if len(panels) == 2:
-                    mine, theirs = panels.values()
-                    same = (
-                        pd.read_csv(pd.io.common.StringIO(mine[0]), sep="\t")["gene"].tolist()
-                        == pd.read_csv(pd.io.common.StringIO(theirs[0]), sep="\t")["gene"].tolist()
-                    )
-                    print(f"  same panel genes as the peer: {same}; same bin edges: {mine[1] == theirs[1]}")
-                    rows[-1] = (*rows[-1], same and mine[1] == theirs[1])
-        finally:
-            if args.peer_ref:
-                subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(peer)], check=False)
-                shutil.rmtree(peer, ignore_errors=True)
+        paths: list[Path] = []
+        for n in sorted(args.samples):
+            while len(paths) < n:
+                paths.append(root / f"S{len(paths):03d}.h5ad")
+                write_sample(paths[-1], len(paths), args.spots, args.genes, args.detected)
+            panels = {}
+            for label, checkout in found.items():
+                if label != "this checkout" and n > args.peer_max:
+                    continue
+                out = root / f"out_{n}_{label.split()[0]}"
+                out.mkdir()
+                seconds, rss = run_select(checkout, paths, out)
+                panels[label] = (
+                    pd.read_csv(out / "panel.tsv", sep="\t")["gene"].tolist(),
+                    (out / "bins.tsv").read_text(),
+                )
+                rows.append((n, label, seconds, rss))
+                print(f"{n} samples, {label}: {seconds:.1f} s, {rss:.0f} MB", flush=True)
+            if len(panels) == 2:
+                mine, theirs = panels.values()
+                print(f"  same panel genes as the peer: {mine[0] == theirs[0]}; same bin edges: {mine[1] == theirs[1]}")
+                rows[-1] = (*rows[-1], mine == theirs)
 
     commit = subprocess.run(
         ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
