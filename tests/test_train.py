@@ -180,7 +180,7 @@ def test_flips_and_rotations_only_move_pixels_and_are_seeded():
 def test_spots_with_empty_sentences_are_skipped(cohort):
     data = SpotData(sample_files(cohort["samples"], cohort["patches"], cohort["indexes"], cohort["sentences"]))
     assert len(data) == 2 * 39
-    assert not data.sentences["pad"].all(axis=1).any()
+    assert not data.sentence_arrays(np.arange(len(data)))["pad"].all(axis=1).any()
     batch = data[np.array([0, 45, 3])]
     assert batch["images"].shape == (3, 32, 32, 3) and batch["images"].dtype == torch.uint8
     np.testing.assert_array_equal(batch["images"][1].numpy(), np.load(cohort["patches"][1])[45 - 39])

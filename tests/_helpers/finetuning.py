@@ -69,7 +69,7 @@ def write_sample(
     folder = root / name
     folder.mkdir(parents=True, exist_ok=True)
     np.save(folder / "spot_patches.npy", patches)
-    np.savez_compressed(
+    np.savez(
         folder / "gene_sentences.npz",
         panel_values=values,
         panel_genes=np.asarray(genes),

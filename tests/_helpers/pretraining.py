@@ -78,7 +78,7 @@ def _save_sample(
     }
     np.save(files["patches"], images.clip(0, 255).astype(np.uint8))
     pd.DataFrame({"barcode": barcodes}).to_parquet(files["index"])
-    np.savez_compressed(
+    np.savez(
         files["sentences"],
         barcodes=barcodes,
         gene_ids=np.where(pad, 0, order).astype(np.int32),

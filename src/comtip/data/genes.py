@@ -217,9 +217,10 @@ def build_gene_sentences(
             "panel_values": panel_values,
         }
     )
+    # uncompressed: pretraining memory-maps the members (comtip._core.npzmap), ~2.5 KB per spot
     with atomic_path(out_npz) as tmp:
         with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, **arrays)
+            np.savez(fh, **arrays)
     log.info(
         "[%s] %d sentences, median length %d of at most %d; %d spots express no pretraining gene",
         sample,

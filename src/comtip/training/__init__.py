@@ -13,7 +13,7 @@ _EXPORTS = {
     "TrainConfig": "comtip.training.config",
     "derive_seed": "comtip.training.config",
     "lr_factor": "comtip.training.config",
-    "BatchPlan": "comtip.training.data",
+    "BatchPlan": "comtip.training.sampling",
     "SpotData": "comtip.training.data",
     "sample_files": "comtip.training.data",
     "pretrain": "comtip.training.loop",

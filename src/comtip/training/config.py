@@ -12,9 +12,11 @@ from comtip._core.errors import ConfigError
 from comtip._core.seeds import derive_seed  # noqa: F401 (re-exported: the streams below are its keys)
 from comtip.model.config import GENE_POOLS, LENGTH_DISTRIBUTIONS, ModelConfig
 
+SAMPLERS = ("blocks", "uniform")  # comtip.training.sampling
+
 # Options that change how a run is executed but not what it computes: a resume checkpoint written
 # with other values of these is still a valid starting point.
-RUN_ONLY_KEYS = ("checkpoint_every", "num_workers")
+RUN_ONLY_KEYS = ("checkpoint_every", "checkpoint_minutes", "num_workers", "compile")
 
 
 @dataclass(frozen=True)
@@ -35,10 +37,15 @@ class TrainConfig:
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1
     clip_grad_norm: float | None = 1.0
-    checkpoint_every: int = 25
+    checkpoint_every: int | None = None
+    checkpoint_minutes: float | None = 20.0
     log_every: int = 5
     seed: int = 0
-    num_workers: int = 0
+    num_workers: int | str = "auto"
+    compile: bool = False
+    sampler: str = "blocks"
+    block_size: int = 16
+    shuffle_window: int = 4096
     flip: bool = True
     rot90: bool = True
     color_jitter: float = 0.1
@@ -71,12 +78,12 @@ class TrainConfig:
             "epochs": 1,
             "batch_size": 1,
             "grad_accum": 1,
-            "checkpoint_every": 1,
             "log_every": 1,
             "retrieval_spots": 1,
             "subsample_min_len": 1,
             "warmup_steps": 0,
-            "num_workers": 0,
+            "block_size": 1,
+            "shuffle_window": 1,
             "seed": 0,
             "weight_decay": 0,
             "min_lr_ratio": 0,
@@ -98,7 +105,9 @@ class TrainConfig:
         for key, high in maximum.items():
             if getattr(self, key) > high:
                 raise ConfigError(f"config key 'pretrain.{key}': must be <= {high}, got {getattr(self, key)}")
-        for key in ("max_steps", "clip_grad_norm"):
+        if not (self.num_workers == "auto" or (isinstance(self.num_workers, int) and self.num_workers >= 0)):
+            raise ConfigError(f"config key 'pretrain.num_workers': must be 'auto' or >= 0, got {self.num_workers!r}")
+        for key in ("max_steps", "clip_grad_norm", "checkpoint_every", "checkpoint_minutes"):
             if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise ConfigError(f"config key 'pretrain.{key}': must be > 0 or null, got {getattr(self, key)}")
         if self.lr <= 0:
@@ -112,6 +121,8 @@ class TrainConfig:
             raise ConfigError(
                 f"config key 'pretrain.subsample_genes': must be one of {GENE_POOLS}, got {self.subsample_genes!r}"
             )
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"config key 'pretrain.sampler': must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.device not in DEVICES:
             raise ConfigError(f"config key 'pretrain.device': must be one of {DEVICES}, got {self.device!r}")
 
@@ -133,6 +144,15 @@ def model_config_from_yaml(values: dict[str, Any] | None, *, gene_bins: int) -> 
             f"value bins up to {gene_bins - 1} would have no embedding"
         )
     return cfg
+
+
+def loader_workers(num_workers: int | str, device_type: str, threads: int) -> int:
+    """DataLoader workers of one training process: ``auto`` = the process's threads but one (at
+    most 8) on CUDA, where decoding and augmenting must keep up with the GPU, and none on CPU,
+    where the workers would take the cores the model trains on."""
+    if num_workers != "auto":
+        return int(num_workers)
+    return min(8, max(threads - 1, 0)) if device_type == "cuda" else 0
 
 
 def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:

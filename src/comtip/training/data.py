@@ -1,16 +1,18 @@
-"""Training spots of several samples: memory-mapped patches + gene sentences, and the batch order.
+"""Training spots of several samples: memory-mapped patches and gene sentences.
 
-Patches stay on disk (``np.load(mmap_mode="r")``; the page cache does the rest) and are read
-per batch; sentences (a few bytes per token) are held in memory. The batch order is a pure
-function of (seed, epoch, step, rank), so a resumed run reads exactly the batches an
-uninterrupted run would have read, and each process of a distributed run reads its own share.
+Nothing that grows with the cohort is held in a process's memory except two small integer
+arrays per spot (its sample and its row): patches (``spot_patches.npy``) and gene sentences
+(``gene_sentences.npz``, written uncompressed by ``build_gene_sentences``) are memory-mapped
+(:mod:`comtip._core.npzmap`) and read per batch, so the processes of one node share one copy in
+the page cache. The batch order is :mod:`comtip.training.sampling`'s.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator, Sequence
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,10 +20,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from comtip._core.errors import PipelineInputError
-from comtip._core.seeds import derive_seed
+from comtip._core.errors import ConfigError, PipelineInputError
+from comtip._core.npzmap import MappedNpz, open_npz
 from comtip.data.barcodes import first_mismatch, value_at
-from comtip.training.config import STREAM_EPOCH
+from comtip.training.sampling import BatchPlan, MicroBatches  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -77,20 +79,27 @@ def _open_patches(files: SampleFiles) -> np.ndarray:
     return patches
 
 
-def _read_sentences(files: SampleFiles, n_patches: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Sentence arrays of one sample, after checking that row i is the spot of patch i."""
-    with np.load(files.sentences) as npz:
-        arrays = {k: npz[k] for k in (*SENTENCE_KEYS, "barcodes", "vocabulary")}
-        panel = [str(g) for g in npz["panel_genes"]]
-        column = {g: j for j, g in enumerate(panel)}
-        missing = [str(g) for g in arrays["vocabulary"] if str(g) not in column]
-        if missing:
-            raise PipelineInputError(
-                f"vocabulary genes {missing[:3]} are not among panel_genes; rerun build_gene_sentences",
-                sample=files.name,
-                path=files.sentences,
-            )
-        arrays[DENSE_KEY] = npz["panel_values"][:, [column[str(g)] for g in arrays["vocabulary"]]].astype(np.float32)
+def _check_sentences(files: SampleFiles, npz: MappedNpz, n_patches: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Vocabulary, the panel column of each vocabulary gene and the barcodes of one sample,
+    after checking that row i of its sentences is the spot of patch i."""
+    missing_keys = [
+        k for k in (*SENTENCE_KEYS, "barcodes", "vocabulary", "panel_genes", "panel_values") if k not in npz
+    ]
+    if missing_keys:
+        raise PipelineInputError(
+            f"lacks {missing_keys}; rerun build_gene_sentences with this version",
+            sample=files.name,
+            path=files.sentences,
+        )
+    vocabulary = [str(g) for g in npz["vocabulary"]]
+    column = {str(g): j for j, g in enumerate(npz["panel_genes"])}
+    missing = [g for g in vocabulary if g not in column]
+    if missing:
+        raise PipelineInputError(
+            f"vocabulary genes {missing[:3]} are not among panel_genes; rerun build_gene_sentences",
+            sample=files.name,
+            path=files.sentences,
+        )
     index_barcodes = pd.read_parquet(files.index, columns=["barcode"])["barcode"].to_numpy(dtype=str)
     if len(index_barcodes) != n_patches:
         raise PipelineInputError(
@@ -98,7 +107,7 @@ def _read_sentences(files: SampleFiles, n_patches: int) -> tuple[dict[str, np.nd
             sample=files.name,
             path=files.index,
         )
-    barcodes = arrays.pop("barcodes").astype(str)
+    barcodes = np.asarray(npz["barcodes"]).astype(str)
     if len(barcodes) != n_patches or not np.array_equal(barcodes, index_barcodes):
         mismatch = first_mismatch(barcodes, index_barcodes)
         raise PipelineInputError(
@@ -109,24 +118,34 @@ def _read_sentences(files: SampleFiles, n_patches: int) -> tuple[dict[str, np.nd
             sample=files.name,
             path=files.sentences,
         )
-    return arrays, barcodes
+    for key in SENTENCE_KEYS:
+        if len(npz[key]) != n_patches:
+            raise PipelineInputError(
+                f"{key} has {len(npz[key])} rows for {n_patches} barcodes", sample=files.name, path=files.sentences
+            )
+    return vocabulary, np.asarray([column[g] for g in vocabulary], np.int64), barcodes
 
 
 class SpotData:
     """Every usable training spot of every sample, addressable by one global index.
 
-    ``data[indices]`` returns a batch: ``images`` uint8 (B, H, W, 3) plus the sentence tensors in
-    the dtypes the model takes. Patch files are opened lazily in each process, so the object can
-    be handed to DataLoader workers without copying the arrays.
+    Global indices run sample by sample, in patch-file order within a sample (what the
+    ``blocks`` sampler relies on). ``data[indices]`` returns a batch: ``images`` uint8
+    (B, H, W, 3) plus the sentence tensors in the dtypes the model takes. Files are mapped
+    lazily in each process, so the object can be handed to DataLoader workers without copying
+    arrays. ``readahead_block`` > 0 (set by the trainer with the ``blocks`` sampler): the first
+    time a block of that many consecutive spots is touched, the kernel is asked to read the
+    block's patches whole (``posix_fadvise(WILLNEED)``), so the disk sees runs, not single patches.
     """
 
     def __init__(self, samples: Sequence[SampleFiles]):
         self.samples = list(samples)
-        shapes, vocabulary, parts, sample_of, rows, digests = [], None, [], [], [], []
+        shapes, vocabulary, sample_of, rows, digests, columns = [], None, [], [], [], []
+        top_bin = 0
         for k, files in enumerate(self.samples):
             patches = _open_patches(files)
-            arrays, barcodes = _read_sentences(files, len(patches))
-            vocab = [str(g) for g in arrays.pop("vocabulary")]
+            npz = open_npz(files.sentences)
+            vocab, cols, barcodes = _check_sentences(files, npz, len(patches))
             if vocabulary is None:
                 vocabulary, first = vocab, files
             elif vocab != vocabulary:
@@ -137,15 +156,16 @@ class SpotData:
                     sample=files.name,
                     path=files.sentences,
                 )
-            if shapes and (patches.shape[1:], arrays["pad"].shape[1]) != shapes[0]:
+            pad = np.asarray(npz["pad"])
+            if shapes and (patches.shape[1:], pad.shape[1]) != shapes[0]:
                 raise PipelineInputError(
-                    f"patches {patches.shape[1:]} / sentence length {arrays['pad'].shape[1]} differ from sample "
+                    f"patches {patches.shape[1:]} / sentence length {pad.shape[1]} differ from sample "
                     f"{self.samples[0].name}'s {shapes[0]}",
                     sample=files.name,
                     path=files.patches,
                 )
-            shapes.append((patches.shape[1:], arrays["pad"].shape[1]))
-            keep = ~arrays["pad"].all(axis=1)
+            shapes.append((patches.shape[1:], pad.shape[1]))
+            keep = ~pad.all(axis=1)
             if not keep.all():
                 log.info(
                     "[%s] %d of %d spots express no pretraining gene: skipped",
@@ -153,16 +173,20 @@ class SpotData:
                     int((~keep).sum()),
                     len(keep),
                 )
-            parts.append({key: arrays[key][keep] for key in BATCH_KEYS})
+            top_bin = max(top_bin, int(np.max(npz["bins"], initial=0)))
             sample_of.append(np.full(int(keep.sum()), k, np.int32))
             rows.append(np.flatnonzero(keep))
+            columns.append(cols)
             digests.append(hashlib.sha256("\n".join(barcodes[keep]).encode()).hexdigest())
         assert vocabulary is not None
         self.vocabulary: list[str] = vocabulary
         self.patch_shape: tuple[int, int, int] = tuple(int(v) for v in shapes[0][0])
-        self.sentences = {key: np.concatenate([p[key] for p in parts]) for key in BATCH_KEYS}
+        self.top_bin = top_bin  # the largest value bin any sentence holds
+        self.sample_sizes = tuple(int(len(r)) for r in rows)
+        self.sample_start = np.concatenate([[0], np.cumsum(self.sample_sizes)]).astype(np.int64)
         self.sample_of = np.concatenate(sample_of)
         self.row_of = np.concatenate(rows)
+        self._columns = columns
         if len(self) == 0:
             raise PipelineInputError(
                 "no training spot expresses any pretraining gene",
@@ -173,12 +197,33 @@ class SpotData:
         # a sample, its spots or the gene vocabulary change).
         self.fingerprint = {
             "samples": [f.name for f in self.samples],
-            "spots": [int(len(r)) for r in rows],
+            "spots": list(self.sample_sizes),
             "barcodes_sha256": digests,
             "patch_shape": list(self.patch_shape),
             "vocabulary_sha256": hashlib.sha256("\n".join(vocabulary).encode()).hexdigest(),
         }
+        self.readahead_block = 0
+        self._reset_handles()
+
+    def check_options(self, n_bins: int, *, rot90: bool) -> None:
+        """ConfigError unless the model has an embedding for every value bin of the sentences and,
+        with ``rot90``, the patches are square."""
+        if self.top_bin >= n_bins:
+            raise ConfigError(
+                f"config key 'model.n_bins': {n_bins}, but the gene sentences hold value "
+                f"bin {self.top_bin}; set model.n_bins to at least genes.n_bins"
+            )
+        height, width, _ = self.patch_shape
+        if rot90 and height != width:
+            raise ConfigError(
+                f"config key 'pretrain.rot90': needs square patches, the patches are {height} x {width} px"
+            )
+
+    def _reset_handles(self) -> None:
         self._patches: list[np.ndarray] | None = None
+        self._sentences: list[MappedNpz] | None = None
+        self._fds: dict[int, int] = {}
+        self._advised: set[tuple[int, int]] = set()
 
     def __len__(self) -> int:
         return len(self.row_of)
@@ -189,79 +234,90 @@ class SpotData:
             self._patches = [np.load(f.patches, mmap_mode="r") for f in self.samples]
         return self._patches[k]
 
-    def images(self, indices: np.ndarray) -> np.ndarray:
-        """uint8 (B, H, W, 3) patches of the global ``indices``, in that order."""
-        out = np.empty((len(indices), *self.patch_shape), np.uint8)
+    def sentence_file(self, k: int) -> MappedNpz:
+        """Memory-mapped gene sentences of sample ``k`` (opened on first use in this process)."""
+        if self._sentences is None:
+            self._sentences = [open_npz(f.sentences) for f in self.samples]
+        return self._sentences[k]
+
+    def _groups(self, indices: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """(sample, positions in ``indices``, file rows) per sample, rows ascending: sequential reads."""
         owners = self.sample_of[indices]
+        groups = []
         for k in np.unique(owners):
             where = np.flatnonzero(owners == k)
             rows = self.row_of[indices[where]]
-            order = np.argsort(rows, kind="stable")  # ascending rows: sequential reads of the mmap
-            out[where[order]] = self.patches(int(k))[rows[order]]
+            order = np.argsort(rows, kind="stable")
+            groups.append((int(k), where[order], rows[order]))
+        return groups
+
+    def _advise(self, k: int, indices: np.ndarray) -> None:
+        """Ask the kernel to read whole the blocks of sample ``k`` that ``indices`` fall in."""
+        if not self.readahead_block or not hasattr(os, "posix_fadvise"):
+            return
+        patches = self.patches(k)
+        if not isinstance(patches, np.memmap):
+            return
+        if len(self._advised) > 1_000_000:
+            self._advised.clear()
+        start, row_bytes = int(self.sample_start[k]), int(np.prod(self.patch_shape))
+        for block in np.unique((indices - start) // self.readahead_block):
+            if (k, int(block)) in self._advised:
+                continue
+            self._advised.add((k, int(block)))
+            lo = start + int(block) * self.readahead_block
+            hi = min(lo + self.readahead_block, int(self.sample_start[k + 1])) - 1
+            first, last = int(self.row_of[lo]), int(self.row_of[hi])
+            if k not in self._fds:
+                self._fds[k] = os.open(self.samples[k].patches, os.O_RDONLY)
+            offset = patches.offset + first * row_bytes
+            os.posix_fadvise(self._fds[k], offset, (last - first + 1) * row_bytes, os.POSIX_FADV_WILLNEED)
+
+    def images(self, indices: np.ndarray) -> np.ndarray:
+        """uint8 (B, H, W, 3) patches of the global ``indices``, in that order."""
+        indices = np.asarray(indices)
+        out = np.empty((len(indices), *self.patch_shape), np.uint8)
+        for k, where, rows in self._groups(indices):
+            self._advise(k, indices[where])
+            out[where] = self.patches(k)[rows]
         return out
+
+    def sentence_arrays(self, indices: np.ndarray, keys: Sequence[str] = BATCH_KEYS) -> dict[str, np.ndarray]:
+        """Sentence arrays (numpy, file dtypes; ``vocabulary_values`` float32) of the global ``indices``."""
+        indices = np.asarray(indices)
+        parts: dict[str, list[np.ndarray]] = {key: [] for key in keys}
+        positions = []
+        for k, where, rows in self._groups(indices):
+            npz = self.sentence_file(k)
+            positions.append(where)
+            for key in keys:
+                if key == DENSE_KEY:
+                    parts[key].append(np.asarray(npz["panel_values"][rows][:, self._columns[k]], np.float32))
+                else:
+                    parts[key].append(np.asarray(npz[key][rows]))
+        inverse = np.argsort(np.concatenate(positions), kind="stable")
+        return {key: np.concatenate(value)[inverse] for key, value in parts.items()}
 
     def __getitem__(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
         indices = np.asarray(indices)
         batch = {"images": torch.from_numpy(self.images(indices))}
-        for key in BATCH_KEYS:
-            batch[key] = torch.from_numpy(self.sentences[key][indices]).to(TORCH_DTYPES[key])
+        for key, array in self.sentence_arrays(indices).items():
+            batch[key] = torch.from_numpy(array).to(TORCH_DTYPES[key])
         return batch
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_patches"] = None  # memory maps are reopened by each worker, never pickled
+        for key in ("_patches", "_sentences", "_fds", "_advised"):
+            state.pop(key)  # memory maps and descriptors are reopened by each worker, never pickled
         return state
 
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._reset_handles()
 
-@dataclass(frozen=True)
-class BatchPlan:
-    """How the spots are cut into optimiser steps (drop-last: the contrastive loss wants full
-    batches), and which slice of a step each process reads."""
-
-    n_spots: int
-    batch_size: int
-    grad_accum: int
-    world_size: int
-    seed: int
-
-    @property
-    def spots_per_step(self) -> int:
-        return self.batch_size * self.grad_accum * self.world_size
-
-    @property
-    def steps_per_epoch(self) -> int:
-        steps = self.n_spots // self.spots_per_step
-        if steps == 0:
-            raise PipelineInputError(
-                f"{self.n_spots} training spots are fewer than one optimiser step needs "
-                f"({self.spots_per_step} = batch_size {self.batch_size} x grad_accum {self.grad_accum} x "
-                f"{self.world_size} processes); lower pretrain.batch_size"
-            )
-        return steps
-
-    def permutation(self, epoch: int) -> np.ndarray:
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, STREAM_EPOCH, epoch))
-        return torch.randperm(self.n_spots, generator=generator).numpy()
-
-    def micro_batch(self, perm: np.ndarray, step_in_epoch: int, micro: int, rank: int) -> np.ndarray:
-        start = step_in_epoch * self.spots_per_step + (micro * self.world_size + rank) * self.batch_size
-        return perm[start : start + self.batch_size]
-
-
-class MicroBatches(torch.utils.data.Sampler):
-    """Index arrays of this process's micro-batches for optimiser steps ``start..stop-1``."""
-
-    def __init__(self, plan: BatchPlan, rank: int, start: int, stop: int):
-        self.plan, self.rank, self.start, self.stop = plan, rank, start, stop
-
-    def __len__(self) -> int:
-        return (self.stop - self.start) * self.plan.grad_accum
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        epoch, perm = -1, None
-        for step in range(self.start, self.stop):
-            step_epoch, step_in_epoch = divmod(step, self.plan.steps_per_epoch)
-            if step_epoch != epoch:
-                epoch, perm = step_epoch, self.plan.permutation(step_epoch)
-            for micro in range(self.plan.grad_accum):
-                yield self.plan.micro_batch(perm, step_in_epoch, micro, self.rank)
+    def __del__(self) -> None:
+        for fd in getattr(self, "_fds", {}).values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass

@@ -18,7 +18,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
@@ -39,20 +38,20 @@ from comtip.training.config import (
     STREAM_MODEL,
     STREAM_RETRIEVAL,
     TrainConfig,
+    loader_workers,
     paat_start,
     total_steps,
 )
-from comtip.training.data import DENSE_KEY, SENTENCE_KEYS, BatchPlan, MicroBatches, SpotData, sample_files
+from comtip.training.data import DENSE_KEY, SpotData, sample_files
 from comtip.training.guard import NonFiniteGuard
 from comtip.training.image_augment import augment_images
 from comtip.training.metrics import LOSS_COLUMNS, MetricsLog, progress_line
 from comtip.training.optimizer import build_optimizer
 from comtip.training.processes import Processes, start_processes
-from comtip.training.retrieval import accuracy_from_embeddings, embed, retrieval_table
+from comtip.training.retrieval import spot_retrieval
+from comtip.training.sampling import BatchPlan, MicroBatches
 
 log = logging.getLogger(__name__)
-
-RETRIEVAL_K = (1, 5)
 
 
 @dataclass
@@ -79,7 +78,8 @@ class Trainer:
         self.data, self.model_cfg, self.cfg, self.bin_edges, self.procs = data, model_cfg, cfg, bin_edges, procs
         self.edges = torch.tensor(bin_edges, dtype=torch.float32, device=procs.device)
         self.folder = resume_folder
-        self.plan = BatchPlan(len(data), cfg.batch_size, cfg.grad_accum, procs.world_size, cfg.seed)
+        self.plan = BatchPlan.for_run(cfg, data.sample_sizes, procs.world_size)
+        data.readahead_block = cfg.block_size if cfg.sampler == "blocks" else 0
         self.total = total_steps(cfg, self.plan.steps_per_epoch)
         self.definition = ckpt.run_definition(
             model_cfg.to_dict(),
@@ -91,6 +91,13 @@ class Trainer:
         torch.manual_seed(derive_seed(cfg.seed, STREAM_INIT))  # same initial weights on every process
         self.model = CoMTIP(model_cfg, data.vocabulary).to(procs.device)
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg, self.total)
+        if cfg.compile:
+            if procs.device.type != "cuda":
+                raise ConfigError(
+                    f"config key 'pretrain.compile': torch.compile is for CUDA runs, this one runs on {procs.device}"
+                )
+            self.model.compile()  # in place: parameter names (and checkpoints) stay those of the model
+            log.info("forward pass compiled with torch.compile (pretrain.compile; the first steps compile)")
         self.step = 0
         self.guard = NonFiniteGuard(procs.device)
         self.paat_start = paat_start(cfg, self.total)
@@ -101,6 +108,7 @@ class Trainer:
                 self.total,
             )
         self.saved_step = 0  # the step of the resume checkpoint on disk
+        self.saved_at = time.monotonic()  # when it was written (or the run started)
         state = ckpt.load_resume(self.folder, self.definition)
         if state is not None:
             self.model.load_state_dict(state["model"])
@@ -228,6 +236,7 @@ class Trainer:
 
     def _save_resume(self) -> None:
         self.saved_step = self.step
+        self.saved_at = time.monotonic()
         if self.procs.is_main:
             ckpt.save_resume(
                 self.folder,
@@ -261,11 +270,15 @@ class Trainer:
             plan.spots_per_step,
             plan.steps_per_epoch,
         )
+        workers = loader_workers(cfg.num_workers, self.procs.device.type, torch.get_num_threads())
+        log.info("%d DataLoader workers per process (pretrain.num_workers: %s)", workers, cfg.num_workers)
         loader = torch.utils.data.DataLoader(
             self.data,
             batch_size=None,
             sampler=MicroBatches(plan, self.procs.rank, self.step, self.total),
-            num_workers=cfg.num_workers,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            prefetch_factor=4 if workers else None,
             pin_memory=self.procs.device.type == "cuda",
         )
         batches = iter(loader)
@@ -277,51 +290,44 @@ class Trainer:
             losses = self._train_step(batches, window)
             self.step += 1
             window.steps += 1
-            if self.step % cfg.log_every == 0 or self.step % cfg.checkpoint_every == 0 or self.step == self.total:
+            log_now = self.step % cfg.log_every == 0 or self.step == self.total
+            save_now = self._checkpoint_due()
+            if log_now or save_now:
                 self.guard.check(self.procs.world_size, self.folder, self.saved_step)
-            if self.step % cfg.log_every == 0 or self.step == self.total:
+            if log_now:
                 row = self._row(losses, lr, window)
                 if self.metrics is not None:
                     self.metrics.append(row)
                     per_step = (time.perf_counter() - started) / (self.step - first_step)  # ETA from the whole run
                     log.info(progress_line(row, self.total, per_step))
                 window = Window(time.perf_counter())
-            if self.step % cfg.checkpoint_every == 0 or self.step == self.total:
+            if save_now:
                 self._save_resume()
 
+    def _checkpoint_due(self) -> bool:
+        """A resume checkpoint at the last step, every ``checkpoint_every`` steps, and at the first
+        log step ``checkpoint_minutes`` after the last one (decided on one clock for all ranks)."""
+        cfg = self.cfg
+        due = self.step == self.total or (cfg.checkpoint_every is not None and self.step % cfg.checkpoint_every == 0)
+        if cfg.checkpoint_minutes is not None and self.step % cfg.log_every == 0:
+            late = torch.tensor(
+                [float(time.monotonic() - self.saved_at >= 60 * cfg.checkpoint_minutes)], device=self.procs.device
+            )
+            if self.procs.world_size > 1:
+                dist.broadcast(late, src=0)
+            due = due or bool(late.item())
+        return due
+
     def retrieval(self) -> pd.DataFrame:
-        """Image -> sentence retrieval on up to ``retrieval_spots`` seeded spots per training sample
-        (candidates: the spots of that sample) and on all of them together (embedded once)."""
-        rng = np.random.default_rng(derive_seed(self.cfg.seed, STREAM_RETRIEVAL))
-        results, image_embs, text_embs = {}, [], []
-        for k, files in enumerate(self.data.samples):
-            spots = np.flatnonzero(self.data.sample_of == k)
-            if len(spots) > self.cfg.retrieval_spots:
-                spots = np.sort(rng.choice(spots, self.cfg.retrieval_spots, replace=False))
-            # one sample's patches in memory at a time (at most retrieval_spots of them)
-            image_emb, text_emb = embed(
-                self.model,
-                self.data.images(spots),
-                {key: self.data.sentences[key][spots] for key in SENTENCE_KEYS},
-                self.model_cfg.image_size,
-                bf16=self.cfg.bf16,
-            )
-            results[files.name] = accuracy_from_embeddings(image_emb, text_emb, RETRIEVAL_K)
-            image_embs.append(image_emb)
-            text_embs.append(text_emb)
-        if len(self.data.samples) > 1:
-            results["all"] = accuracy_from_embeddings(torch.cat(image_embs), torch.cat(text_embs), RETRIEVAL_K)
-        table = retrieval_table(results, RETRIEVAL_K)
-        for row in table.itertuples():
-            log.info(
-                "retrieval on %s (%d spots): top-%d %.3f (chance %.4f)",
-                row.spots,
-                row.n_spots,
-                row.k,
-                row.accuracy,
-                row.chance,
-            )
-        return table
+        """Image -> sentence retrieval on the training spots (:func:`spot_retrieval`)."""
+        return spot_retrieval(
+            self.model,
+            self.data,
+            seed=derive_seed(self.cfg.seed, STREAM_RETRIEVAL),
+            max_spots=self.cfg.retrieval_spots,
+            image_size=self.model_cfg.image_size,
+            bf16=self.cfg.bf16,
+        )
 
     def final_state(self) -> dict:
         return ckpt.final_state(
@@ -364,17 +370,7 @@ def pretrain(
         if threads is not None:
             torch.set_num_threads(threads)
         data = SpotData(sample_files(samples, patches, indexes, sentences))
-        top_bin = int(data.sentences["bins"].max())
-        if top_bin >= model_cfg.n_bins:
-            raise ConfigError(
-                f"config key 'model.n_bins': {model_cfg.n_bins}, but the gene sentences hold value "
-                f"bin {top_bin}; set model.n_bins to at least genes.n_bins"
-            )
-        height, width, _ = data.patch_shape
-        if cfg.rot90 and height != width:
-            raise ConfigError(
-                f"config key 'pretrain.rot90': needs square patches, the patches are {height} x {width} px"
-            )
+        data.check_options(model_cfg.n_bins, rot90=cfg.rot90)
         with deterministic_on_cpu(procs.device):
             trainer = Trainer(
                 data, model_cfg, cfg, read_bin_edges(bins_tsv).tolist(), procs, ckpt.resume_dir(out_checkpoint)

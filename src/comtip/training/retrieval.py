@@ -6,6 +6,7 @@ sentences, the matching one should rank in the top ``k`` far more often than cha
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -13,7 +14,9 @@ import pandas as pd
 import torch
 
 from comtip.model import preprocess_images
-from comtip.training.data import SENTENCE_KEYS, TORCH_DTYPES
+from comtip.training.data import SENTENCE_KEYS, TORCH_DTYPES, SpotData
+
+log = logging.getLogger(__name__)
 
 
 def _autocast(device: torch.device, bf16: bool):
@@ -123,3 +126,46 @@ def retrieval_table(results: Mapping[str, Mapping[str, float]], k: Sequence[int]
         for kk in k
     ]
     return pd.DataFrame(rows)
+
+
+RETRIEVAL_K = (1, 5)
+
+
+def spot_retrieval(
+    model: torch.nn.Module,
+    data: SpotData,
+    *,
+    seed: int,
+    max_spots: int,
+    image_size: int,
+    bf16: bool = False,
+    k: Sequence[int] = RETRIEVAL_K,
+) -> pd.DataFrame:
+    """Image -> sentence retrieval on up to ``max_spots`` seeded spots per sample of ``data``
+    (candidates: the spots of that sample) and on all of them together (embedded once)."""
+    rng = np.random.default_rng(seed)
+    results, image_embs, text_embs = {}, [], []
+    for index, files in enumerate(data.samples):
+        spots = np.flatnonzero(data.sample_of == index)
+        if len(spots) > max_spots:
+            spots = np.sort(rng.choice(spots, max_spots, replace=False))
+        # one sample's patches in memory at a time (at most max_spots of them)
+        image_emb, text_emb = embed(
+            model, data.images(spots), data.sentence_arrays(spots, SENTENCE_KEYS), image_size, bf16=bf16
+        )
+        results[files.name] = accuracy_from_embeddings(image_emb, text_emb, k)
+        image_embs.append(image_emb)
+        text_embs.append(text_emb)
+    if len(data.samples) > 1:
+        results["all"] = accuracy_from_embeddings(torch.cat(image_embs), torch.cat(text_embs), k)
+    table = retrieval_table(results, k)
+    for row in table.itertuples():
+        log.info(
+            "retrieval on %s (%d spots): top-%d %.3f (chance %.4f)",
+            row.spots,
+            row.n_spots,
+            row.k,
+            row.accuracy,
+            row.chance,
+        )
+    return table

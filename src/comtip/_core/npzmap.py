@@ -1,0 +1,104 @@
+"""Memory-mapped members of an uncompressed ``.npz`` (what ``np.savez`` writes).
+
+``np.load`` of an ``.npz`` reads (and decompresses) a whole member into the process's memory
+each time it is accessed. A member stored without compression is a plain ``.npy`` file at a known
+offset inside the zip, so it can be memory-mapped like one: the pages come from the page cache,
+only what is touched is read, and every process of a node that maps the same file shares them.
+This is what keeps the pretraining data path's memory flat in the cohort's size
+(``comtip.training.data``).
+
+A compressed member (``np.savez_compressed``: files written by earlier versions of the pipeline)
+cannot be mapped; :func:`open_npz` reads it into memory instead and says so in the log, with the
+rule to rerun, so the result is the same and only the memory differs.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import zipfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+_LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # zip local file header, 30 bytes
+_LOCAL_MAGIC = b"PK\x03\x04"
+
+
+def _member_offset(path: Path, info: zipfile.ZipInfo) -> int:
+    """Byte offset of a stored member's data: after its local header, name and extra field
+    (whose lengths may differ from the central directory's, so they are read here)."""
+    with open(path, "rb") as fh:
+        fh.seek(info.header_offset)
+        header = _LOCAL_HEADER.unpack(fh.read(_LOCAL_HEADER.size))
+    if header[0] != _LOCAL_MAGIC:
+        raise ValueError(f"{path}: member {info.filename} has no zip local header at {info.header_offset}")
+    name_len, extra_len = header[-2], header[-1]
+    return info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+
+
+def _map_npy(path: Path, offset: int) -> np.ndarray:
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+        else:
+            raise ValueError(f"{path}: .npy format {version} inside the .npz is not supported for mapping")
+        data_offset = fh.tell()
+    if dtype.hasobject:
+        raise ValueError(f"{path}: a member holds Python objects; it cannot be memory-mapped")
+    if int(np.prod(shape)) == 0:
+        return np.empty(shape, dtype, order="F" if fortran else "C")
+    return np.memmap(path, dtype=dtype, mode="r", shape=shape, order="F" if fortran else "C", offset=data_offset)
+
+
+class MappedNpz(Mapping[str, np.ndarray]):
+    """Read-only mapping key → array of one ``.npz``: stored members memory-mapped, compressed
+    ones read into memory (logged once per file). Arrays are opened on first access and kept."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        with zipfile.ZipFile(self.path) as zf:
+            self._infos = {
+                info.filename[: -len(".npy")]: info for info in zf.infolist() if info.filename.endswith(".npy")
+            }
+        self._arrays: dict[str, np.ndarray] = {}
+        self._warned = False
+
+    @property
+    def compressed(self) -> bool:
+        return any(info.compress_type != zipfile.ZIP_STORED for info in self._infos.values())
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self._arrays:
+            info = self._infos[key]  # KeyError for an absent member, as np.load's NpzFile
+            if info.compress_type == zipfile.ZIP_STORED:
+                self._arrays[key] = _map_npy(self.path, _member_offset(self.path, info))
+            else:
+                if not self._warned:
+                    log.warning(
+                        "%s is compressed (written by an earlier version): its arrays are read into memory "
+                        "instead of memory-mapped; delete it and rerun the rule that writes it to map it",
+                        self.path,
+                    )
+                    self._warned = True
+                with np.load(self.path) as npz:
+                    self._arrays[key] = npz[key]
+        return self._arrays[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._infos)
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+
+def open_npz(path: str | Path) -> MappedNpz:
+    """The members of ``path`` as arrays, memory-mapped where stored uncompressed."""
+    return MappedNpz(path)

@@ -1,0 +1,232 @@
+"""The pretraining data path at cohort scale: memory-mapped sentence files, batches equal to
+the files' rows, the ``blocks`` sampler's order and its read-ahead of whole blocks."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from _helpers.pretraining import write_sample
+from comtip._core.npzmap import open_npz
+from comtip._core.seeds import derive_seed
+from comtip.training import SpotData, sample_files
+from comtip.training.config import STREAM_EPOCH
+from comtip.training.sampling import BatchPlan, block_permutation, block_starts
+
+
+def test_stored_members_are_memory_mapped_and_equal_to_np_load(tmp_path):
+    arrays = {
+        "ints": np.arange(24, dtype=np.int32).reshape(4, 6),
+        "fortran": np.asfortranarray(np.random.default_rng(0).normal(size=(5, 3))),
+        "strings": np.array(["GENE1", "a-much-longer-name", ""]),
+        "flags": np.array([[True, False], [False, True]]),
+        "empty": np.zeros((0, 7), np.float32),
+        "scalar": np.array(3.5),
+    }
+    path = tmp_path / "x.npz"
+    np.savez(path, **arrays)
+    mapped = open_npz(path)
+    assert sorted(mapped) == sorted(arrays) and not mapped.compressed
+    with np.load(path) as npz:
+        for key, value in arrays.items():
+            np.testing.assert_array_equal(mapped[key], npz[key])
+            assert mapped[key].dtype == value.dtype and mapped[key].shape == value.shape
+    assert isinstance(mapped["ints"], np.memmap) and isinstance(mapped["fortran"], np.memmap)
+    assert mapped["fortran"].flags.f_contiguous
+    with pytest.raises(KeyError):
+        mapped["absent"]
+
+
+def test_compressed_members_are_read_into_memory_with_a_warning(tmp_path, caplog):
+    path = tmp_path / "old.npz"
+    np.savez_compressed(path, a=np.arange(10), b=np.ones((2, 2)))
+    mapped = open_npz(path)
+    with caplog.at_level(logging.WARNING):
+        np.testing.assert_array_equal(mapped["a"], np.arange(10))
+        np.testing.assert_array_equal(mapped["b"], np.ones((2, 2)))
+    assert mapped.compressed and not isinstance(mapped["a"], np.memmap)
+    warnings = [r for r in caplog.records if "is compressed" in r.getMessage()]
+    assert len(warnings) == 1 and str(path) in warnings[0].getMessage()
+
+
+def test_members_beyond_the_zip64_limit_are_mapped(tmp_path):
+    """np.savez switches to zip64 headers (an extra field in the local header) for large members;
+    the offset must be read from the local header, not assumed."""
+    path = tmp_path / "z.npz"
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name, value in {"a": np.arange(7), "b": np.full((3, 3), 2.0)}.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as fh:
+                np.lib.format.write_array(fh, value)
+    mapped = open_npz(path)
+    np.testing.assert_array_equal(mapped["a"], np.arange(7))
+    np.testing.assert_array_equal(mapped["b"], np.full((3, 3), 2.0))
+
+
+def _cohort(tmp_path, sizes=(23, 17, 30)):
+    files = [write_sample(tmp_path, f"s{i}", n, seed=i, size=8) for i, n in enumerate(sizes)]
+    return SpotData(
+        sample_files(
+            [f"s{i}" for i in range(len(sizes))], *([f[k] for f in files] for k in ("patches", "index", "sentences"))
+        )
+    ), files
+
+
+def test_batches_are_the_files_rows_in_the_requested_order(tmp_path):
+    data, files = _cohort(tmp_path)
+    assert data.sample_sizes == (22, 16, 29)  # the last spot of each sample expresses nothing
+    expected = {key: [] for key in ("images", "gene_ids", "values", "bins", "pad", "vocabulary_values")}
+    for f in files:
+        keep = slice(0, -1)
+        expected["images"].append(np.load(f["patches"])[keep])
+        with np.load(f["sentences"]) as npz:
+            for key in ("gene_ids", "values", "bins", "pad"):
+                expected[key].append(npz[key][keep])
+            expected["vocabulary_values"].append(npz["panel_values"][keep])
+    expected = {key: np.concatenate(value) for key, value in expected.items()}
+    indices = np.random.default_rng(0).permutation(len(data))[:40]
+    indices[:3] = [5, 5, 60]  # repeats and any order
+    for candidate in (data, pickle.loads(pickle.dumps(data))):
+        batch = candidate[indices]
+        for key, value in expected.items():
+            np.testing.assert_array_equal(batch[key].numpy(), value[indices], err_msg=key)
+    assert batch["gene_ids"].dtype == torch.long and batch["pad"].dtype == torch.bool
+    assert isinstance(data.sentence_file(0)["values"], np.memmap)
+    assert data.top_bin == int(max(np.load(f["sentences"])["bins"].max() for f in files))
+
+
+def test_the_state_handed_to_workers_holds_no_cohort_sized_array(tmp_path):
+    data, _ = _cohort(tmp_path, sizes=(400, 400))
+    data[np.arange(10)]  # opens the maps
+    state = pickle.dumps(data)
+    # two int arrays per spot (sample, row) and the per-sample metadata; no sentences, no patches
+    assert len(state) < 800 * 16 + 20_000
+
+
+def test_readahead_asks_for_whole_blocks_once(tmp_path, monkeypatch):
+    data, files = _cohort(tmp_path, sizes=(40, 40))
+    calls = []
+    monkeypatch.setattr(
+        os, "posix_fadvise", lambda fd, offset, length, advice: calls.append((offset, length)), raising=False
+    )
+    data.readahead_block = 8
+    data[np.array([3, 4, 50])]
+    row_bytes = 8 * 8 * 3
+    header = np.load(files[0]["patches"], mmap_mode="r").offset
+    # block 0 of s0 (spots 0-7) and block 1 of s1 (its spots 8-15, global 47-54)
+    assert sorted(calls) == [(header, 8 * row_bytes), (header + 8 * row_bytes, 8 * row_bytes)]
+    data[np.array([0, 7, 52])]
+    assert len(calls) == 2  # the same blocks are not advised twice
+
+
+def test_block_permutation_is_a_permutation_of_blocks_mixed_within_windows():
+    sizes = [1000, 700, 1300, 1000] * 3
+    generator = torch.Generator().manual_seed(0)
+    perm = block_permutation(sizes, 16, 1024, generator)
+    assert np.array_equal(np.sort(perm), np.arange(sum(sizes)))
+    edges = block_starts(sizes, 16)
+    block_of = np.searchsorted(edges, perm, side="right") - 1
+    sample_of = np.searchsorted(np.cumsum(sizes), perm, side="right")
+    for lo in range(0, len(perm) - 1024, 1024):
+        window = block_of[lo : lo + 1024]
+        assert len(np.unique(window)) <= 1024 // 16 + 2  # a window holds whole blocks (cut at its ends)
+    first_batch = sample_of[:64]
+    assert len(np.unique(first_batch)) >= 6  # a batch mixes slides
+    # blocks never cross samples and hold consecutive spots
+    assert np.all(np.isin(np.cumsum(sizes)[:-1], edges))
+
+
+def test_plan_orders_are_reproducible_and_uniform_is_unchanged():
+    blocks = BatchPlan(3000, 64, 1, 2, seed=5, sampler="blocks", sample_sizes=(1000, 2000))
+    assert np.array_equal(blocks.permutation(1), blocks.permutation(1))
+    assert not np.array_equal(blocks.permutation(0), blocks.permutation(1))
+    uniform = BatchPlan(3000, 64, 1, 2, seed=5)
+    expected = torch.randperm(3000, generator=torch.Generator().manual_seed(derive_seed(5, STREAM_EPOCH, 1)))
+    assert np.array_equal(uniform.permutation(1), expected.numpy())
+    with pytest.raises(ValueError, match="sample_sizes sum"):
+        BatchPlan(3000, 64, 1, 2, seed=5, sampler="blocks", sample_sizes=(1000,))
+    small = BatchPlan(100, 8, 1, 1, seed=0, sampler="blocks", sample_sizes=(60, 40), block_size=4, shuffle_window=4096)
+    assert np.array_equal(np.sort(small.permutation(0)), np.arange(100))  # one window: the whole epoch
+
+
+# -- how a run is executed: checkpoint cadence, loader workers, optimiser -----------------------
+
+
+def _saved_steps(cohort, tmp_path, monkeypatch, **train):
+    from _helpers.pretraining import TINY_MODEL, TINY_TRAIN
+    from comtip.training import checkpoint as ckpt
+    from comtip.training import pretrain
+
+    steps = []
+    real = ckpt.save_resume
+    monkeypatch.setattr(ckpt, "save_resume", lambda folder, state: (steps.append(state["step"]), real(folder, state)))
+    out = {k: tmp_path / f"comtip.{k}" for k in ("pt", "metrics.tsv", "retrieval.tsv")}
+    pretrain(
+        **cohort,
+        out_checkpoint=out["pt"],
+        out_metrics=out["metrics.tsv"],
+        out_retrieval=out["retrieval.tsv"],
+        model_config=TINY_MODEL,
+        train_config={**TINY_TRAIN, "epochs": 2, **train},
+    )
+    return steps
+
+
+def test_resume_checkpoints_follow_steps_minutes_or_only_the_end(cohort, tmp_path, monkeypatch):
+    # 78 spots, 16 per step: 4 steps per epoch, 8 steps; log_every 2
+    assert _saved_steps(cohort, tmp_path / "a", monkeypatch, checkpoint_every=3, checkpoint_minutes=None) == [3, 6, 8]
+    assert _saved_steps(cohort, tmp_path / "b", monkeypatch, checkpoint_every=None, checkpoint_minutes=1e-9) == [
+        2,
+        4,
+        6,
+        8,
+    ]
+    assert _saved_steps(cohort, tmp_path / "c", monkeypatch, checkpoint_every=None, checkpoint_minutes=60) == [8]
+
+
+def test_loader_workers_follow_the_device_and_the_threads():
+    from comtip._core.errors import ConfigError
+    from comtip.training.config import TrainConfig, loader_workers
+
+    assert loader_workers("auto", "cuda", 16) == 8 and loader_workers("auto", "cuda", 4) == 3
+    assert loader_workers("auto", "cuda", 1) == 0 and loader_workers("auto", "cpu", 16) == 0
+    assert loader_workers(2, "cpu", 1) == 2
+    with pytest.raises(ConfigError, match="pretrain.num_workers"):
+        TrainConfig.from_dict({"num_workers": "many"})
+    with pytest.raises(ConfigError, match="pretrain.checkpoint_minutes"):
+        TrainConfig.from_dict({"checkpoint_minutes": 0})
+
+
+def test_adamw_is_fused_only_on_cuda():
+    from comtip.training.config import TrainConfig
+    from comtip.training.optimizer import build_optimizer
+
+    optimizer, _ = build_optimizer(torch.nn.Linear(3, 2), TrainConfig(), 10)
+    assert not optimizer.param_groups[0]["fused"]
+
+
+def test_a_run_with_workers_reads_the_same_batches(cohort, tmp_path, monkeypatch):
+    """Batches assembled in DataLoader workers (memory maps reopened there) train exactly as in
+    the training process."""
+    import pandas as pd
+
+    losses = []
+    for name, workers in (("w0", 0), ("w2", 2)):
+        _saved_steps(cohort, tmp_path / name, monkeypatch, num_workers=workers, epochs=1)
+        losses.append(pd.read_csv(tmp_path / name / "comtip.metrics.tsv", sep="\t")["loss"].to_numpy())
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-6)
+
+
+def test_compile_is_refused_off_cuda(cohort, tmp_path, monkeypatch):
+    """On CPU, inductor takes minutes to compile even the tiny model (235 s measured) for no gain."""
+    from comtip._core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'pretrain.compile': torch.compile is for CUDA runs"):
+        _saved_steps(cohort, tmp_path, monkeypatch, compile=True)
+    assert not list(tmp_path.glob("comtip.*"))
