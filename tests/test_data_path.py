@@ -230,3 +230,84 @@ def test_compile_is_refused_off_cuda(cohort, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="'pretrain.compile': torch.compile is for CUDA runs"):
         _saved_steps(cohort, tmp_path, monkeypatch, compile=True)
     assert not list(tmp_path.glob("comtip.*"))
+
+
+# -- held-out alignment -----------------------------------------------------------------------
+
+
+def _pretrain_with_val(cohort, out, val_files, **train):
+    from _helpers.pretraining import TINY_MODEL, TINY_TRAIN
+    from comtip.training import pretrain
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {k: out / f"comtip.{k}" for k in ("pt", "metrics.tsv", "retrieval.tsv")}
+    pretrain(
+        **cohort,
+        out_checkpoint=paths["pt"],
+        out_metrics=paths["metrics.tsv"],
+        out_retrieval=paths["retrieval.tsv"],
+        model_config=TINY_MODEL,
+        train_config={**TINY_TRAIN, **train},
+        val_samples=[f"v{i}" for i in range(len(val_files))],
+        val_patches=[f["patches"] for f in val_files],
+        val_indexes=[f["index"] for f in val_files],
+        val_sentences=[f["sentences"] for f in val_files],
+    )
+    return paths
+
+
+def test_validation_slides_are_measured_every_epoch_without_changing_training(cohort, tmp_path):
+    import pandas as pd
+
+    from comtip.training import load_pretrained
+    from comtip.training.retrieval import heldout_alignment
+
+    val_files = [write_sample(tmp_path / "val", "v0", 40, seed=7), write_sample(tmp_path / "val", "v1", 25, seed=8)]
+    with_val = _pretrain_with_val(cohort, tmp_path / "a", val_files)
+    without = _pretrain_with_val(cohort, tmp_path / "b", [])
+    metrics = pd.read_csv(with_val["metrics.tsv"], sep="\t")
+    # 4 steps per epoch, 3 epochs: a row at every epoch end (steps 4, 8, 12) holds the check
+    measured = metrics.dropna(subset=["val_infonce"])
+    assert measured["step"].tolist() == [4, 8, 12]
+    assert metrics.loc[~metrics["step"].isin([4, 8, 12]), "val_median_rank"].isna().all()
+    n = 30 + 24  # retrieval_spots (30) of v0's 39 usable spots, all 24 of v1's
+    assert (measured["val_chance_median_rank"] == (n - 1) / 2).all()
+    np.testing.assert_allclose(measured["val_chance_infonce"], np.log(n))
+    # the last row is what the final model gives on those spots
+    model, _ = load_pretrained(with_val["pt"])
+    val = SpotData(sample_files(["v0", "v1"], *([f[k] for f in val_files] for k in ("patches", "index", "sentences"))))
+    rng = np.random.default_rng(derive_seed(3, 5))  # TINY_TRAIN seed, STREAM_VALIDATION
+    spots = np.concatenate([np.sort(rng.choice(39, 30, replace=False)), 39 + np.arange(24)])
+    again = heldout_alignment(model, val, spots, 16)
+    assert again["val_infonce"] == pytest.approx(measured["val_infonce"].iloc[-1], rel=1e-5)
+    assert again["val_median_rank"] == measured["val_median_rank"].iloc[-1]
+    # measuring draws nothing from training's random streams: the weights are bit-identical
+    a = torch.load(with_val["pt"], weights_only=True)["model_state"]
+    b = torch.load(without["pt"], weights_only=True)["model_state"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    no_val = pd.read_csv(without["metrics.tsv"], sep="\t")
+    assert no_val["val_infonce"].isna().all()
+    pd.testing.assert_series_equal(
+        no_val["loss"], metrics.set_index("step").loc[no_val["step"], "loss"].reset_index(drop=True)
+    )
+
+
+def test_a_validation_slide_with_another_vocabulary_is_refused(cohort, tmp_path):
+    from comtip._core.errors import PipelineInputError
+
+    other = write_sample(tmp_path / "val", "v0", 12, seed=7, vocabulary=[f"X{i}" for i in range(10)])
+    with pytest.raises(PipelineInputError, match=r"\[sample v0\].*vocabulary or patch shape") as err:
+        _pretrain_with_val(cohort, tmp_path / "a", [other])
+    assert str(other["sentences"]) in str(err.value)
+    assert not list((tmp_path / "a").glob("comtip.*"))
+
+
+def test_a_truncated_patch_file_is_an_error_naming_the_sample(tmp_path):
+    from comtip._core.errors import PipelineInputError
+
+    files = write_sample(tmp_path, "a", 12, seed=0, size=8)
+    raw = files["patches"].read_bytes()
+    files["patches"].write_bytes(raw[: len(raw) - 100])
+    with pytest.raises(PipelineInputError, match=r"\[sample a\].*cannot be read as a patch array") as err:
+        SpotData(sample_files(["a"], [files["patches"]], [files["index"]], [files["sentences"]]))
+    assert str(files["patches"]) in str(err.value)

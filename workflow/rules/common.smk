@@ -129,6 +129,17 @@ def training_inputs(wildcards):
     }
 
 
+def validation_inputs(wildcards):
+    """Patches, patch index and gene sentences of the validation samples: pretraining's held-out
+    alignment check (never trained on)."""
+    val = samples_with_split("val")
+    return {
+        "val_patches": [f"results/{s}/spot_patches.npy" for s in val],
+        "val_index": [f"results/{s}/spot_patches.parquet" for s in val],
+        "val_sentences": [f"results/{s}/gene_sentences.npz" for s in val],
+    }
+
+
 # -- fine-tuning, prediction, evaluation -------------------------------------------------------
 
 from comtip.finetune.config import FinetuneConfig  # noqa: E402

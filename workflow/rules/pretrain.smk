@@ -1,5 +1,6 @@
 rule pretrain:
-    """CoMTIP pretraining on the training samples: image and gene-sentence encoders aligned.
+    """CoMTIP pretraining on the training samples: image and gene-sentence encoders aligned;
+    the validation samples' alignment is measured every epoch (metrics.tsv), never trained on.
 
     Resumable: a killed run continues from results/models/pretrain/{model}.resume/ when rerun
     with the same configuration. One process per GPU: with resources gpu=N > 1 the script runs
@@ -7,6 +8,7 @@ rule pretrain:
     """
     input:
         unpack(training_inputs),
+        unpack(validation_inputs),
         bins="results/genes/value_bins.tsv",
     output:
         checkpoint="results/models/pretrain/{model}.pt",
@@ -25,6 +27,7 @@ rule pretrain:
         gpu=1,
     params:
         samples=samples_with_split("train"),
+        val_samples=samples_with_split("val"),
         model=MODEL_CONFIG,
         pretrain=config["pretrain"],
         seed=config["seed"],

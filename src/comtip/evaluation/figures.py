@@ -111,9 +111,11 @@ def spatial_maps(
 def training_curves(
     pretrain_metrics: str | Path, finetune_metrics: Mapping[str, str | Path], out_png: str | Path
 ) -> None:
-    """Pretraining loss terms per step and fine-tuning train/val loss per epoch."""
+    """Pretraining loss terms per step, fine-tuning train/val loss per epoch and, when the run had
+    validation slides, pretraining's held-out alignment (InfoNCE and median rank against chance)."""
     pre = pd.read_csv(pretrain_metrics, sep="\t")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    val = pre.dropna(subset=["val_infonce"]) if "val_infonce" in pre else pre.iloc[:0]
+    fig, axes = plt.subplots(1, 3 if len(val) else 2, figsize=(15 if len(val) else 10, 3.5))
     for column in ("loss", "loss_infonce", "loss_mfm", "loss_paat", "loss_value"):
         if column in pre and pre[column].abs().sum() > 0:
             axes[0].plot(pre["step"], pre[column], label=column)
@@ -129,6 +131,22 @@ def training_curves(
     axes[1].set_ylabel("MSE")
     axes[1].set_title("Fine-tuning (train / validation slides)", fontsize=9)
     axes[1].legend(fontsize=7)
+    if len(val):
+        axes[2].plot(val["step"], val["val_infonce"] / val["val_chance_infonce"], marker="o", label="InfoNCE / ln N")
+        axes[2].plot(
+            val["step"],
+            val["val_median_rank"] / val["val_chance_median_rank"],
+            marker="s",
+            label="median rank / chance",
+        )
+        axes[2].axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
+        axes[2].set_xlabel("optimiser step")
+        axes[2].set_ylabel("fraction of chance (1 = chance)")
+        axes[2].set_title(
+            f"Pretraining alignment on validation slides (N = {int(2 * val['val_chance_median_rank'].iloc[-1] + 1)})",
+            fontsize=9,
+        )
+        axes[2].legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png", dpi=100)

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from comtip._core.atomic import atomic_path
 from comtip.model import CoMTIP, ModelConfig
-from comtip.training.config import RUN_ONLY_KEYS
+from comtip.training.config import RUN_ONLY_KEYS, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -145,3 +147,17 @@ def load_pretrained(path: str | Path, *, map_location: str | torch.device = "cpu
     model.load_state_dict(state.pop("model_state"))
     model.eval()
     return model, state
+
+
+def resume_due(step: int, total: int, cfg: TrainConfig, saved_at: float, world_size: int, device: torch.device) -> bool:
+    """Whether optimiser step ``step`` writes a resume checkpoint: the last step, every
+    ``checkpoint_every`` steps, and the first log step ``checkpoint_minutes`` after the last one
+    (``saved_at``, ``time.monotonic()``), decided on rank 0's clock for all ranks (a collective at
+    log steps when ``checkpoint_minutes`` is set: every rank calls it at every step)."""
+    due = step == total or (cfg.checkpoint_every is not None and step % cfg.checkpoint_every == 0)
+    if cfg.checkpoint_minutes is not None and step % cfg.log_every == 0:
+        late = torch.tensor([float(time.monotonic() - saved_at >= 60 * cfg.checkpoint_minutes)], device=device)
+        if world_size > 1:
+            dist.broadcast(late, src=0)
+        due = due or bool(late.item())
+    return due

@@ -69,7 +69,12 @@ def sample_files(
 
 
 def _open_patches(files: SampleFiles) -> np.ndarray:
-    patches = np.load(files.patches, mmap_mode="r")
+    try:
+        patches = np.load(files.patches, mmap_mode="r")
+    except (ValueError, OSError) as err:  # not an .npy, or shorter than its header says
+        raise PipelineInputError(
+            f"cannot be read as a patch array ({err}); rerun extract_patches", sample=files.name, path=files.patches
+        ) from err
     if patches.dtype != np.uint8 or patches.ndim != 4 or patches.shape[3] != 3:
         raise PipelineInputError(
             f"expected uint8 patches of shape (N, H, W, 3), found {patches.dtype} {patches.shape}",
@@ -219,6 +224,21 @@ class SpotData:
                 f"config key 'pretrain.rot90': needs square patches, the patches are {height} x {width} px"
             )
 
+    def held_out(self, samples: Sequence[SampleFiles]) -> SpotData:
+        """The spots of other ``samples`` (validation slides), refused unless their vocabulary
+        and patch shape are this data's."""
+        other = SpotData(samples)
+        if other.vocabulary != self.vocabulary or other.patch_shape != self.patch_shape:
+            first = other.samples[0]
+            raise PipelineInputError(
+                f"vocabulary or patch shape {other.patch_shape} differ from the training samples' "
+                f"({self.samples[0].name}: {self.patch_shape}); build every sample's patches and gene "
+                "sentences with the same settings and gene_panel.tsv",
+                sample=first.name,
+                path=first.sentences,
+            )
+        return other
+
     def _reset_handles(self) -> None:
         self._patches: list[np.ndarray] | None = None
         self._sentences: list[MappedNpz] | None = None
@@ -268,10 +288,8 @@ class SpotData:
             lo = start + int(block) * self.readahead_block
             hi = min(lo + self.readahead_block, int(self.sample_start[k + 1])) - 1
             first, last = int(self.row_of[lo]), int(self.row_of[hi])
-            if k not in self._fds:
-                self._fds[k] = os.open(self.samples[k].patches, os.O_RDONLY)
             offset = patches.offset + first * row_bytes
-            os.posix_fadvise(self._fds[k], offset, (last - first + 1) * row_bytes, os.POSIX_FADV_WILLNEED)
+            os.posix_fadvise(self._fd(k), offset, (last - first + 1) * row_bytes, os.POSIX_FADV_WILLNEED)
 
     def images(self, indices: np.ndarray) -> np.ndarray:
         """uint8 (B, H, W, 3) patches of the global ``indices``, in that order."""
@@ -279,8 +297,30 @@ class SpotData:
         out = np.empty((len(indices), *self.patch_shape), np.uint8)
         for k, where, rows in self._groups(indices):
             self._advise(k, indices[where])
-            out[where] = self.patches(k)[rows]
+            patches = self.patches(k)
+            if hasattr(os, "preadv") and isinstance(patches, np.memmap):
+                # read, not mapped: the pages stay in the (shared) page cache but not in this
+                # process's RSS, which would otherwise grow with every patch ever touched
+                fd = self._fd(k)
+                block = np.empty((len(rows), *self.patch_shape), np.uint8)
+                row_bytes = block[0].nbytes
+                for i, row in enumerate(rows.tolist()):
+                    got = os.preadv(fd, [block[i]], patches.offset + row * row_bytes)
+                    if got != row_bytes:
+                        raise PipelineInputError(
+                            f"patch {row} is truncated ({got} of {row_bytes} bytes)",
+                            sample=self.samples[k].name,
+                            path=self.samples[k].patches,
+                        )
+                out[where] = block
+            else:
+                out[where] = patches[rows]
         return out
+
+    def _fd(self, k: int) -> int:
+        if k not in self._fds:
+            self._fds[k] = os.open(self.samples[k].patches, os.O_RDONLY)
+        return self._fds[k]
 
     def sentence_arrays(self, indices: np.ndarray, keys: Sequence[str] = BATCH_KEYS) -> dict[str, np.ndarray]:
         """Sentence arrays (numpy, file dtypes; ``vocabulary_values`` float32) of the global ``indices``."""

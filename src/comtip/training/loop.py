@@ -15,7 +15,6 @@ import logging
 import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -37,6 +36,7 @@ from comtip.training.config import (
     STREAM_INIT,
     STREAM_MODEL,
     STREAM_RETRIEVAL,
+    STREAM_VALIDATION,
     TrainConfig,
     loader_workers,
     paat_start,
@@ -45,22 +45,13 @@ from comtip.training.config import (
 from comtip.training.data import DENSE_KEY, SpotData, sample_files
 from comtip.training.guard import NonFiniteGuard
 from comtip.training.image_augment import augment_images
-from comtip.training.metrics import LOSS_COLUMNS, MetricsLog, progress_line
+from comtip.training.metrics import LOSS_COLUMNS, MetricsLog, Window, progress_line
 from comtip.training.optimizer import build_optimizer
 from comtip.training.processes import Processes, start_processes
-from comtip.training.retrieval import spot_retrieval
+from comtip.training.retrieval import HeldoutMonitor, spot_retrieval
 from comtip.training.sampling import BatchPlan, MicroBatches
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Window:
-    """Timing of the steps since the last metrics row."""
-
-    start: float
-    steps: int = 0
-    wait: float = 0.0
 
 
 class Trainer:
@@ -74,6 +65,7 @@ class Trainer:
         bin_edges: list[float],
         procs: Processes,
         resume_folder: Path,
+        val_data: SpotData | None = None,
     ):
         self.data, self.model_cfg, self.cfg, self.bin_edges, self.procs = data, model_cfg, cfg, bin_edges, procs
         self.edges = torch.tensor(bin_edges, dtype=torch.float32, device=procs.device)
@@ -107,6 +99,13 @@ class Trainer:
                 self.paat_start,
                 self.total,
             )
+        self.heldout = HeldoutMonitor(
+            val_data,
+            seed=derive_seed(cfg.seed, STREAM_VALIDATION),
+            max_spots=cfg.retrieval_spots,
+            image_size=model_cfg.image_size,
+            bf16=cfg.bf16,
+        )
         self.saved_step = 0  # the step of the resume checkpoint on disk
         self.saved_at = time.monotonic()  # when it was written (or the run started)
         state = ckpt.load_resume(self.folder, self.definition)
@@ -290,12 +289,17 @@ class Trainer:
             losses = self._train_step(batches, window)
             self.step += 1
             window.steps += 1
-            log_now = self.step % cfg.log_every == 0 or self.step == self.total
-            save_now = self._checkpoint_due()
+            epoch_end = bool(self.heldout) and self.step % plan.steps_per_epoch == 0
+            log_now = self.step % cfg.log_every == 0 or self.step == self.total or epoch_end
+            save_now = ckpt.resume_due(
+                self.step, self.total, cfg, self.saved_at, self.procs.world_size, self.procs.device
+            )
             if log_now or save_now:
                 self.guard.check(self.procs.world_size, self.folder, self.saved_step)
             if log_now:
                 row = self._row(losses, lr, window)
+                if (epoch_end or (self.heldout and self.step == self.total)) and self.procs.is_main:
+                    row.update(self.heldout.measure(self.model))
                 if self.metrics is not None:
                     self.metrics.append(row)
                     per_step = (time.perf_counter() - started) / (self.step - first_step)  # ETA from the whole run
@@ -303,20 +307,6 @@ class Trainer:
                 window = Window(time.perf_counter())
             if save_now:
                 self._save_resume()
-
-    def _checkpoint_due(self) -> bool:
-        """A resume checkpoint at the last step, every ``checkpoint_every`` steps, and at the first
-        log step ``checkpoint_minutes`` after the last one (decided on one clock for all ranks)."""
-        cfg = self.cfg
-        due = self.step == self.total or (cfg.checkpoint_every is not None and self.step % cfg.checkpoint_every == 0)
-        if cfg.checkpoint_minutes is not None and self.step % cfg.log_every == 0:
-            late = torch.tensor(
-                [float(time.monotonic() - self.saved_at >= 60 * cfg.checkpoint_minutes)], device=self.procs.device
-            )
-            if self.procs.world_size > 1:
-                dist.broadcast(late, src=0)
-            due = due or bool(late.item())
-        return due
 
     def retrieval(self) -> pd.DataFrame:
         """Image -> sentence retrieval on the training spots (:func:`spot_retrieval`)."""
@@ -354,8 +344,13 @@ def pretrain(
     model_config: Mapping,
     train_config: Mapping,
     threads: int | None = None,
+    val_samples: Sequence[str] = (),
+    val_patches: Sequence[str | Path] = (),
+    val_indexes: Sequence[str | Path] = (),
+    val_sentences: Sequence[str | Path] = (),
 ) -> pd.DataFrame | None:
-    """Pretrain CoMTIP on the training samples' patches and gene sentences.
+    """Pretrain CoMTIP on the training samples' patches and gene sentences; the ``val_*``
+    samples (optional, never trained on) are the held-out alignment check of ``metrics.tsv``.
 
     Writes, on the main process and only at the end, ``out_checkpoint`` (see
     :func:`comtip.training.checkpoint.final_state`), ``out_metrics`` and ``out_retrieval``
@@ -371,9 +366,10 @@ def pretrain(
             torch.set_num_threads(threads)
         data = SpotData(sample_files(samples, patches, indexes, sentences))
         data.check_options(model_cfg.n_bins, rot90=cfg.rot90)
+        val = data.held_out(sample_files(val_samples, val_patches, val_indexes, val_sentences)) if val_samples else None
         with deterministic_on_cpu(procs.device):
             trainer = Trainer(
-                data, model_cfg, cfg, read_bin_edges(bins_tsv).tolist(), procs, ckpt.resume_dir(out_checkpoint)
+                data, model_cfg, cfg, read_bin_edges(bins_tsv).tolist(), procs, ckpt.resume_dir(out_checkpoint), val
             )
             trainer.run()
             if not procs.is_main:

@@ -10,12 +10,26 @@ from __future__ import annotations
 
 import datetime
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+
+@dataclass
+class Window:
+    """Timing of the steps since the last metrics row."""
+
+    start: float
+    steps: int = 0
+    wait: float = 0.0
+
+
 LOSS_COLUMNS = ("loss", "loss_infonce", "loss_mfm", "loss_paat", "loss_value", "logit_scale")
-COLUMNS = ("step", "epoch", *LOSS_COLUMNS, "lr", "samples_per_s", "data_wait_fraction")
+# held-out alignment (comtip.training.retrieval.heldout_alignment): at the end of every epoch
+# when there are validation slides, empty (NaN) in the other rows
+VAL_COLUMNS = ("val_infonce", "val_chance_infonce", "val_median_rank", "val_chance_median_rank")
+COLUMNS = ("step", "epoch", *LOSS_COLUMNS, "lr", "samples_per_s", "data_wait_fraction", *VAL_COLUMNS)
 TIMING_COLUMNS = ("samples_per_s", "data_wait_fraction")
 
 
@@ -33,7 +47,7 @@ class MetricsLog:
         path.write_text("\n".join(["\t".join(COLUMNS), *kept]) + "\n")
 
     def append(self, row: dict[str, float]) -> None:
-        values = [str(int(row["step"]))] + [f"{row[c]:.8g}" for c in COLUMNS[1:]]
+        values = [str(int(row["step"]))] + [f"{row.get(c, float('nan')):.8g}" for c in COLUMNS[1:]]
         with open(self.path, "a") as fh:
             fh.write("\t".join(values) + "\n")
 
@@ -46,4 +60,10 @@ def progress_line(row: dict[str, float], total_steps: int, seconds_per_step: flo
         f"value {row['loss_value']:.4f}) "
         f"lr {row['lr']:.3g} {row['samples_per_s']:.1f} samples/s "
         f"data wait {100 * row['data_wait_fraction']:.0f}% ETA {eta}"
+        + (
+            f"; validation slides: infonce {row['val_infonce']:.4f} (chance {row['val_chance_infonce']:.4f}), "
+            f"median rank {row['val_median_rank']:.0f} (chance {row['val_chance_median_rank']:.0f})"
+            if "val_infonce" in row
+            else ""
+        )
     )

@@ -169,3 +169,56 @@ def spot_retrieval(
             row.chance,
         )
     return table
+
+
+def heldout_alignment(
+    model: torch.nn.Module, data: SpotData, spots: np.ndarray, image_size: int, *, bf16: bool = False
+) -> dict[str, float]:
+    """How well the encoders align on spots pretraining never saw (the validation slides).
+
+    The ``spots`` of ``data`` (all of them candidates for each other, pooled over the slides) are
+    embedded in eval mode; reported: the symmetric InfoNCE at the model's current logit scale
+    (``val_infonce``; its chance value, uniform scores, is ln N: ``val_chance_infonce``) and the
+    median rank of each image's own sentence (``val_median_rank``; chance (N − 1) / 2). No
+    distributed collective and no random draw: it runs on the main process only and leaves every
+    random stream of training untouched.
+    """
+    image_emb, text_emb = embed(
+        model, data.images(spots), data.sentence_arrays(spots, SENTENCE_KEYS), image_size, bf16=bf16
+    )
+    scale = float(model.scale().detach())
+    labels = torch.arange(len(spots))
+    logits = scale * image_emb @ text_emb.T
+    infonce = 0.5 * (
+        torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels)
+    )
+    ranks = accuracy_from_embeddings(image_emb, text_emb, k=())
+    return {
+        "val_infonce": float(infonce),
+        "val_chance_infonce": float(np.log(len(spots))),
+        "val_median_rank": ranks["median_rank"],
+        "val_chance_median_rank": ranks["chance_median_rank"],
+    }
+
+
+class HeldoutMonitor:
+    """:func:`heldout_alignment` on a fixed, seeded set of up to ``max_spots`` spots per
+    validation slide (the same spots every epoch, so the curve shows the model, not the draw)."""
+
+    def __init__(self, data: SpotData | None, *, seed: int, max_spots: int, image_size: int, bf16: bool):
+        self.data, self.image_size, self.bf16 = data, image_size, bf16
+        self.spots = np.zeros(0, np.int64)
+        if data is not None:
+            rng = np.random.default_rng(seed)
+            picked = []
+            for index in range(len(data.samples)):
+                spots = np.flatnonzero(data.sample_of == index)
+                picked.append(np.sort(rng.choice(spots, max_spots, replace=False)) if len(spots) > max_spots else spots)
+            self.spots = np.concatenate(picked)
+
+    def __bool__(self) -> bool:
+        return self.data is not None
+
+    def measure(self, model: torch.nn.Module) -> dict[str, float]:
+        assert self.data is not None
+        return heldout_alignment(model, self.data, self.spots, self.image_size, bf16=self.bf16)
