@@ -13,6 +13,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -121,17 +122,25 @@ def test_every_job_ran_on_slurm_in_its_partition(cluster, slurm_run):
     assert done and submitted, log[-3000:]
     local = re.findall(r"^localrule (\w+):", log, re.M)
     assert local == ["all"], local  # the target rule runs in the main process; it does no work
-    assert len(submitted) == int(done.group(2)) - 1, "every other job of the DAG is submitted to SLURM"
     jobs = {j["id"]: j for j in slurm_jobs(cluster)}
-    rules_seen = set()
+    rules_seen: list[str] = []
     for jobid in submitted:
         job = jobs[jobid]
         assert job["state"] == "COMPLETED", job
         rule = re.match(r"rule_(\w+?)(_wildcards_.*)?$", job["comment"]).group(1)
-        rules_seen.add(rule)
+        rules_seen.append(rule)
         expected = "gpu" if rule in GPU_RULES else "cpu"
         assert job["partition"] == expected, f"{rule} ran in {job['partition']}, the profile says {expected}"
-    assert {"pretrain", "finetune", "evaluate", "predict_slide", "ingest"} <= rules_seen
+    assert {"pretrain", "finetune", "evaluate", "predict_slide"} <= set(rules_seen)
+    # the profile's job groups: one SLURM job per sample for ingest -> tile_slide -> extract_patches
+    # (an H&E-only sample has tile_slide alone), all gene sentences in one batch of <= 20
+    sheet = pd.read_csv(root / "config" / "samples.tsv", sep="\t", dtype=str).fillna("")
+    with_counts = int((sheet["spaceranger_dir"] != "").sum())
+    assert rules_seen.count("sample_prep") == len(sheet), rules_seen
+    assert rules_seen.count("sentences") == 1, rules_seen
+    assert not {"ingest", "tile_slide", "extract_patches", "build_gene_sentences"} & set(rules_seen), rules_seen
+    grouped_away = 2 * with_counts + (with_counts - 1)  # jobs that rode along in another's SLURM job
+    assert len(submitted) == int(done.group(2)) - 1 - grouped_away, "every other job of the DAG is submitted"
 
 
 def test_slurm_run_equals_the_local_run(slurm_run, tiny_run):

@@ -106,6 +106,8 @@ class Trainer:
             image_size=model_cfg.image_size,
             bf16=cfg.bf16,
         )
+        # the job's threads divided among its processes: what num_workers: auto hands out
+        self.threads_per_process = max(1, torch.get_num_threads() // procs.world_size)
         self.saved_step = 0  # the step of the resume checkpoint on disk
         self.saved_at = time.monotonic()  # when it was written (or the run started)
         state = ckpt.load_resume(self.folder, self.definition)
@@ -269,7 +271,7 @@ class Trainer:
             plan.spots_per_step,
             plan.steps_per_epoch,
         )
-        workers = loader_workers(cfg.num_workers, self.procs.device.type, torch.get_num_threads())
+        workers = loader_workers(cfg.num_workers, self.procs.device.type, self.threads_per_process)
         log.info("%d DataLoader workers per process (pretrain.num_workers: %s)", workers, cfg.num_workers)
         loader = torch.utils.data.DataLoader(
             self.data,

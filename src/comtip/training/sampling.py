@@ -20,7 +20,7 @@ and a window's blocks are read whole while its batches are drawn (the data path 
 kernel to read each block at once: ``comtip.training.data``). On a cohort smaller than one
 window (the demo) the order is a uniform permutation. Every spot is seen once per epoch either
 way, and the order is a pure function of (seed, epoch), so a resumed run reads the batches an
-uninterrupted run would have read. The defaults are argued in ``docs/model.md``.
+uninterrupted run would have read. The defaults are argued in ``docs/pretraining.md``.
 """
 
 from __future__ import annotations
