@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                 out = root / f"fit_{n}_{len(preds)}"
                 seconds, rss = run_fit(code, out, files, args.pca_dim)
                 preds[label] = np.load(f"{out}.pred.npy")
-                rows.append([n, len(files), label, seconds, rss, ""])
+                rows.append([len(files) * args.per_sample, len(files), label, seconds, rss, ""])
                 print(f"{n} spots, {label}: {seconds:.1f} s, {rss:.0f} MB", flush=True)
             if len(preds) == 2:
                 rel, r = agreement(*preds.values())
@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"The HEST ridge probe (K = {args.pca_dim} PCA components, with intercept) on N synthetic training spots in "
         f"samples of {args.per_sample:,} spots × {args.features} features (float32) × {args.genes} genes, one npz pair "
-        f"per sample; fresh process per fit, peak RSS of that process. Commit {commit}, {platform.node()}, "
+        "per sample (N rounded up to whole samples); fresh process per fit (wall time includes Python's start and "
+        f"imports), peak RSS of that process. Commit {commit}, {platform.node()}, "
         f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}. Command:",
         "",
         f"    .venv/bin/python benchmarks/bench_ridge.py {command}",
