@@ -61,7 +61,7 @@ def test_method_inputs_name_the_files_of_the_methods_encoder():
     assert registry.method_inputs("ridge_random", "t", ckpt) == {
         "train_values": values,
         "test_embedding": "results/embeddings/random/t.npz",
-        "train_embeddings": "results/embeddings/random/training/reference.npz",
+        "ridge_probe": "results/models/ridge/random.npz",  # fitted once (rule fit_ridge), not refit per job
     }
     assert registry.method_inputs("zeroshot", "t", ckpt) == {
         "train_values": values,
@@ -71,7 +71,10 @@ def test_method_inputs_name_the_files_of_the_methods_encoder():
     for name in ("bleep_comtip", "mclstexp_comtip", "ridge_comtip"):
         files = registry.method_inputs(name, "t", ckpt)
         assert files["test_embedding"] == "results/embeddings/comtip/t.npz" and "checkpoint" not in files
-        assert files["train_embeddings"] == "results/embeddings/comtip/training/reference.npz"
+        if name == "ridge_comtip":
+            assert files["ridge_probe"] == "results/models/ridge/comtip.npz" and "train_embeddings" not in files
+        else:
+            assert files["train_embeddings"] == "results/embeddings/comtip/training/reference.npz"
 
 
 def test_unknown_and_other_rule_methods_are_refused(tmp_path):

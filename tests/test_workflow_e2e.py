@@ -117,6 +117,31 @@ def test_every_method_predicts_every_test_spot(demo_run):
     assert set(metrics["sample"]) == {"tiny_b"}
 
 
+def test_the_ridge_probe_is_fitted_once_per_encoder_and_is_hests_probe(demo_run):
+    """Rule fit_ridge: one probe per encoder from the training samples (here tiny_a), the one the
+    ridge_* predictions apply; equal to the in-memory HEST fit run to convergence."""
+    from comtip.predict.baselines import fit_hest_ridge
+
+    results = demo_run / "results"
+    panel = pd.read_csv(results / "genes" / "gene_panel.tsv", sep="\t")
+    sentences = np.load(results / "tiny_a" / "gene_sentences.npz")
+    for encoder in ("comtip", "random"):
+        probe = np.load(results / "models" / "ridge" / f"{encoder}.npz")
+        assert list(probe["panel_genes"]) == list(panel["gene"]) and list(probe["samples"]) == ["tiny_a"]
+        assert int(probe["n_train"]) == len(sentences["barcodes"]) and int(probe["pca_dim"]) == 256
+        reference = fit_hest_ridge(
+            np.load(results / "embeddings" / encoder / "tiny_a.npz")["features"],
+            sentences["panel_values"],
+            pca_dim=256,
+            fit_intercept=True,
+            lsqr_tol=1e-12,
+        )
+        pred = ad.read_h5ad(results / "predictions" / "tiny_b" / f"ridge_{encoder}.h5ad").X
+        expected = reference.predict(np.load(results / "embeddings" / encoder / "tiny_b.npz")["features"])
+        np.testing.assert_allclose(pred, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    assert not (results / "embeddings" / "random" / "training").exists()  # no stacked random reference any more
+
+
 def test_finetuned_model_beats_the_mean_baseline(demo_run):
     summary = _summary(demo_run)
     mean_mse = summary.loc[("mean", "all"), "mse_mean"]

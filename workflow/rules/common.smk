@@ -198,6 +198,15 @@ def training_embedding_inputs(wildcards):
     return {"files": [f"results/embeddings/{wildcards.encoder}/{s}.npz" for s in samples_with_split("train")]}
 
 
+def ridge_fit_inputs(wildcards):
+    """Embeddings by one encoder and gene sentences of the training samples, in sheet order."""
+    train = samples_with_split("train")
+    return {
+        "embeddings": [f"results/embeddings/{wildcards.encoder}/{s}.npz" for s in train],
+        "sentences": [f"results/{s}/gene_sentences.npz" for s in train],
+    }
+
+
 def prediction_files():
     return {(s, m): f"results/predictions/{s}/{m}.h5ad" for s in TEST_SAMPLES for m in METHODS}
 

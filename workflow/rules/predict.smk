@@ -72,6 +72,31 @@ rule training_embeddings:
         "../scripts/stack_training.py"
 
 
+rule fit_ridge:
+    """The HEST ridge probe of one encoder, fitted once on the training samples' features and
+    panel values, streamed one sample at a time (memory O(features²)); every ridge_{encoder}
+    prediction job reads it."""
+    input:
+        unpack(ridge_fit_inputs),
+    output:
+        probe=registry.RIDGE_PROBES,
+    log:
+        "logs/fit_ridge/{encoder}.log",
+    benchmark:
+        "logs/benchmark/fit_ridge/{encoder}.tsv"
+    conda:
+        "../../envs/imaging.yaml"
+    threads: 2
+    resources:
+        mem_mb=2000,
+        runtime=60,
+    params:
+        samples=samples_with_split("train"),
+        pca_dim=config["evaluate"]["ridge_pca_dim"],
+    script:
+        "../scripts/fit_ridge.py"
+
+
 rule predict_baseline:
     """Predicted panel expression of a test slide by one comparison method (mean, HEST ridge,
     BLEEP or mclSTExp retrieval, CoMTIP zero-shot); same split and genes for every method."""

@@ -11,6 +11,7 @@ with rule_logging(snakemake.log[0]):
         train_value_files=[inp.train_values],
         train_embedding_files=[f for f in [inp.get("train_embeddings")] if f],
         test_embedding=inp.get("test_embedding"),
+        ridge_probe=inp.get("ridge_probe"),
         checkpoint=inp.get("checkpoint"),
         settings=snakemake.params.evaluation,
         sample=snakemake.wildcards.sample,

@@ -67,6 +67,7 @@ def fit_hest_ridge(
     pca_dim: int = 256,
     alpha_scale: float = 100.0,
     fit_intercept: bool = False,
+    lsqr_tol: float = LSQR_TOL,
 ) -> RidgeProbe:
     """Fit HEST-Benchmark's linear probe (``benchmark.py`` + ``trainer.train_test_reg``).
 
@@ -85,6 +86,10 @@ def fit_hest_ridge(
     predictions are centred near 0. Pearson (what HEST reports) is unaffected; MSE/MAE are not
     comparable with other methods. ``fit_intercept=True`` (our option, not HEST) centres the
     targets on their training mean and adds it back, which is what an intercept does here.
+
+    This in-memory fit (N × D float64 and its SVD) is the reference of the pipeline's probe,
+    :mod:`comtip.predict.ridge`, which streams the training samples and solves the same ridge
+    exactly; ``lsqr_tol`` (atol = btol) lets a test run LSQR to convergence.
     """
     x = np.asarray(train_feats, dtype=np.float64)
     y = np.asarray(train_values, dtype=np.float64)
@@ -109,7 +114,7 @@ def fit_hest_ridge(
     damp = float(np.sqrt(alpha))
     coef = np.empty((k, y.shape[1]))
     for g in range(y.shape[1]):
-        coef[:, g] = lsqr(scores, targets[:, g], damp=damp, atol=LSQR_TOL, btol=LSQR_TOL, iter_lim=LSQR_MAX_ITER)[0]
+        coef[:, g] = lsqr(scores, targets[:, g], damp=damp, atol=lsqr_tol, btol=lsqr_tol, iter_lim=LSQR_MAX_ITER)[0]
     log.info(
         "HEST ridge probe: %d training spots, %d → %d PCA dims, %d genes, alpha %.3g%s",
         len(x),

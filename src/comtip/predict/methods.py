@@ -33,12 +33,12 @@ import numpy as np
 from comtip._core.errors import ConfigError, PipelineInputError
 from comtip.predict.baselines import (
     bleep_retrieval,
-    hest_ridge,
     mclstexp_retrieval,
     mean_baseline,
     spatial_neighbour_mean,
 )
 from comtip.predict.registry import method as registry_method
+from comtip.predict.ridge import load_ridge_probe
 from comtip.predict.writers import write_prediction_h5ad
 from comtip.predict.zeroshot import zero_shot, zero_shot_grid_and_prior
 from comtip.training.checkpoint import load_pretrained
@@ -76,6 +76,7 @@ class PredictionContext:
     train_value_files: Sequence[str | Path]
     train_embedding_files: Sequence[str | Path] = ()
     test_embedding: str | Path | None = None
+    ridge_probe: str | Path | None = None
     checkpoint: str | Path | None = None
     settings: Mapping[str, Any] = field(default_factory=dict)
     sample: str | None = None
@@ -148,13 +149,26 @@ def mean(ctx: PredictionContext) -> np.ndarray:
 
 
 def ridge(ctx: PredictionContext) -> np.ndarray:
-    return hest_ridge(
-        ctx.train_stack("features"),
-        ctx.train_values,
-        ctx.test_rows("features"),
-        pca_dim=ctx.setting("ridge_pca_dim"),
-        fit_intercept=True,
-    )
+    """The HEST probe fitted once on the training samples (rule ``fit_ridge``, with intercept),
+    refused unless it was fitted on the test sample's panel genes with ``evaluate.ridge_pca_dim``."""
+    probe, info = load_ridge_probe(ctx.ridge_probe)
+    genes = [str(g) for g in info["panel_genes"]]
+    if genes != [str(g) for g in ctx.genes]:
+        raise PipelineInputError(
+            f"the ridge probe was fitted on {len(genes)} panel genes that are not the "
+            f"{len(ctx.genes)} panel genes of {Path(ctx.test_sentences).absolute()} in order; refit it "
+            "(rule fit_ridge) on gene sentences built from the same gene_panel.tsv",
+            sample=ctx.sample,
+            path=ctx.ridge_probe,
+        )
+    if int(info["pca_dim"]) != ctx.setting("ridge_pca_dim"):
+        raise PipelineInputError(
+            f"the ridge probe was fitted with pca_dim {int(info['pca_dim'])}, the config says "
+            f"evaluate.ridge_pca_dim = {ctx.setting('ridge_pca_dim')}; refit it (rule fit_ridge)",
+            sample=ctx.sample,
+            path=ctx.ridge_probe,
+        )
+    return probe.predict(ctx.test_rows("features"))
 
 
 def bleep(ctx: PredictionContext) -> np.ndarray:

@@ -27,15 +27,19 @@ TRAIN_EMBEDDINGS = "train_embeddings"  # the training samples' embeddings by the
 PRETRAINED = "pretrained"  # the pretrained CoMTIP checkpoint
 FINETUNED = "finetuned"  # a fine-tuned head (results/models/finetune/{mode}.pt) and the test patches
 SPOT_XY = "spot_xy"  # the test spots' coordinates (from spots.h5ad), for spatial context
-NEEDS = (TEST_EMBEDDING, TRAIN_EMBEDDINGS, PRETRAINED, FINETUNED, SPOT_XY)
+RIDGE_PROBE = "ridge_probe"  # the ridge probe fitted once on the training samples by the method's encoder
+NEEDS = (TEST_EMBEDDING, TRAIN_EMBEDDINGS, RIDGE_PROBE, PRETRAINED, FINETUNED, SPOT_XY)
+ENCODER_NEEDS = {TEST_EMBEDDING, TRAIN_EMBEDDINGS, RIDGE_PROBE}  # what a method's encoder computes
 
 RULES = ("predict_baseline", "predict_finetuned")
 
 # The files of the contract between rules (docs/architecture.md) that methods read: the training
-# slides' values and embeddings stacked into one file each (comtip.predict.reference), and the
-# test slide's embeddings.
+# slides' values and embeddings stacked into one file each (comtip.predict.reference), the ridge
+# probe fitted once per encoder (comtip.predict.ridge, rule fit_ridge), and the test slide's
+# embeddings.
 TRAINING_VALUES = "results/genes/training_values.npz"
 TRAINING_EMBEDDINGS = "results/embeddings/{encoder}/training/reference.npz"
+RIDGE_PROBES = "results/models/ridge/{encoder}.npz"
 EMBEDDINGS = "results/embeddings/{encoder}/{sample}.npz"
 
 
@@ -59,7 +63,7 @@ class Method:
         # programming errors in this file, caught by the registry's tests
         assert self.rule in RULES, self.rule
         assert set(self.needs) <= set(NEEDS), self.needs
-        assert (self.encoder is None) == (not {TEST_EMBEDDING, TRAIN_EMBEDDINGS} & set(self.needs)), self.name
+        assert (self.encoder is None) == (not ENCODER_NEEDS & set(self.needs)), self.name
         assert self.encoder is None or self.encoder in ENCODERS, self.encoder
 
     def resolve(self) -> Callable[..., Any]:
@@ -71,10 +75,11 @@ class Method:
 def _ridge(encoder: str, what: str) -> Method:
     return Method(
         f"ridge_{encoder}",
-        f"HEST-Benchmark probe on frozen {what} image features: StandardScaler → PCA → ridge",
+        f"HEST-Benchmark probe on frozen {what} image features: StandardScaler → PCA → ridge "
+        "(exact solution, fitted once per encoder by `fit_ridge`)",
         "comtip.predict.methods:ridge",
         encoder=encoder,
-        needs=(TEST_EMBEDDING, TRAIN_EMBEDDINGS),
+        needs=(TEST_EMBEDDING, RIDGE_PROBE),
         settings=("ridge_pca_dim",),
     )
 
@@ -152,6 +157,8 @@ def method_inputs(name: str, sample: str, pretrained: str) -> dict[str, str]:
         inputs["test_embedding"] = EMBEDDINGS.format(encoder=entry.encoder, sample=sample)
     if TRAIN_EMBEDDINGS in entry.needs:
         inputs["train_embeddings"] = TRAINING_EMBEDDINGS.format(encoder=entry.encoder)
+    if RIDGE_PROBE in entry.needs:
+        inputs["ridge_probe"] = RIDGE_PROBES.format(encoder=entry.encoder)
     if PRETRAINED in entry.needs:
         inputs["checkpoint"] = pretrained
     return inputs
