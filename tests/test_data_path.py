@@ -311,3 +311,47 @@ def test_a_truncated_patch_file_is_an_error_naming_the_sample(tmp_path):
     with pytest.raises(PipelineInputError, match=r"\[sample a\].*cannot be read as a patch array") as err:
         SpotData(sample_files(["a"], [files["patches"]], [files["index"]], [files["sentences"]]))
     assert str(files["patches"]) in str(err.value)
+
+
+def test_read_rows_equals_indexing_and_reads_runs_at_once(tmp_path, monkeypatch):
+    from comtip._core.npzmap import read_rows
+
+    path = tmp_path / "a.npz"
+    np.savez(path, x=np.arange(400, dtype=np.float32).reshape(100, 4), f=np.asfortranarray(np.ones((5, 3))))
+    mapped = open_npz(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        rows = np.array([3, 4, 5, 9, 9, 10, 50])
+        reads = []
+        real = os.preadv
+        monkeypatch.setattr(os, "preadv", lambda fd, bufs, off: (reads.append(off), real(fd, bufs, off))[1])
+        np.testing.assert_array_equal(read_rows(mapped["x"], rows, fd), mapped["x"][rows])
+        assert len(reads) == 4  # 3-5, 9, 9-10, 50
+        np.testing.assert_array_equal(read_rows(mapped["f"], np.array([1, 2]), fd), np.ones((2, 3)))  # indexed
+        os.truncate(path, path.stat().st_size // 2)  # the file shrinks under its map
+        with pytest.raises(OSError, match="short read"):
+            read_rows(mapped["x"], np.array([95]), fd)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RssFile from /proc")
+def test_reading_batches_does_not_grow_the_process_rss(tmp_path):
+    """Rows come through the page cache, not through this process's mappings: reading all 28 MB
+    of patches leaves RssFile (file pages mapped into the process) where it was, while reading
+    the same rows through the memory map adds them all."""
+
+    def rss_file_mb() -> float:
+        status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+        return int(status["RssFile"].split()[0]) / 1024
+
+    files = write_sample(tmp_path, "s0", 1200, seed=0, size=88)  # 23 KB per patch
+    data = SpotData(sample_files(["s0"], [files["patches"]], [files["index"]], [files["sentences"]]))
+    data[np.arange(2)]  # code paths and file handles in place
+    before = rss_file_mb()
+    for lo in range(0, len(data), 100):
+        data[np.arange(lo, min(lo + 100, len(data)))]
+    assert rss_file_mb() - before < 3, (before, rss_file_mb())
+    mapped = np.load(files["patches"], mmap_mode="r")
+    np.asarray(mapped[np.arange(len(mapped))]).sum()
+    assert rss_file_mb() - before > 20  # the map would have kept them

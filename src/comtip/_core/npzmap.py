@@ -15,6 +15,7 @@ rule to rerun, so the result is the same and only the memory differs.
 from __future__ import annotations
 
 import logging
+import os
 import struct
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -102,3 +103,25 @@ class MappedNpz(Mapping[str, np.ndarray]):
 def open_npz(path: str | Path) -> MappedNpz:
     """The members of ``path`` as arrays, memory-mapped where stored uncompressed."""
     return MappedNpz(path)
+
+
+def read_rows(array: np.ndarray, rows: np.ndarray, fd: int | None) -> np.ndarray:
+    """``array[rows]`` for a C-ordered memory map, read with ``preadv`` from ``fd`` (the mapped
+    file) instead of through the mapping: the pages go to the page cache, shared by every
+    process that reads the file, but not into this process's RSS, which would otherwise grow
+    with every row ever touched (read-around included). Runs of consecutive rows are one read.
+    Other arrays (or no ``preadv``) are indexed as usual."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if fd is None or not hasattr(os, "preadv") or not isinstance(array, np.memmap) or not array.flags.c_contiguous:
+        return np.asarray(array[rows])
+    out = np.empty((len(rows), *array.shape[1:]), array.dtype)
+    row_bytes = out[0].nbytes if len(out) else 0
+    if row_bytes == 0:
+        return out
+    starts = np.flatnonzero(np.diff(rows, prepend=-2) != 1)  # first position of each run
+    ends = np.append(starts[1:], len(rows))
+    for lo, hi in zip(starts.tolist(), ends.tolist(), strict=True):
+        got = os.preadv(fd, [out[lo:hi]], array.offset + int(rows[lo]) * row_bytes)
+        if got != (hi - lo) * row_bytes:
+            raise OSError(f"short read: {got} of {(hi - lo) * row_bytes} bytes at row {int(rows[lo])}")
+    return out

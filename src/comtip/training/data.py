@@ -1,10 +1,11 @@
-"""Training spots of several samples: memory-mapped patches and gene sentences.
+"""Training spots of several samples, read from their patch and gene-sentence files per batch.
 
 Nothing that grows with the cohort is held in a process's memory except two small integer
 arrays per spot (its sample and its row): patches (``spot_patches.npy``) and gene sentences
-(``gene_sentences.npz``, written uncompressed by ``build_gene_sentences``) are memory-mapped
-(:mod:`comtip._core.npzmap`) and read per batch, so the processes of one node share one copy in
-the page cache. The batch order is :mod:`comtip.training.sampling`'s.
+(``gene_sentences.npz``, written uncompressed by ``build_gene_sentences``) stay in their files,
+located through memory maps (:mod:`comtip._core.npzmap`) and read row by row with ``preadv``.
+The pages go to the page cache, which the processes of one node share, and not into any
+process's RSS. The batch order is :mod:`comtip.training.sampling`'s.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pandas as pd
 import torch
 
 from comtip._core.errors import ConfigError, PipelineInputError
-from comtip._core.npzmap import MappedNpz, open_npz
+from comtip._core.npzmap import MappedNpz, open_npz, read_rows
 from comtip.data.barcodes import first_mismatch, value_at
 from comtip.training.sampling import BatchPlan, MicroBatches  # noqa: F401 (re-exported)
 
@@ -242,7 +243,7 @@ class SpotData:
     def _reset_handles(self) -> None:
         self._patches: list[np.ndarray] | None = None
         self._sentences: list[MappedNpz] | None = None
-        self._fds: dict[int, int] = {}
+        self._fds: dict[Path, int] = {}
         self._advised: set[tuple[int, int]] = set()
 
     def __len__(self) -> int:
@@ -289,7 +290,12 @@ class SpotData:
             hi = min(lo + self.readahead_block, int(self.sample_start[k + 1])) - 1
             first, last = int(self.row_of[lo]), int(self.row_of[hi])
             offset = patches.offset + first * row_bytes
-            os.posix_fadvise(self._fd(k), offset, (last - first + 1) * row_bytes, os.POSIX_FADV_WILLNEED)
+            os.posix_fadvise(
+                self._descriptor(self.samples[k].patches),
+                offset,
+                (last - first + 1) * row_bytes,
+                os.POSIX_FADV_WILLNEED,
+            )
 
     def images(self, indices: np.ndarray) -> np.ndarray:
         """uint8 (B, H, W, 3) patches of the global ``indices``, in that order."""
@@ -297,30 +303,25 @@ class SpotData:
         out = np.empty((len(indices), *self.patch_shape), np.uint8)
         for k, where, rows in self._groups(indices):
             self._advise(k, indices[where])
-            patches = self.patches(k)
-            if hasattr(os, "preadv") and isinstance(patches, np.memmap):
-                # read, not mapped: the pages stay in the (shared) page cache but not in this
-                # process's RSS, which would otherwise grow with every patch ever touched
-                fd = self._fd(k)
-                block = np.empty((len(rows), *self.patch_shape), np.uint8)
-                row_bytes = block[0].nbytes
-                for i, row in enumerate(rows.tolist()):
-                    got = os.preadv(fd, [block[i]], patches.offset + row * row_bytes)
-                    if got != row_bytes:
-                        raise PipelineInputError(
-                            f"patch {row} is truncated ({got} of {row_bytes} bytes)",
-                            sample=self.samples[k].name,
-                            path=self.samples[k].patches,
-                        )
-                out[where] = block
-            else:
-                out[where] = patches[rows]
+            out[where] = self._read(k, self.patches(k), rows, self.samples[k].patches)
         return out
 
-    def _fd(self, k: int) -> int:
-        if k not in self._fds:
-            self._fds[k] = os.open(self.samples[k].patches, os.O_RDONLY)
-        return self._fds[k]
+    def _descriptor(self, path: Path) -> int:
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
+
+    def _read(self, k: int, array: np.ndarray, rows: np.ndarray, path: Path) -> np.ndarray:
+        """``array[rows]`` read through a descriptor (:func:`comtip._core.npzmap.read_rows`: the
+        page cache is shared, this process's RSS does not grow with what it has read)."""
+        try:
+            return read_rows(array, rows, self._descriptor(path))
+        except OSError as err:
+            raise PipelineInputError(
+                f"cannot read rows of {path.name} ({err}); rerun the rule that writes it",
+                sample=self.samples[k].name,
+                path=path,
+            ) from err
 
     def sentence_arrays(self, indices: np.ndarray, keys: Sequence[str] = BATCH_KEYS) -> dict[str, np.ndarray]:
         """Sentence arrays (numpy, file dtypes; ``vocabulary_values`` float32) of the global ``indices``."""
@@ -328,13 +329,14 @@ class SpotData:
         parts: dict[str, list[np.ndarray]] = {key: [] for key in keys}
         positions = []
         for k, where, rows in self._groups(indices):
-            npz = self.sentence_file(k)
+            npz, path = self.sentence_file(k), self.samples[k].sentences
             positions.append(where)
             for key in keys:
                 if key == DENSE_KEY:
-                    parts[key].append(np.asarray(npz["panel_values"][rows][:, self._columns[k]], np.float32))
+                    values = self._read(k, npz["panel_values"], rows, path)
+                    parts[key].append(np.asarray(values[:, self._columns[k]], np.float32))
                 else:
-                    parts[key].append(np.asarray(npz[key][rows]))
+                    parts[key].append(self._read(k, npz[key], rows, path))
         inverse = np.argsort(np.concatenate(positions), kind="stable")
         return {key: np.concatenate(value)[inverse] for key, value in parts.items()}
 
