@@ -1,0 +1,256 @@
+"""Benchmark the workflow at cohort scale: every stage up to evaluation through Snakemake on
+cohorts of Visium-sized samples, each rule's peak RSS and wall time from Snakemake's own
+benchmark files (``logs/benchmark/``).
+
+The samples are simulated with ``comtip-simulate`` (the demo simulator) at Visium size — a
+6.5 mm capture area (~2,900 spots under tissue of the 4,992), 18,000 genes, ~5,000 UMIs and
+~3,000 detected genes per spot — but with the slide at 2 µm/px, so that slides and patches are
+small on disk (the patch *count* and the counts, genes and sentences are full size; patch
+*pixels* are not: 56 µm patches of 28 px, resized to the model's input). To keep simulation
+affordable, ``--base`` distinct samples are simulated and every sample of the cohort is one of
+them under its own name (its own sheet row and its own results): per-sample rules do the full
+work for each, cohort-level rules see N samples' spots (the duplicated expression makes gene
+statistics no easier to compute).
+
+Every stage that runs on CPU in production runs here with the shipped defaults, except the
+model: a tiny ViT and text encoder (as ``.test/config``) and 5 optimiser steps of pretraining,
+so that the data path over all training samples is exercised without the GPU-bound cost. The run
+goes to ``evaluation/metrics.tsv`` and every sample's ``tiles.parquet`` (ingest, tiling,
+patches, gene selection, sentences, pretraining, embedding, the training reference, the ridge
+probes, every baseline method, evaluation); fine-tuning, slide prediction and the report's
+figures are left out. Sizes run in increasing order in one run folder, so the per-sample work of
+the smaller cohort is reused (its rows are marked) and only cohort-level rules and new samples
+run again; the table is rewritten after each size (``--markdown``), so a long series can be
+committed between sizes.
+
+    .venv/bin/python benchmarks/bench_cohort.py --samples 25 50 100 200 --dir /tmp/cohort \
+        --markdown BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from _markdown import write_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
+REPO = Path(__file__).resolve().parents[1]
+SECTION = "## Cohort scale: every CPU stage through Snakemake"
+PLOT = "benchmarks/results/cohort_scale.png"
+MODEL = {
+    "image_size": 32,
+    "vision_kwargs": {"depth": 2},
+    "text_dim": 32,
+    "text_heads": 2,
+    "text_ff": 64,
+    "embed_dim": 64,
+    "paat": False,
+}
+METHODS = ["mean", "ridge_comtip", "ridge_random", "bleep_comtip", "mclstexp_comtip", "zeroshot"]
+
+
+def simulate(base: Path, n: int, args: argparse.Namespace) -> list[Path]:
+    folders = []
+    for i in range(n):
+        out = base / f"B{i:02d}"
+        if not (out / "slide.tif").exists():
+            started = time.perf_counter()
+            subprocess.run(
+                [
+                    str(Path(sys.executable).with_name("comtip-simulate")),
+                    "--out",
+                    str(out),
+                    "--sample",
+                    f"B{i:02d}",
+                    "--seed",
+                    str(100 + i),
+                    "--tissue-mm",
+                    str(args.tissue_mm),
+                    "--mpp",
+                    str(args.mpp),
+                    "--n-genes",
+                    str(args.genes),
+                    "--mean-counts",
+                    str(args.mean_counts),
+                ],
+                check=True,
+                capture_output=True,
+            )
+            (out / "truth.h5ad").unlink(missing_ok=True)  # the simulator's ground truth: not an input
+            print(f"simulated {out.name} in {time.perf_counter() - started:.0f} s", flush=True)
+        folders.append(out)
+    return folders
+
+
+def write_run(root: Path, n: int, bases: list[Path]) -> None:
+    """Sample sheet (10 % test, 5 % val, at least 2 and 1) and config of an N-sample cohort."""
+    n_test, n_val = max(2, n // 10), max(1, n // 20)
+    rows = []
+    for i in range(n):
+        split = "test" if i < n_test else "val" if i < n_test + n_val else "train"
+        base = bases[i % len(bases)]
+        rows.append(
+            {
+                "sample": f"S{i:03d}",
+                "spaceranger_dir": str(base / "outs"),
+                "slide": str(base / "slide.tif"),
+                "split": split,
+            }
+        )
+    (root / "config").mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(root / "config" / "samples.tsv", sep="\t", index=False)
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["samples"] = "config/samples.tsv"
+    config["model"] = {**config.get("model", {}), **MODEL}
+    config["pretrain"] = {**config["pretrain"], "max_steps": 5, "batch_size": 64, "warmup_steps": 1, "log_every": 1}
+    config["evaluate"] = {**config["evaluate"], "methods": METHODS}
+    (root / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def benchmark_table(root: Path) -> pd.DataFrame:
+    """One row per job from ``logs/benchmark/<rule>/...tsv``: rule, seconds, max_rss (MB)."""
+    rows = []
+    for path in sorted((root / "logs" / "benchmark").rglob("*.tsv")):
+        rule = path.relative_to(root / "logs" / "benchmark").parts[0]
+        table = pd.read_csv(path, sep="\t")
+        rss = pd.to_numeric(table["max_rss"], errors="coerce").max()
+        rows.append(
+            {"rule": rule, "seconds": float(table["s"].iloc[-1]), "max_rss_mb": rss, "mtime": path.stat().st_mtime}
+        )
+    return pd.DataFrame(rows)
+
+
+def plot(results: pd.DataFrame, out_png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for rule, table in results.groupby("rule"):
+        table = table.sort_values("samples")
+        axes[0].plot(table["samples"], table["peak_rss_mb"] / 1024, marker="o", label=rule)
+        axes[1].plot(table["samples"], table["max_seconds"], marker="o", label=rule)
+    axes[0].axhline(4, color="grey", linestyle=":", linewidth=1)
+    axes[0].set_ylabel("peak RSS of one job (GB; target 4)")
+    axes[1].set_ylabel("slowest job of the rule (s)")
+    for ax in axes:
+        ax.set_xlabel("samples in the cohort")
+        ax.set_xscale("log")
+    axes[1].set_yscale("log")
+    axes[1].legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+
+
+def markdown(results: pd.DataFrame, args: argparse.Namespace, walls: dict[int, float]) -> str:
+    commit = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    lines = [
+        SECTION,
+        "",
+        f"Simulated Visium-sized samples ({args.tissue_mm} mm capture area, {args.genes:,} genes, "
+        f"~{args.mean_counts:,} UMIs per spot; slides at {args.mpp} µm/px, so patches are small on disk; "
+        f"{args.base} distinct simulated samples, each cohort sample one of them under its own name), "
+        "the shipped config except a tiny model and 5 pretraining steps, through Snakemake to "
+        f"`evaluation/metrics.tsv` with `--cores 2`. Per rule: its jobs, the largest peak RSS and the slowest "
+        "wall time of one job (Snakemake's `benchmark:` files). Commit "
+        f"{commit}, {platform.node()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}. Command:",
+        "",
+        "    .venv/bin/python benchmarks/bench_cohort.py --samples "
+        f"{' '.join(map(str, args.samples))} --base {args.base} --markdown BENCHMARKS.md",
+        "",
+        f"![peak RSS and time per rule against cohort size]({PLOT})",
+        "",
+        "| samples | rule | jobs run | peak RSS (MB) | slowest job (s) | all its jobs (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in results.sort_values(["samples", "rule"]).itertuples():
+        lines.append(
+            f"| {row.samples} | {row.rule} | {row.jobs}{' (+' + str(row.reused) + ' reused)' if row.reused else ''} | "
+            f"{row.peak_rss_mb:.0f} | {row.max_seconds:.1f} | {row.total_seconds:.0f} |"
+        )
+    lines.append("")
+    for n, wall in walls.items():
+        over = results[(results["samples"] == n) & (results["peak_rss_mb"] > 4096)]["rule"].tolist()
+        lines.append(
+            f"- {n} samples: whole run {wall / 60:.1f} min; rules above 4 GB: {', '.join(over) if over else 'none'}."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples", type=int, nargs="+", default=[25, 50, 100, 200])
+    parser.add_argument("--base", type=int, default=4, help="distinct simulated samples")
+    parser.add_argument("--tissue-mm", type=float, default=6.5)
+    parser.add_argument("--mpp", type=float, default=2.0)
+    parser.add_argument("--genes", type=int, default=18000)
+    parser.add_argument("--mean-counts", type=int, default=5000)
+    parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/comtip-bench-cohort"))
+    parser.add_argument("--markdown", type=Path, help="write the table as a section of this file")
+    args = parser.parse_args(argv)
+
+    bases = simulate(args.dir / "base", args.base, args)
+    root = args.dir / "run"
+    results, walls, seen = [], {}, set()
+    for n in sorted(args.samples):
+        write_run(root, n, bases)
+        started = time.time()
+        cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(root)]
+        cmd += [
+            "--cores",
+            str(args.cores),
+            "--rerun-triggers",
+            "mtime",
+            "input",
+            "--",
+            "results/evaluation/metrics.tsv",
+            *(f"results/S{i:03d}/tiles.parquet" for i in range(n)),
+        ]
+        env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+        run = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        walls[n] = time.time() - started
+        if run.returncode:
+            sys.stderr.write(run.stderr[-5000:])
+            raise SystemExit(f"snakemake failed at {n} samples (log above; run folder {root})")
+        jobs = benchmark_table(root)
+        fresh = jobs["mtime"] >= started
+        for rule, table in jobs.groupby("rule"):
+            ran = table[fresh.loc[table.index]]
+            results.append(
+                {
+                    "samples": n,
+                    "rule": rule,
+                    "jobs": len(ran),
+                    "reused": len(table) - len(ran),
+                    "peak_rss_mb": table["max_rss_mb"].max(),
+                    "max_seconds": table["seconds"].max(),
+                    "total_seconds": ran["seconds"].sum(),
+                }
+            )
+        shutil.copytree(root / "logs" / "benchmark", args.dir / f"benchmark_{n}", dirs_exist_ok=True)
+        seen.add(n)
+        table = pd.DataFrame(results)
+        print(table[table["samples"] == n].to_string(index=False), f"\nwall {walls[n] / 60:.1f} min", flush=True)
+        if args.markdown:
+            plot(table, REPO / PLOT)
+            write_section(args.markdown, SECTION, markdown(table, args, walls))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
