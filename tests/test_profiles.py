@@ -38,15 +38,10 @@ def test_slurm_profile_settings_a_facility_relies_on():
     for rule, res in profile["set-resources"].items():
         if rule not in GPU_RULES:
             assert "gpu" not in res and "slurm_partition" not in res, f"{rule} is a CPU rule"
-    # one SLURM job per sample for its CPU preparation, gene sentences in batches (docs/cluster.md)
+    # one SLURM job per sample for ingest -> extract_patches (docs/cluster.md); no parallel members
     groups = dict(entry.split("=") for entry in profile["groups"])
-    assert groups == {
-        "ingest": "sample_prep",
-        "tile_slide": "sample_prep",
-        "extract_patches": "sample_prep",
-        "build_gene_sentences": "sentences",
-    }
-    assert profile["group-components"] == ["sentences=20"]
+    assert groups == {"ingest": "sample_prep", "extract_patches": "sample_prep"}
+    assert "group-components" not in profile
     # every line a facility must edit says so
     for line in SLURM.read_text().splitlines():
         setting = line.split("#", 1)[0]
