@@ -9,6 +9,7 @@ import zipfile
 import numpy as np
 import pytest
 
+from comtip._core.errors import PipelineInputError
 from comtip._core.rows import Rows, open_rows
 from comtip.predict.baselines import bleep_retrieval, mclstexp_retrieval, mean_baseline
 from comtip.predict.neighbours import top_k, unit_rows
@@ -68,7 +69,7 @@ def test_streamed_stack_equals_the_concatenation_and_is_stored_uncompressed(tmp_
 def test_streamed_stack_refuses_rows_of_other_widths(tmp_path):
     for name, width in (("a", 4), ("b", 5)):
         np.savez(tmp_path / f"{name}.npz", barcodes=np.array([name]), panel_values=np.zeros((1, width), np.float32))
-    with pytest.raises(Exception, match="different shapes"):
+    with pytest.raises(PipelineInputError, match=r"\[sample b\].*rows of shape \(5,\)"):
         stack_training([tmp_path / "a.npz", tmp_path / "b.npz"], ["a", "b"], VALUE_KEYS, tmp_path / "v.npz")
     assert not (tmp_path / "v.npz").exists()
 

@@ -76,11 +76,17 @@ def stack_training(
     rows = [h["barcodes"][0][0] for h in headers]
     with atomic_path(out_npz) as tmp, NpzWriter(tmp) as out:
         for key in keys:
-            trailing = {h[key][0][1:] for h in headers}
-            if len(trailing) > 1:
-                raise PipelineInputError(f"{key} has rows of different shapes across samples: {sorted(trailing)}")
+            trailing = headers[0][key][0][1:]
+            for sample, path, header in zip(samples, files, headers, strict=True):
+                if header[key][0][1:] != trailing:
+                    raise PipelineInputError(
+                        f"{key} has rows of shape {header[key][0][1:]}, those of {Path(files[0]).absolute()} "
+                        f"{trailing}; rebuild the training samples with one configuration",
+                        sample=sample,
+                        path=path,
+                    )
             dtype = np.result_type(*(h[key][1] for h in headers))
-            with out.member(key, (sum(rows), *trailing.pop()), dtype) as fh:
+            with out.member(key, (sum(rows), *trailing), dtype) as fh:
                 for path, header in zip(files, headers, strict=True):
                     _, own, fortran = header[key]
                     if own == dtype and not fortran:
