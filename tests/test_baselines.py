@@ -107,7 +107,8 @@ def test_retrieval_blocks_match_one_pass(monkeypatch):
     rng = np.random.default_rng(5)
     ref, values, query = rng.normal(size=(40, 4)), rng.normal(size=(40, 3)), rng.normal(size=(25, 4))
     full = bleep_retrieval(ref, values, query, k=5)
-    monkeypatch.setattr("comtip.predict.baselines.RETRIEVAL_BLOCK", 7)
+    monkeypatch.setattr("comtip.predict.neighbours.RETRIEVAL_BLOCK", 7)
+    monkeypatch.setattr("comtip.predict.neighbours.SIMILARITY_BYTES", 8 * 25 * 6)  # reference blocks of 6 rows
     np.testing.assert_allclose(bleep_retrieval(ref, values, query, k=5), full)
 
 

@@ -137,3 +137,37 @@ def test_every_configurable_baseline_is_a_method_the_rule_runs():
     assert schema["mclstexp_k"]["default"] == 200
     shipped = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["evaluate"]
     assert "mclstexp_comtip" in shipped["methods"] and shipped["mclstexp_k"] == 200
+
+
+def test_the_stacked_reference_is_read_in_place_with_the_per_sample_results(cohort):
+    """What the workflow passes: one stacked file of each (rules training_values / training_embeddings),
+    read through Rows (preadv, nothing loaded), predicting what the per-sample files predict."""
+    from comtip._core.rows import Rows
+    from comtip.predict.reference import EMBEDDING_KEYS, VALUE_KEYS, stack_training
+
+    root, train, test = cohort
+    names = ["a", "b"]
+    stack_training([t["sentences"] for t in train], names, VALUE_KEYS, root / "values.npz")
+    stack_training([t["embeddings"] for t in train], names, EMBEDDING_KEYS, root / "reference.npz")
+    settings = {"bleep_k": 5, "mclstexp_k": 40}
+    for method in ("mean", "bleep_comtip", "mclstexp_comtip"):
+        ctx = PredictionContext(
+            spots_h5ad=test["spots"],
+            test_sentences=test["sentences"],
+            train_value_files=[root / "values.npz"],
+            train_embedding_files=[root / "reference.npz"],
+            test_embedding=test["embeddings"],
+            settings=settings,
+        )
+        assert isinstance(ctx.train_values, Rows) and isinstance(ctx.train_values._array, np.memmap)
+        assert ctx.retrieval_k("mclstexp_k") == 40
+        stacked = predict_with_method(method, ctx, root / f"{method}_stacked.h5ad")
+        np.testing.assert_array_equal(stacked, _predict(method, cohort, **settings))
+    too_many = PredictionContext(
+        spots_h5ad=test["spots"],
+        test_sentences=test["sentences"],
+        train_value_files=[root / "values.npz"],
+        settings={"bleep_k": 41},
+    )
+    with pytest.raises(ConfigError, match=r"\(40\)"):
+        too_many.retrieval_k("bleep_k")

@@ -39,7 +39,7 @@ rule training_values:
         "../../envs/imaging.yaml"
     threads: 1
     resources:
-        mem_mb=16000,
+        mem_mb=2000,
         runtime=30,
     params:
         samples=samples_with_split("train"),
@@ -63,7 +63,7 @@ rule training_embeddings:
         "../../envs/imaging.yaml"
     threads: 1
     resources:
-        mem_mb=16000,
+        mem_mb=2000,
         runtime=30,
     params:
         samples=samples_with_split("train"),

@@ -125,3 +125,58 @@ def read_rows(array: np.ndarray, rows: np.ndarray, fd: int | None) -> np.ndarray
         if got != (hi - lo) * row_bytes:
             raise OSError(f"short read: {got} of {(hi - lo) * row_bytes} bytes at row {int(rows[lo])}")
     return out
+
+
+def member_header(path: str | Path, key: str) -> tuple[tuple[int, ...], np.dtype, bool]:
+    """``(shape, dtype, fortran_order)`` of member ``key`` of an ``.npz``, from its ``.npy`` header
+    alone (compressed or not): nothing of the array is read."""
+    with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as fh:
+        version = np.lib.format.read_magic(fh)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(fh)
+    return tuple(shape), dtype, bool(fortran)
+
+
+def copy_member_data(path: str | Path, key: str, out, nbytes: int = 16 * 2**20) -> None:
+    """Append the data bytes of member ``key`` (a C-ordered ``.npy`` inside the ``.npz``) to the
+    writable binary ``out``, ``nbytes`` at a time: memory O(nbytes), whatever the array's size."""
+    with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as fh:
+        version = np.lib.format.read_magic(fh)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        read(fh)
+        while block := fh.read(nbytes):
+            out.write(block)
+
+
+class NpzWriter:
+    """An uncompressed ``.npz`` (as ``np.savez`` writes it: ``key.npy`` members, ZIP_STORED, zip64)
+    written one member at a time, and each member in pieces: :meth:`member` writes the ``.npy``
+    header of the whole array and returns the open member, to which the caller appends the
+    array's bytes in C order (the rows of one sample after another). Memory O(one piece)."""
+
+    def __init__(self, path: str | Path):
+        self._zip = zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+
+    def member(self, key: str, shape: tuple[int, ...], dtype: np.dtype):
+        fh = self._zip.open(f"{key}.npy", "w", force_zip64=True)
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)}
+        try:
+            np.lib.format.write_array_header_1_0(fh, header)
+        except ValueError:  # a header too long for format 1.0
+            np.lib.format.write_array_header_2_0(fh, header)
+        return fh
+
+    def write(self, key: str, array: np.ndarray) -> None:
+        """A whole (small) array as one member."""
+        array = np.ascontiguousarray(array)
+        with self.member(key, array.shape, array.dtype) as fh:
+            fh.write(array.data if array.size else b"")
+
+    def close(self) -> None:
+        self._zip.close()
+
+    def __enter__(self) -> NpzWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

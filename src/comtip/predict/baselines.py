@@ -9,12 +9,14 @@ embedding: CoMTIP's, a frozen backbone's, or another model's.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 from scipy.sparse.linalg import lsqr
+
+from comtip._core.rows import Rows, as_rows
+from comtip.predict.neighbours import unit_rows, weighted_neighbours
 
 log = logging.getLogger(__name__)
 
@@ -22,19 +24,23 @@ log = logging.getLogger(__name__)
 # default since 1.2; max_iter is passed explicitly by HEST).
 LSQR_TOL = 1e-4
 LSQR_MAX_ITER = 1000
-RETRIEVAL_BLOCK = 256  # query rows per block: bounds the (block, k, D) and (block, k, G) gathers
 
 
-def mean_baseline(train_values: np.ndarray, n_test: int) -> np.ndarray:
+def mean_baseline(train_values: np.ndarray | Rows, n_test: int) -> np.ndarray:
     """Every test spot predicted as the per-gene mean over the training spots: (n_test, G).
 
     The floor any image model must beat on MSE/MAE; its correlations are undefined (a constant
-    prediction), which the metrics report as NaN.
+    prediction), which the metrics report as NaN. ``train_values`` is an array or
+    :class:`~comtip._core.rows.Rows` (the stacked reference, read in chunks of rows): the float64
+    sum runs over the rows in order, as ``mean(axis=0)`` of the whole array does.
     """
-    train_values = np.asarray(train_values, dtype=np.float64)
-    if train_values.ndim != 2 or len(train_values) == 0:
-        raise ValueError(f"train_values must be a non-empty (N, G) array, got shape {train_values.shape}")
-    return np.broadcast_to(train_values.mean(axis=0), (n_test, train_values.shape[1])).copy()
+    rows = as_rows(train_values)
+    if rows.ndim != 2 or len(rows) == 0:
+        raise ValueError(f"train_values must be a non-empty (N, G) array, got shape {rows.shape}")
+    total = np.zeros((1, rows.shape[1]))
+    for _, chunk in rows.chunks():
+        total = np.sum(np.vstack([total, np.asarray(chunk, dtype=np.float64)]), axis=0, keepdims=True)
+    return np.broadcast_to(total[0] / len(rows), (n_test, rows.shape[1])).copy()
 
 
 @dataclass
@@ -144,56 +150,14 @@ def hest_ridge(
     return probe.predict(test_feats)
 
 
-def _unit_rows(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    if (norm == 0).any():
-        raise ValueError("an embedding row is all zeros: it has no direction to compare")
-    return x / norm
-
-
-def _top_k(reference: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (Q, k) of the k most similar reference rows by dot product, most similar first,
-    and their similarities. Ties at the k-th place are broken arbitrarily (as ``torch.topk`` in
-    BLEEP/mclSTExp)."""
-    s = query @ reference.T
-    part = np.argpartition(-s, k - 1, axis=1)[:, :k]
-    part_s = np.take_along_axis(s, part, axis=1)
-    order = np.argsort(-part_s, axis=1, kind="stable")
-    return np.take_along_axis(part, order, axis=1), np.take_along_axis(part_s, order, axis=1)
-
-
-def _weighted_neighbours(
-    ref: np.ndarray,
-    values: np.ndarray,
-    query: np.ndarray,
-    k: int,
-    weigh: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray],
-) -> np.ndarray:
-    """Σ_j w_j · values[j] / Σ_j w_j over each query's top-k references, in query blocks (memory
-    O(block × (n_reference + k × (D + G)))). ``weigh(query_block, neighbours (B, k, D), sims (B, k))``
-    returns the (B, k) weights."""
-    out = np.empty((len(query), values.shape[1]))
-    for lo in range(0, len(query), RETRIEVAL_BLOCK):
-        block = query[lo : lo + RETRIEVAL_BLOCK]
-        indices, sims = _top_k(ref, block, k)
-        weights = weigh(block, ref[indices], sims)
-        out[lo : lo + len(block)] = np.einsum(
-            "qk,qkg->qg", weights / weights.sum(axis=1, keepdims=True), values[indices]
-        )
-    return out
-
-
 def _check_retrieval(
-    reference_emb: np.ndarray, reference_values: np.ndarray, query_emb: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    ref = _unit_rows(reference_emb)
-    query = _unit_rows(query_emb)
-    values = np.asarray(reference_values, dtype=np.float64)
+    reference_emb: np.ndarray | Rows, reference_values: np.ndarray | Rows, query_emb: np.ndarray, k: int
+) -> tuple[Rows, Rows, np.ndarray]:
+    ref, values, query = as_rows(reference_emb), as_rows(reference_values), unit_rows(query_emb)
     if values.ndim != 2 or len(values) != len(ref):
         raise ValueError(f"reference_values must be (n_reference, G) with n_reference = {len(ref)}, got {values.shape}")
-    if ref.shape[1] != query.shape[1]:
-        raise ValueError(f"reference and query embeddings differ in width: {ref.shape[1]} vs {query.shape[1]}")
+    if ref.ndim != 2 or ref.shape[1] != query.shape[1]:
+        raise ValueError(f"reference and query embeddings differ in width: {ref.shape[1:]} vs {query.shape[1]}")
     if not 1 <= k <= len(ref):
         raise ValueError(f"k must be in [1, n_reference = {len(ref)}], got {k}")
     return ref, values, query
@@ -231,8 +195,8 @@ def bleep_retrieval(
     ref, values, query = _check_retrieval(reference_emb, reference_values, query_emb, k)
     if method == "weighted":
         # unit vectors: d² = 2 − 2·cos, so d²_j − d²_min = 2·(cos_max − cos_j)
-        return _weighted_neighbours(ref, values, query, k, lambda q, nb, sims: np.exp(-2.0 * (sims[:, :1] - sims)))
-    return _weighted_neighbours(ref, values, query, k, lambda q, nb, sims: np.ones_like(sims))
+        return weighted_neighbours(ref, values, query, k, lambda q, nb, sims: np.exp(-2.0 * (sims[:, :1] - sims)))
+    return weighted_neighbours(ref, values, query, k, lambda q, nb, sims: np.ones_like(sims))
 
 
 def mclstexp_retrieval(
@@ -247,7 +211,7 @@ def mclstexp_retrieval(
     Returns (n_query, G).
     """
     ref, values, query = _check_retrieval(reference_emb, reference_values, query_emb, k)
-    return _weighted_neighbours(ref, values, query, k, _inverse_square_l1)
+    return weighted_neighbours(ref, values, query, k, _inverse_square_l1, neighbours=True)
 
 
 def _inverse_square_l1(query: np.ndarray, neighbours: np.ndarray, sims: np.ndarray) -> np.ndarray:
@@ -271,7 +235,7 @@ def spatial_neighbour_mean(embeddings: np.ndarray, xy: np.ndarray, *, radius: fl
     """
     from scipy.spatial import cKDTree
 
-    emb = _unit_rows(embeddings)
+    emb = unit_rows(embeddings)
     xy = np.asarray(xy, dtype=np.float64)
     if xy.shape != (len(emb), 2):
         raise ValueError(f"xy must be (N, 2) with N = {len(emb)} embedding rows, got {xy.shape}")
@@ -296,4 +260,4 @@ def spatial_neighbour_mean(embeddings: np.ndarray, xy: np.ndarray, *, radius: fl
         radius * pitch,
         2 * len(pairs) / len(emb),
     )
-    return _unit_rows(total)
+    return unit_rows(total)

@@ -31,6 +31,7 @@ import anndata as ad
 import numpy as np
 
 from comtip._core.errors import ConfigError, PipelineInputError
+from comtip._core.rows import Rows, open_rows
 from comtip.predict.baselines import (
     bleep_retrieval,
     mclstexp_retrieval,
@@ -67,8 +68,11 @@ class PredictionContext:
     training spots, stacked in the given order: the one stacked file of each that the rule reads
     (:mod:`comtip.predict.reference`), or the per-sample files.
 
-    Arrays are loaded on first use, so a method pays only for what it reads; rows of the test
-    sample's embeddings and spots are checked to be its ``gene_sentences.npz`` rows in order.
+    The training arrays are :class:`~comtip._core.rows.Rows`: from the one stacked file (what the
+    workflow passes) they are never loaded, only read in chunks or by row with ``preadv``, so a
+    method's memory does not grow with the cohort; several files (tests) are concatenated in
+    memory. The test sample's arrays are loaded on first use; rows of its embeddings and spots
+    are checked to be its ``gene_sentences.npz`` rows in order.
     """
 
     spots_h5ad: str | Path
@@ -99,11 +103,11 @@ class PredictionContext:
         return list(self._test["panel_genes"])
 
     @functools.cached_property
-    def train_values(self) -> np.ndarray:
+    def train_values(self) -> Rows:
         """(training spots, panel genes) normalised values of every training sample, stacked."""
         return _stack(self.train_value_files, "panel_values")
 
-    def train_stack(self, key: str) -> np.ndarray:
+    def train_stack(self, key: str) -> Rows:
         """``key`` of the training samples' embeddings, stacked in sample order."""
         return _stack(self.train_embedding_files, key)
 
@@ -140,8 +144,11 @@ class PredictionContext:
         return k
 
 
-def _stack(npzs: Sequence[str | Path], key: str) -> np.ndarray:
-    return np.concatenate([np.load(p)[key] for p in npzs], axis=0)
+def _stack(npzs: Sequence[str | Path], key: str) -> Rows:
+    """``key`` of one stacked file, read where it lies; of several files, concatenated in memory."""
+    if len(npzs) == 1:
+        return open_rows(npzs[0], key)
+    return Rows(np.concatenate([np.load(p)[key] for p in npzs], axis=0))
 
 
 def mean(ctx: PredictionContext) -> np.ndarray:

@@ -6,11 +6,17 @@ Every prediction job reads that one file instead of every training sample's: for
 120 training slides this turns ~240 inputs per job (and ~50,000 edges of the workflow's DAG for
 40 test slides) into one, which is what keeps a dry run of a 200-sample sheet fast. The rows are
 the training spots of every training sample in sheet order, with ``barcodes`` and ``sample`` per
-row; the arrays are exactly those of the per-sample files, concatenated.
+row; the arrays are exactly those of the per-sample files, concatenated (``np.concatenate``'s
+dtype where samples differ).
+
+The file is written one sample at a time (memory O(one sample), not O(cohort): at 800,000 spots
+the ViT-B embeddings alone are ~4 GB), uncompressed, so that the prediction jobs read it through
+:mod:`comtip._core.rows` without loading it.
 """
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,52 +24,80 @@ import numpy as np
 
 from comtip._core.atomic import atomic_path
 from comtip._core.errors import PipelineInputError
+from comtip._core.npzmap import MappedNpz, NpzWriter, copy_member_data, member_header, open_npz
 
 VALUE_KEYS = ("panel_values",)
 EMBEDDING_KEYS = ("features", "image_embeddings", "sentence_embeddings")
 
 
+def _headers(path: str | Path, sample: str, keys: Sequence[str]) -> dict[str, tuple]:
+    """Each key's (shape, dtype, fortran_order), checked: every key present, one row per barcode."""
+    with zipfile.ZipFile(path) as zf:
+        present = {name[: -len(".npy")] for name in zf.namelist() if name.endswith(".npy")}
+    missing = [key for key in keys if key not in present]
+    if missing:
+        raise PipelineInputError(
+            f"lacks {missing}; rebuild it with this version of the pipeline", sample=sample, path=path
+        )
+    headers = {key: member_header(path, key) for key in keys}
+    rows = headers["barcodes"][0][0]
+    for key, (shape, _, _) in headers.items():
+        if not shape or shape[0] != rows:
+            raise PipelineInputError(
+                f"{key} has {shape[0] if shape else 0} rows for {rows} barcodes", sample=sample, path=path
+            )
+    return headers
+
+
 def stack_training(
     files: Sequence[str | Path], samples: Sequence[str], keys: Sequence[str], out_npz: str | Path
-) -> dict[str, np.ndarray]:
-    """Concatenate ``keys`` (and ``barcodes``) of the per-sample ``files`` of ``samples``; a
-    ``panel_genes`` array, where the files have one, must be the same in all and is kept once."""
+) -> MappedNpz:
+    """Concatenate ``keys`` (and ``barcodes``) of the per-sample ``files`` of ``samples`` into
+    ``out_npz``, one sample at a time; a ``panel_genes`` array, where the files have one, must be
+    the same in all and is kept once. Returns the written file's members, memory-mapped."""
     if len(files) != len(samples) or not files:
         raise ValueError(f"need one file per training sample, got {len(files)} files for {len(samples)} samples")
-    parts: dict[str, list[np.ndarray]] = {key: [] for key in (*keys, "barcodes")}
-    owners, genes, first = [], None, None
+    keys = (*keys, "barcodes")
+    headers, genes, first = [], None, None
     for sample, path in zip(samples, files, strict=True):
+        headers.append(_headers(path, sample, keys))
         with np.load(path) as npz:
-            missing = [key for key in (*keys, "barcodes") if key not in npz]
-            if missing:
-                raise PipelineInputError(
-                    f"lacks {missing}; rebuild it with this version of the pipeline", sample=sample, path=path
-                )
-            # each npz[key] access reads and decompresses the array again: read every one once
-            loaded = {key: npz[key] for key in (*keys, "barcodes")}
             panel = npz["panel_genes"] if "panel_genes" in npz else None
-            rows = len(loaded["barcodes"])
-            for key, array in loaded.items():
-                if len(array) != rows:
+        if panel is not None:
+            if genes is None:
+                genes, first = panel, path
+            elif not np.array_equal(panel, genes):
+                raise PipelineInputError(
+                    f"panel genes differ from those of {Path(first).absolute()}; build "
+                    "every sample's gene sentences from the same gene_panel.tsv",
+                    sample=sample,
+                    path=path,
+                )
+    rows = [h["barcodes"][0][0] for h in headers]
+    with atomic_path(out_npz) as tmp, NpzWriter(tmp) as out:
+        for key in keys:
+            trailing = headers[0][key][0][1:]
+            for sample, path, header in zip(samples, files, headers, strict=True):
+                if header[key][0][1:] != trailing:
                     raise PipelineInputError(
-                        f"{key} has {len(array)} rows for {rows} barcodes", sample=sample, path=path
-                    )
-                parts[key].append(array)
-            if panel is not None:
-                if genes is None:
-                    genes, first = panel, path
-                elif not np.array_equal(panel, genes):
-                    raise PipelineInputError(
-                        f"panel genes differ from those of {Path(first).absolute()}; build "
-                        "every sample's gene sentences from the same gene_panel.tsv",
+                        f"{key} has rows of shape {header[key][0][1:]}, those of {Path(files[0]).absolute()} "
+                        f"{trailing}; rebuild the training samples with one configuration",
                         sample=sample,
                         path=path,
                     )
-        owners.append(np.full(rows, sample))
-    arrays = {key: np.concatenate(value, axis=0) for key, value in parts.items()}
-    arrays["sample"] = np.concatenate(owners).astype(str)
-    if genes is not None:
-        arrays["panel_genes"] = genes
-    with atomic_path(out_npz) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
-    return arrays
+            dtype = np.result_type(*(h[key][1] for h in headers))
+            with out.member(key, (sum(rows), *trailing), dtype) as fh:
+                for path, header in zip(files, headers, strict=True):
+                    _, own, fortran = header[key]
+                    if own == dtype and not fortran:
+                        copy_member_data(path, key, fh)
+                    else:
+                        with np.load(path) as npz:
+                            fh.write(np.ascontiguousarray(npz[key], dtype=dtype).data)
+        owner = np.result_type(*(np.array(str(s)).dtype for s in samples))
+        with out.member("sample", (sum(rows),), owner) as fh:
+            for sample, n in zip(samples, rows, strict=True):
+                fh.write(np.full(n, str(sample), dtype=owner).data)
+        if genes is not None:
+            out.write("panel_genes", genes)
+    return open_npz(out_npz)

@@ -13,21 +13,26 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from comtip._core.rows import Rows, as_rows
 from comtip.data.genes import value_bins
 from comtip.model import CoMTIP
 from comtip.predict.embeddings import eval_mode
 
 NORM_TOLERANCE = 1e-3
+COLUMN_BYTES = 128 * 2**20  # float64 training values per block of genes of zero_shot_grid_and_prior
 
 
 ZEROSHOT_GRIDS = ("shared", "quantile")
 ZEROSHOT_PRIORS = ("none", "training")
 
 
-def default_value_grid(train_values: np.ndarray, n: int = 16) -> np.ndarray:
+def default_value_grid(train_values: np.ndarray | Rows, n: int = 16) -> np.ndarray:
     """``n`` evenly spaced values from 0 to the largest training value of the panel (float32):
     the candidate expression levels of zero-shot prediction. Only training values set the range."""
-    top = float(np.max(train_values))
+    if isinstance(train_values, Rows):
+        top = float(max(np.max(chunk) for _, chunk in train_values.chunks()))
+    else:
+        top = float(np.max(train_values))
     if not np.isfinite(top) or top <= 0:
         raise ValueError(f"training values must have a finite positive maximum, got {top}")
     if n < 2:
@@ -50,20 +55,50 @@ def quantile_value_grid(train_values: np.ndarray, n: int = 16) -> np.ndarray:
 
 
 def zero_shot_grid_and_prior(
-    train_values: np.ndarray, n: int = 16, *, grid: str = "quantile", prior: str = "training", smoothing: float = 0.01
+    train_values: np.ndarray | Rows,
+    n: int = 16,
+    *,
+    grid: str = "quantile",
+    prior: str = "training",
+    smoothing: float = 0.01,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The value grid and prior :func:`zero_shot` uses, from the **training** values (N, G) only.
 
     ``grid``: ``"shared"`` = :func:`default_value_grid` (0..max of the panel, one grid), or
     ``"quantile"`` = :func:`quantile_value_grid` (each gene's training quantiles). ``prior``:
     ``"training"`` = :func:`value_prior` on that grid, ``"none"`` = None (a flat prior: the plain
-    softmax over the grid). Measured choice of the defaults: docs/evaluation.md."""
+    softmax over the grid). Measured choice of the defaults: docs/evaluation.md.
+
+    ``train_values`` is an array or :class:`~comtip._core.rows.Rows` (the stacked reference).
+    Both are computed per gene, so they run on blocks of genes: all N rows of as many genes as fit
+    :data:`COLUMN_BYTES` in float64 at a time (memory O(COLUMN_BYTES), not O(N × G)), with the
+    same result as on the whole array, exactly."""
     if grid not in ZEROSHOT_GRIDS:
         raise ValueError(f"zero-shot grid must be one of {ZEROSHOT_GRIDS}, got {grid!r}")
     if prior not in ZEROSHOT_PRIORS:
         raise ValueError(f"zero-shot prior must be one of {ZEROSHOT_PRIORS}, got {prior!r}")
-    values = default_value_grid(train_values, n) if grid == "shared" else quantile_value_grid(train_values, n)
-    return values, (value_prior(train_values, values, smoothing=smoothing) if prior == "training" else None)
+    rows = as_rows(train_values)
+    if rows.ndim != 2 or len(rows) == 0:
+        raise ValueError(f"training values must be (spots, genes) with at least one spot, got shape {rows.shape}")
+    shared = default_value_grid(rows, n) if grid == "shared" else None
+    if shared is not None and prior == "none":
+        return shared, None
+    if n < 2:
+        raise ValueError(f"the value grid needs at least 2 points, got {n}")
+    genes = rows.shape[1]
+    step = int(np.clip(COLUMN_BYTES // (8 * len(rows)), 1, max(genes, 1)))
+    grids, priors = [], []
+    for lo in range(0, genes, step):
+        values = rows.columns(lo, lo + step, np.float64)
+        block = quantile_value_grid(values, n) if shared is None else shared
+        grids.append(block)
+        if prior == "training":
+            priors.append(value_prior(values, block, smoothing=smoothing))
+    if shared is None:
+        shared = np.concatenate(grids) if grids else np.empty((0, n), np.float32)
+    if prior == "none":
+        return shared, None
+    return shared, np.concatenate(priors) if priors else np.empty((0, shared.shape[-1]))
 
 
 def _check_train_values(train_values: np.ndarray) -> np.ndarray:

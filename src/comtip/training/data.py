@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from comtip._core.errors import ConfigError, PipelineInputError
-from comtip._core.npzmap import MappedNpz, open_npz, read_rows
+from comtip._core.npzmap import MappedNpz, open_npz
 from comtip.data.barcodes import first_mismatch, value_at
 from comtip.training.sampling import BatchPlan, MicroBatches  # noqa: F401 (re-exported)
 
@@ -192,7 +192,7 @@ class SpotData:
         self.sample_start = np.concatenate([[0], np.cumsum(self.sample_sizes)]).astype(np.int64)
         self.sample_of = np.concatenate(sample_of)
         self.row_of = np.concatenate(rows)
-        self._columns = columns
+        self._columns = np.stack(columns)  # (samples, vocabulary): each sample's panel column of each gene
         if len(self) == 0:
             raise PipelineInputError(
                 "no training spot expresses any pretraining gene",
@@ -244,6 +244,8 @@ class SpotData:
         self._patches: list[np.ndarray] | None = None
         self._sentences: list[MappedNpz] | None = None
         self._fds: dict[Path, int] = {}
+        self._layouts: dict[tuple[int, str], tuple[int | None, int, np.ndarray, Path]] = {}
+        self._specs: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
         self._advised: set[tuple[int, int]] = set()
 
     def __len__(self) -> int:
@@ -261,84 +263,88 @@ class SpotData:
             self._sentences = [open_npz(f.sentences) for f in self.samples]
         return self._sentences[k]
 
-    def _groups(self, indices: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
-        """(sample, positions in ``indices``, file rows) per sample, rows ascending: sequential reads."""
-        owners = self.sample_of[indices]
-        groups = []
-        for k in np.unique(owners):
-            where = np.flatnonzero(owners == k)
-            rows = self.row_of[indices[where]]
-            order = np.argsort(rows, kind="stable")
-            groups.append((int(k), where[order], rows[order]))
-        return groups
+    def _layout(self, k: int, key: str) -> tuple[int | None, int, np.ndarray, Path]:
+        """(descriptor or None, byte offset of row 0, array, file) of ``key`` (``patches`` or a
+        sentence array) of sample ``k``; its rows must have the shape and dtype of sample 0's."""
+        found = self._layouts.get((k, key))
+        if found is None:
+            if key == "patches":
+                array, path = self.patches(k), self.samples[k].patches
+            else:
+                array, path = self.sentence_file(k)[key], self.samples[k].sentences
+            spec = self._specs.setdefault(key, (array.shape[1:], array.dtype))
+            if (array.shape[1:], array.dtype) != spec:
+                raise PipelineInputError(
+                    f"{key} rows are {array.dtype} {array.shape[1:]}, sample {self.samples[0].name}'s "
+                    f"{spec[1]} {spec[0]}; rebuild every sample's files with the same pipeline version",
+                    sample=self.samples[k].name,
+                    path=path,
+                )
+            direct = hasattr(os, "preadv") and isinstance(array, np.memmap) and array.flags.c_contiguous
+            found = (self._descriptor(path) if direct else None, array.offset if direct else 0, array, path)
+            self._layouts[(k, key)] = found
+        return found
 
-    def _advise(self, k: int, indices: np.ndarray) -> None:
-        """Ask the kernel to read whole the blocks of sample ``k`` that ``indices`` fall in."""
+    def _gather(self, key: str, indices: np.ndarray) -> np.ndarray:
+        """Rows of ``key`` of the global ``indices``, in that order, read one by one with
+        ``preadv`` in file order (the page cache is shared; this process's RSS does not grow with
+        what it has read, as it would through the memory maps)."""
+        owners, rows = self.sample_of[indices], self.row_of[indices]
+        array = self._layout(int(owners[0]) if len(indices) else 0, key)[2]
+        out = np.empty((len(indices), *array.shape[1:]), array.dtype)
+        row_bytes = out[0].nbytes if len(out) else 0
+        order = np.lexsort((rows, owners))
+        for i, k, row in zip(order.tolist(), owners[order].tolist(), rows[order].tolist(), strict=True):
+            fd, offset, array, path = self._layout(k, key)
+            if fd is None:
+                out[i] = array[row]
+            elif os.preadv(fd, [out[i]], offset + row * row_bytes) != row_bytes:
+                raise PipelineInputError(
+                    f"row {row} of {key} is cut short; rerun the rule that writes the file",
+                    sample=self.samples[k].name,
+                    path=path,
+                )
+        return out
+
+    def _advise(self, indices: np.ndarray) -> None:
+        """Ask the kernel to read whole the patch blocks that ``indices`` fall in (once per block)."""
         if not self.readahead_block or not hasattr(os, "posix_fadvise"):
             return
-        patches = self.patches(k)
-        if not isinstance(patches, np.memmap):
-            return
+        owners = self.sample_of[indices]
+        blocks = (indices - self.sample_start[owners]) // self.readahead_block
         if len(self._advised) > 1_000_000:
             self._advised.clear()
-        start, row_bytes = int(self.sample_start[k]), int(np.prod(self.patch_shape))
-        for block in np.unique((indices - start) // self.readahead_block):
-            if (k, int(block)) in self._advised:
+        for k, block in set(zip(owners.tolist(), blocks.tolist(), strict=True)) - self._advised:
+            self._advised.add((k, block))
+            fd, offset, _, _ = self._layout(k, "patches")
+            if fd is None:
                 continue
-            self._advised.add((k, int(block)))
-            lo = start + int(block) * self.readahead_block
+            lo = int(self.sample_start[k]) + block * self.readahead_block
             hi = min(lo + self.readahead_block, int(self.sample_start[k + 1])) - 1
             first, last = int(self.row_of[lo]), int(self.row_of[hi])
-            offset = patches.offset + first * row_bytes
-            os.posix_fadvise(
-                self._descriptor(self.samples[k].patches),
-                offset,
-                (last - first + 1) * row_bytes,
-                os.POSIX_FADV_WILLNEED,
-            )
+            row_bytes = int(np.prod(self.patch_shape))
+            os.posix_fadvise(fd, offset + first * row_bytes, (last - first + 1) * row_bytes, os.POSIX_FADV_WILLNEED)
 
     def images(self, indices: np.ndarray) -> np.ndarray:
         """uint8 (B, H, W, 3) patches of the global ``indices``, in that order."""
-        indices = np.asarray(indices)
-        out = np.empty((len(indices), *self.patch_shape), np.uint8)
-        for k, where, rows in self._groups(indices):
-            self._advise(k, indices[where])
-            out[where] = self._read(k, self.patches(k), rows, self.samples[k].patches)
-        return out
+        indices = np.asarray(indices, dtype=np.int64)
+        self._advise(indices)
+        return self._gather("patches", indices)
 
     def _descriptor(self, path: Path) -> int:
         if path not in self._fds:
             self._fds[path] = os.open(path, os.O_RDONLY)
         return self._fds[path]
 
-    def _read(self, k: int, array: np.ndarray, rows: np.ndarray, path: Path) -> np.ndarray:
-        """``array[rows]`` read through a descriptor (:func:`comtip._core.npzmap.read_rows`: the
-        page cache is shared, this process's RSS does not grow with what it has read)."""
-        try:
-            return read_rows(array, rows, self._descriptor(path))
-        except OSError as err:
-            raise PipelineInputError(
-                f"cannot read rows of {path.name} ({err}); rerun the rule that writes it",
-                sample=self.samples[k].name,
-                path=path,
-            ) from err
-
     def sentence_arrays(self, indices: np.ndarray, keys: Sequence[str] = BATCH_KEYS) -> dict[str, np.ndarray]:
         """Sentence arrays (numpy, file dtypes; ``vocabulary_values`` float32) of the global ``indices``."""
-        indices = np.asarray(indices)
-        parts: dict[str, list[np.ndarray]] = {key: [] for key in keys}
-        positions = []
-        for k, where, rows in self._groups(indices):
-            npz, path = self.sentence_file(k), self.samples[k].sentences
-            positions.append(where)
-            for key in keys:
-                if key == DENSE_KEY:
-                    values = self._read(k, npz["panel_values"], rows, path)
-                    parts[key].append(np.asarray(values[:, self._columns[k]], np.float32))
-                else:
-                    parts[key].append(self._read(k, npz[key], rows, path))
-        inverse = np.argsort(np.concatenate(positions), kind="stable")
-        return {key: np.concatenate(value)[inverse] for key, value in parts.items()}
+        indices = np.asarray(indices, dtype=np.int64)
+        out = {key: self._gather(key, indices) for key in keys if key != DENSE_KEY}
+        if DENSE_KEY in keys:
+            values = self._gather("panel_values", indices)
+            columns = self._columns[self.sample_of[indices]]
+            out[DENSE_KEY] = np.take_along_axis(values, columns, axis=1).astype(np.float32)
+        return {key: out[key] for key in keys}
 
     def __getitem__(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
         indices = np.asarray(indices)
@@ -349,7 +355,7 @@ class SpotData:
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        for key in ("_patches", "_sentences", "_fds", "_advised"):
+        for key in ("_patches", "_sentences", "_fds", "_layouts", "_specs", "_advised"):
             state.pop(key)  # memory maps and descriptors are reopened by each worker, never pickled
         return state
 
