@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from _helpers.workflow import GPU_RULES, snakemake_command, write_tiny_run_folder
+from _helpers.workflow import GPU_RULES, SAMPLES, snakemake_command, write_tiny_run_folder
 from conftest import REPO, dry_run_jobs, rule_blocks
 
 SLURM = REPO / "profiles" / "slurm" / "config.yaml"
@@ -81,7 +81,10 @@ def test_slurm_profile_resolves_gpu_rules_to_the_gpu_partition(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     jobs = _job_resources(result.stdout + result.stderr)
-    assert {rule for rule, _ in jobs} >= GPU_RULES | {"ingest", "extract_patches", "evaluate"}
+    assert {rule for rule, _ in jobs} >= GPU_RULES | {"tile_slide", "evaluate"}
+    # ingest and extract_patches of each sample with counts are one group job (listed as such)
+    groups = re.findall(r"Group job sample_prep \(jobs in lexicogr. order\)", result.stdout + result.stderr)
+    assert len(groups) == len(SAMPLES), result.stdout[-3000:]
     for rule, res in jobs:
         assert res["slurm_account"] == "CHANGE_ME", rule
         if rule in GPU_RULES:
