@@ -158,23 +158,36 @@ def test_plan_orders_are_reproducible_and_uniform_is_unchanged():
 # -- how a run is executed: checkpoint cadence, loader workers, optimiser -----------------------
 
 
-def _saved_steps(cohort, tmp_path, monkeypatch, **train):
+def _pretrain(cohort, out, val_files=(), **train):
+    """``pretrain`` of the tiny model on ``cohort`` (validation samples ``val_files``) into ``out``."""
     from _helpers.pretraining import TINY_MODEL, TINY_TRAIN
-    from comtip.training import checkpoint as ckpt
     from comtip.training import pretrain
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {k: out / f"comtip.{k}" for k in ("pt", "metrics.tsv", "retrieval.tsv")}
+    pretrain(
+        **cohort,
+        out_checkpoint=paths["pt"],
+        out_metrics=paths["metrics.tsv"],
+        out_retrieval=paths["retrieval.tsv"],
+        model_config=TINY_MODEL,
+        train_config={**TINY_TRAIN, **train},
+        val_samples=[f"v{i}" for i in range(len(val_files))],
+        val_patches=[f["patches"] for f in val_files],
+        val_indexes=[f["index"] for f in val_files],
+        val_sentences=[f["sentences"] for f in val_files],
+    )
+    return paths
+
+
+def _saved_steps(cohort, tmp_path, monkeypatch, **train):
+    """The steps at which a 2-epoch tiny run writes its resume checkpoint."""
+    from comtip.training import checkpoint as ckpt
 
     steps = []
     real = ckpt.save_resume
     monkeypatch.setattr(ckpt, "save_resume", lambda folder, state: (steps.append(state["step"]), real(folder, state)))
-    out = {k: tmp_path / f"comtip.{k}" for k in ("pt", "metrics.tsv", "retrieval.tsv")}
-    pretrain(
-        **cohort,
-        out_checkpoint=out["pt"],
-        out_metrics=out["metrics.tsv"],
-        out_retrieval=out["retrieval.tsv"],
-        model_config=TINY_MODEL,
-        train_config={**TINY_TRAIN, "epochs": 2, **train},
-    )
+    _pretrain(cohort, tmp_path, **{"epochs": 2, **train})
     return steps
 
 
@@ -235,27 +248,6 @@ def test_compile_is_refused_off_cuda(cohort, tmp_path, monkeypatch):
 # -- held-out alignment -----------------------------------------------------------------------
 
 
-def _pretrain_with_val(cohort, out, val_files, **train):
-    from _helpers.pretraining import TINY_MODEL, TINY_TRAIN
-    from comtip.training import pretrain
-
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {k: out / f"comtip.{k}" for k in ("pt", "metrics.tsv", "retrieval.tsv")}
-    pretrain(
-        **cohort,
-        out_checkpoint=paths["pt"],
-        out_metrics=paths["metrics.tsv"],
-        out_retrieval=paths["retrieval.tsv"],
-        model_config=TINY_MODEL,
-        train_config={**TINY_TRAIN, **train},
-        val_samples=[f"v{i}" for i in range(len(val_files))],
-        val_patches=[f["patches"] for f in val_files],
-        val_indexes=[f["index"] for f in val_files],
-        val_sentences=[f["sentences"] for f in val_files],
-    )
-    return paths
-
-
 def test_validation_slides_are_measured_every_epoch_without_changing_training(cohort, tmp_path):
     import pandas as pd
 
@@ -263,8 +255,8 @@ def test_validation_slides_are_measured_every_epoch_without_changing_training(co
     from comtip.training.retrieval import heldout_alignment
 
     val_files = [write_sample(tmp_path / "val", "v0", 40, seed=7), write_sample(tmp_path / "val", "v1", 25, seed=8)]
-    with_val = _pretrain_with_val(cohort, tmp_path / "a", val_files)
-    without = _pretrain_with_val(cohort, tmp_path / "b", [])
+    with_val = _pretrain(cohort, tmp_path / "a", val_files)
+    without = _pretrain(cohort, tmp_path / "b", [])
     metrics = pd.read_csv(with_val["metrics.tsv"], sep="\t")
     # 4 steps per epoch, 3 epochs: a row at every epoch end (steps 4, 8, 12) holds the check
     measured = metrics.dropna(subset=["val_infonce"])
@@ -297,7 +289,7 @@ def test_a_validation_slide_with_another_vocabulary_is_refused(cohort, tmp_path)
 
     other = write_sample(tmp_path / "val", "v0", 12, seed=7, vocabulary=[f"X{i}" for i in range(10)])
     with pytest.raises(PipelineInputError, match=r"\[sample v0\].*vocabulary or patch shape") as err:
-        _pretrain_with_val(cohort, tmp_path / "a", [other])
+        _pretrain(cohort, tmp_path / "a", [other])
     assert str(other["sentences"]) in str(err.value)
     assert not list((tmp_path / "a").glob("comtip.*"))
 

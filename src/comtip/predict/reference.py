@@ -49,6 +49,23 @@ def _headers(path: str | Path, sample: str, keys: Sequence[str]) -> dict[str, tu
     return headers
 
 
+def same_panel(
+    genes: np.ndarray | None, first: str | Path | None, panel: np.ndarray, sample: str, path: str | Path
+) -> tuple[np.ndarray, str | Path]:
+    """The panel genes and file of the first sample seen (``genes``, ``first``; None before it),
+    after refusing ``sample``'s ``panel`` (read from ``path``) if it differs from them."""
+    if genes is None:
+        return panel, path
+    if not np.array_equal(panel, genes):
+        raise PipelineInputError(
+            f"panel genes differ from those of {Path(first).absolute()}; build "
+            "every sample's gene sentences from the same gene_panel.tsv",
+            sample=sample,
+            path=path,
+        )
+    return genes, first
+
+
 def stack_training(
     files: Sequence[str | Path], samples: Sequence[str], keys: Sequence[str], out_npz: str | Path
 ) -> MappedNpz:
@@ -64,15 +81,7 @@ def stack_training(
         with np.load(path) as npz:
             panel = npz["panel_genes"] if "panel_genes" in npz else None
         if panel is not None:
-            if genes is None:
-                genes, first = panel, path
-            elif not np.array_equal(panel, genes):
-                raise PipelineInputError(
-                    f"panel genes differ from those of {Path(first).absolute()}; build "
-                    "every sample's gene sentences from the same gene_panel.tsv",
-                    sample=sample,
-                    path=path,
-                )
+            genes, first = same_panel(genes, first, panel, sample, path)
     rows = [h["barcodes"][0][0] for h in headers]
     with atomic_path(out_npz) as tmp, NpzWriter(tmp) as out:
         for key in keys:

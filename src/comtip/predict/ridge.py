@@ -34,6 +34,7 @@ from comtip._core.atomic import atomic_path
 from comtip._core.errors import PipelineInputError
 from comtip.data.barcodes import first_mismatch, value_at
 from comtip.predict.baselines import RidgeProbe
+from comtip.predict.reference import same_panel
 
 log = logging.getLogger(__name__)
 
@@ -166,16 +167,9 @@ def fit_ridge_probe(
     moments, genes, first = None, None, None
     for sample, embedding, sentences in zip(samples, embedding_files, sentence_files, strict=True):
         feats, values, panel = _read_sample(sample, embedding, sentences)
-        if genes is None:
-            genes, first = panel, sentences
+        if moments is None:
             moments = RidgeMoments(feats.shape[1], values.shape[1])
-        elif not np.array_equal(panel, genes):
-            raise PipelineInputError(
-                f"panel genes differ from those of {Path(first).absolute()}; build every sample's "
-                "gene sentences from the same gene_panel.tsv",
-                sample=sample,
-                path=sentences,
-            )
+        genes, first = same_panel(genes, first, panel, sample, sentences)
         try:
             moments.update(feats, values)
         except ValueError as err:
