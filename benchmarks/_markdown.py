@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 
@@ -40,3 +41,10 @@ def write_section(path: Path, section: str, text: str, *, parent: str | None = N
     else:
         new = old.rstrip("\n") + "\n\n" + text
     path.write_text(new.rstrip("\n") + "\n")
+
+
+def head_commit(repo: Path) -> str:
+    """The short hash of ``repo``'s HEAD, for the provenance line of a section."""
+    return subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()

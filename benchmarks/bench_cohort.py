@@ -41,7 +41,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from _markdown import write_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _markdown import head_commit, write_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Cohort scale: every CPU stage through Snakemake"
@@ -155,9 +155,7 @@ def plot(results: pd.DataFrame, out_png: Path) -> None:
 
 
 def markdown(results: pd.DataFrame, args: argparse.Namespace, walls: dict[int, float]) -> str:
-    commit = subprocess.run(
-        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    commit = head_commit(REPO)
     lines = [
         SECTION,
         "",

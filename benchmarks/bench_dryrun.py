@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from _markdown import write_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _markdown import head_commit, write_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from _peer import MEASURE, checkouts  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,9 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append((n, label, best[0], max(r[1] for r in results), best[2]))
                 print(f"{n} samples, {label}: {best[0]:.2f} s, {rows[-1][3]:.0f} MB, {best[2]} jobs", flush=True)
 
-    commit = subprocess.run(
-        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    commit = head_commit(REPO)
     lines = [
         "## Workflow parse (dry run)",
         "",

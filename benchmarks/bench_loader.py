@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from _markdown import write_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _markdown import head_commit, write_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from _peer import checkouts  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -190,9 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                         flush=True,
                     )
 
-    commit = subprocess.run(
-        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    commit = head_commit(REPO)
     command = (
         f"--samples {args.samples} --spots {args.spots} --patch {args.patch} --batch {args.batch} "
         f"--batches {args.batches} --workers {' '.join(map(str, args.workers))} --title {args.title!r}"

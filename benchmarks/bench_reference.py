@@ -32,7 +32,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from _markdown import write_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _markdown import head_commit, write_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from _peer import MEASURE, checkouts  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -195,9 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                     for path in paths.values():
                         path.unlink(missing_ok=True)
 
-    commit = subprocess.run(
-        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    commit = head_commit(REPO)
     command = " ".join(
         ["--spots", *map(str, args.spots)]
         + ([f"--peer-ref {args.peer_ref} --peer-max {args.peer_max}"] if args.peer_ref else [])

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _markdown import write_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _markdown import head_commit, write_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from _peer import MEASURE  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,9 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows[-1][5] = rows[-2][5] = f"{rel:.1e} / {1 - r:.0e}"
                 print(f"  predictions: max relative difference {rel:.2e}, worst Pearson 1 − {1 - r:.1e}")
 
-    commit = subprocess.run(
-        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    commit = head_commit(REPO)
     command = " ".join(
         ["--spots", *map(str, args.spots), "--old-max", str(args.old_max)]
         + (["--markdown", str(args.markdown)] if args.markdown else [])

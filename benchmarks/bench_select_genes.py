@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from _markdown import write_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _markdown import head_commit, write_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from _peer import MEASURE, checkouts  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,9 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  same panel genes as the peer: {mine[0] == theirs[0]}; same bin edges: {mine[1] == theirs[1]}")
                 rows[-1] = (*rows[-1], mine == theirs)
 
-    commit = subprocess.run(
-        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    commit = head_commit(REPO)
     command = " ".join(
         ["--samples", *map(str, args.samples)]
         + ([f"--peer-ref {args.peer_ref} --peer-max {args.peer_max}"] if args.peer_ref else [])
