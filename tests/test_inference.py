@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from comtip.data.genes import value_bins
 from comtip.model import CoMTIP, ModelConfig, preprocess_images
-from comtip.predict.embeddings import image_embeddings, image_features
+from comtip.predict.embeddings import image_embeddings, image_features, image_features_and_embeddings
 from comtip.predict.zeroshot import (
     default_value_grid,
     prompt_embeddings,
@@ -76,6 +76,13 @@ def test_image_features_are_the_pre_projection_pooled_features(model, patches_me
     with torch.no_grad():
         projected = F.normalize(model.vision.proj(torch.from_numpy(feats)), dim=-1).numpy()
     np.testing.assert_allclose(projected, image_embeddings(model, patches_memmap, 32), atol=1e-5)
+
+
+def test_features_and_embeddings_in_one_pass_equal_the_two_separate_passes(model, patches_memmap):
+    feats, emb = image_features_and_embeddings(model, patches_memmap, 32, batch_size=3)
+    assert feats.shape == (7, 32) and emb.shape == (7, 16)
+    np.testing.assert_allclose(feats, image_features(model, patches_memmap, 32, batch_size=4), atol=1e-6)
+    np.testing.assert_allclose(emb, image_embeddings(model, patches_memmap, 32, batch_size=5), atol=1e-6)
 
 
 def test_default_value_grid():

@@ -171,3 +171,14 @@ def test_the_stacked_reference_is_read_in_place_with_the_per_sample_results(coho
     )
     with pytest.raises(ConfigError, match=r"\(40\)"):
         too_many.retrieval_k("bleep_k")
+
+
+def test_baseline_methods_module_does_not_import_torch():
+    """Only the zero-shot method runs a model: importing the methods (every predict_baseline job
+    does) must not pull in torch, ~0.9 GB of each job's RSS."""
+    import subprocess
+    import sys
+
+    code = "import sys, comtip.predict.methods; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

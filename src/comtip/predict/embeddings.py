@@ -14,9 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from comtip._core.atomic import atomic_path
 from comtip._core.errors import PipelineInputError
+from comtip._core.npzmap import open_npz
 from comtip.model import CoMTIP, ModelConfig, preprocess_images
 from comtip.predict.registry import ENCODERS
 from comtip.training.checkpoint import load_pretrained
@@ -89,6 +91,22 @@ def image_features(
     return _map_patches(model, patches, image_size, batch_size, device, lambda x: _pooled_features(model, x))
 
 
+def image_features_and_embeddings(
+    model: CoMTIP, patches: np.ndarray, image_size: int, *, batch_size: int = 256, device: str | torch.device = "cpu"
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`image_features` and :func:`image_embeddings` of the same patches from ONE pass of
+    the ViT over them (the embedding is the projection of the pooled features): half the encoder
+    cost of calling both."""
+    width = model.vision.proj.in_features
+
+    def both(images: torch.Tensor) -> torch.Tensor:
+        pooled = _pooled_features(model, images)
+        return torch.cat([pooled, F.normalize(model.vision.proj(pooled), dim=-1)], dim=1)
+
+    joined = _map_patches(model, patches, image_size, batch_size, device, both)
+    return joined[:, :width], joined[:, width:]
+
+
 def load_encoder(checkpoint: str | Path, encoder: str, seed: int) -> tuple[CoMTIP, dict]:
     """The pretrained model, or a seeded random initialisation of the same architecture (never
     from the config's ``pretrained_weights``: ``random`` means random)."""
@@ -117,7 +135,7 @@ def embed_sample(
     model, info = load_encoder(checkpoint, encoder, seed)
     image_size = int(info["model_config"]["image_size"])
     patches = np.load(patches_npy, mmap_mode="r")
-    sentences = np.load(sentences_npz)
+    sentences = open_npz(sentences_npz)  # memory-mapped: each batch reads its own rows only
     if list(sentences["vocabulary"]) != list(info["vocabulary"]):
         raise PipelineInputError(
             f"gene vocabulary differs from that of {Path(checkpoint).absolute()}; build the "
@@ -125,18 +143,19 @@ def embed_sample(
             sample=sample,
             path=sentences_npz,
         )
-    features = image_features(model, patches, image_size, batch_size=batch_size, device=device)
-    embeddings = image_embeddings(model, patches, image_size, batch_size=batch_size, device=device)
+    features, embeddings = image_features_and_embeddings(
+        model, patches, image_size, batch_size=batch_size, device=device
+    )
     text = []
-    with torch.no_grad():
+    with eval_mode(model):
         for start in range(0, len(patches), batch_size):
             part = slice(start, start + batch_size)
             text.append(
                 model.encode_sentences(
-                    torch.as_tensor(sentences["gene_ids"][part], dtype=torch.long, device=device),
-                    torch.as_tensor(sentences["values"][part], dtype=torch.float32, device=device),
-                    torch.as_tensor(sentences["bins"][part], dtype=torch.long, device=device),
-                    torch.as_tensor(sentences["pad"][part], dtype=torch.bool, device=device),
+                    torch.as_tensor(np.array(sentences["gene_ids"][part]), dtype=torch.long, device=device),
+                    torch.as_tensor(np.array(sentences["values"][part]), dtype=torch.float32, device=device),
+                    torch.as_tensor(np.array(sentences["bins"][part]), dtype=torch.long, device=device),
+                    torch.as_tensor(np.array(sentences["pad"][part]), dtype=torch.bool, device=device),
                 )
                 .cpu()
                 .numpy()

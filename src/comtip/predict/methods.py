@@ -41,8 +41,6 @@ from comtip.predict.baselines import (
 from comtip.predict.registry import method as registry_method
 from comtip.predict.ridge import load_ridge_probe
 from comtip.predict.writers import write_prediction_h5ad
-from comtip.predict.zeroshot import zero_shot, zero_shot_grid_and_prior
-from comtip.training.checkpoint import load_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +196,11 @@ def mclstexp(ctx: PredictionContext) -> np.ndarray:
 
 
 def zeroshot(ctx: PredictionContext) -> np.ndarray:
+    # torch is imported here, by the one method that runs a model: the others' jobs stay ~0.9 GB
+    # smaller without it (benchmarks/bench_cohort.py)
+    from comtip.predict.zeroshot import zero_shot, zero_shot_grid_and_prior
+    from comtip.training.checkpoint import load_pretrained
+
     model, info = load_pretrained(ctx.checkpoint)
     grid, prior = zero_shot_grid_and_prior(
         ctx.train_values,
