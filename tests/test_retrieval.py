@@ -33,3 +33,65 @@ def test_ranks_topk_and_median_by_hand(batch):
     assert list(table["k"]) == [1, 2]
     assert list(table["fold_over_chance"]) == pytest.approx([2.0, 1.5])
     assert list(table["median_rank"]) == [0.5, 0.5] and list(table["chance_median_rank"]) == [1.5, 1.5]
+
+
+def test_pooled_check_over_all_samples_is_capped_at_a_seeded_subset(tmp_path):
+    """``all`` scores every image against every sentence of the pool: at cohort scale it uses a
+    seeded subset of at most ``max_pool`` of the per-sample spots; per-sample rows keep theirs."""
+    import numpy as np
+
+    from _helpers.pretraining import N_GENES, TINY_MODEL, make_cohort
+    from comtip.model import CoMTIP, ModelConfig
+    from comtip.training.data import SpotData, sample_files
+    from comtip.training.retrieval import spot_retrieval
+
+    cohort = make_cohort(tmp_path)  # 2 samples x 39 spots with a sentence
+    data = SpotData(sample_files(cohort["samples"], cohort["patches"], cohort["indexes"], cohort["sentences"]))
+    torch.manual_seed(0)
+    model = CoMTIP(ModelConfig.from_dict(TINY_MODEL), [f"GENE{i}" for i in range(N_GENES)])
+
+    def table(max_pool):
+        out = spot_retrieval(model, data, seed=3, max_spots=30, image_size=16, max_pool=max_pool)
+        return out.groupby("spots")["n_spots"].first().to_dict(), out
+
+    sizes, _ = table(1000)
+    assert sizes == {"s0": 30, "s1": 30, "all": 60}
+    sizes, capped = table(25)
+    assert sizes == {"s0": 30, "s1": 30, "all": 25}
+    assert np.isclose(capped.loc[capped.spots == "all", "chance_median_rank"].iloc[0], 12.0)
+    again = table(25)[1]
+    assert capped.equals(again)  # seeded: the same subset every time
+
+
+@pytest.mark.parametrize("batch", [1, 7, 1024])
+def test_blocked_infonce_equals_the_dense_cross_entropies(batch):
+    from comtip.training.retrieval import blocked_infonce
+
+    gen = torch.Generator().manual_seed(0)
+    image = torch.nn.functional.normalize(torch.randn(50, 8, generator=gen), dim=1)
+    text = torch.nn.functional.normalize(image + 0.5 * torch.randn(50, 8, generator=gen), dim=1)
+    logits = 7.0 * image @ text.T
+    labels = torch.arange(50)
+    dense = 0.5 * (
+        torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels)
+    )
+    assert blocked_infonce(image, text, 7.0, batch=batch) == pytest.approx(float(dense), rel=1e-5)
+
+
+def test_heldout_monitor_pool_is_capped_and_fixed(tmp_path):
+    import numpy as np
+
+    from _helpers.pretraining import make_cohort
+    from comtip.training.data import SpotData, sample_files
+    from comtip.training.retrieval import HeldoutMonitor
+
+    cohort = make_cohort(tmp_path)
+    data = SpotData(sample_files(cohort["samples"], cohort["patches"], cohort["indexes"], cohort["sentences"]))
+
+    def monitor(max_pool):
+        return HeldoutMonitor(data, seed=1, max_spots=30, image_size=16, bf16=False, max_pool=max_pool).spots
+
+    assert len(monitor(1000)) == 60
+    capped = monitor(25)
+    assert len(capped) == 25 and len(set(capped)) == 25 and set(capped) <= set(monitor(1000))
+    np.testing.assert_array_equal(capped, monitor(25))

@@ -59,6 +59,7 @@ class TrainConfig:
     bf16: bool = True
     device: str = "auto"
     retrieval_spots: int = 1000
+    retrieval_pool_spots: int = 20000
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -80,6 +81,7 @@ class TrainConfig:
             "grad_accum": 1,
             "log_every": 1,
             "retrieval_spots": 1,
+            "retrieval_pool_spots": 1,
             "subsample_min_len": 1,
             "warmup_steps": 0,
             "block_size": 1,

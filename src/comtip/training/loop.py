@@ -105,6 +105,7 @@ class Trainer:
             max_spots=cfg.retrieval_spots,
             image_size=model_cfg.image_size,
             bf16=cfg.bf16,
+            max_pool=cfg.retrieval_pool_spots,
         )
         # the job's threads divided among its processes: what num_workers: auto hands out
         self.threads_per_process = max(1, torch.get_num_threads() // procs.world_size)
@@ -319,6 +320,7 @@ class Trainer:
             max_spots=self.cfg.retrieval_spots,
             image_size=self.model_cfg.image_size,
             bf16=self.cfg.bf16,
+            max_pool=self.cfg.retrieval_pool_spots,
         )
 
     def final_state(self) -> dict:

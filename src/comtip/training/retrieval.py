@@ -140,9 +140,13 @@ def spot_retrieval(
     image_size: int,
     bf16: bool = False,
     k: Sequence[int] = RETRIEVAL_K,
+    max_pool: int = 20000,
 ) -> pd.DataFrame:
     """Image -> sentence retrieval on up to ``max_spots`` seeded spots per sample of ``data``
-    (candidates: the spots of that sample) and on all of them together (embedded once)."""
+    (candidates: the spots of that sample) and on all of them together (``all``: embedded once;
+    a seeded subset of at most ``max_pool`` of them when there are more, since every image is
+    scored against every sentence of the pool — 200 slides × 1,000 spots would be 4·10¹⁰
+    scores)."""
     rng = np.random.default_rng(seed)
     results, image_embs, text_embs = {}, [], []
     for index, files in enumerate(data.samples):
@@ -157,7 +161,11 @@ def spot_retrieval(
         image_embs.append(image_emb)
         text_embs.append(text_emb)
     if len(data.samples) > 1:
-        results["all"] = accuracy_from_embeddings(torch.cat(image_embs), torch.cat(text_embs), k)
+        image_all, text_all = torch.cat(image_embs), torch.cat(text_embs)
+        if len(image_all) > max_pool:  # the pooled check is O(pool²): a seeded subset of the spots above
+            keep = torch.from_numpy(np.sort(rng.choice(len(image_all), max_pool, replace=False)))
+            image_all, text_all = image_all[keep], text_all[keep]
+        results["all"] = accuracy_from_embeddings(image_all, text_all, k)
     table = retrieval_table(results, k)
     for row in table.itertuples():
         log.info(
@@ -169,6 +177,21 @@ def spot_retrieval(
             row.chance,
         )
     return table
+
+
+def blocked_infonce(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: float, batch: int = 1024) -> float:
+    """Symmetric InfoNCE of paired rows at logit ``scale``, the mean of the image → text and text →
+    image cross-entropies, computed in blocks of ``batch`` rows (memory O(batch × N), never the
+    N × N logits)."""
+    true = scale * (image_emb * text_emb).sum(dim=1)
+
+    def mean_lse(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        parts = [
+            torch.logsumexp(scale * queries[lo : lo + batch] @ keys.T, dim=1) for lo in range(0, len(queries), batch)
+        ]
+        return (torch.cat(parts) - true).mean()
+
+    return float(0.5 * (mean_lse(image_emb, text_emb) + mean_lse(text_emb, image_emb)))
 
 
 def heldout_alignment(
@@ -186,15 +209,10 @@ def heldout_alignment(
     image_emb, text_emb = embed(
         model, data.images(spots), data.sentence_arrays(spots, SENTENCE_KEYS), image_size, bf16=bf16
     )
-    scale = float(model.scale().detach())
-    labels = torch.arange(len(spots))
-    logits = scale * image_emb @ text_emb.T
-    infonce = 0.5 * (
-        torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels)
-    )
+    infonce = blocked_infonce(image_emb, text_emb, float(model.scale().detach()))
     ranks = accuracy_from_embeddings(image_emb, text_emb, k=())
     return {
-        "val_infonce": float(infonce),
+        "val_infonce": infonce,
         "val_chance_infonce": float(np.log(len(spots))),
         "val_median_rank": ranks["median_rank"],
         "val_chance_median_rank": ranks["chance_median_rank"],
@@ -203,9 +221,13 @@ def heldout_alignment(
 
 class HeldoutMonitor:
     """:func:`heldout_alignment` on a fixed, seeded set of up to ``max_spots`` spots per
-    validation slide (the same spots every epoch, so the curve shows the model, not the draw)."""
+    validation slide (the same spots every epoch, so the curve shows the model, not the draw), at
+    most ``max_pool`` of them in all (a seeded subset: every image is scored against every
+    sentence)."""
 
-    def __init__(self, data: SpotData | None, *, seed: int, max_spots: int, image_size: int, bf16: bool):
+    def __init__(
+        self, data: SpotData | None, *, seed: int, max_spots: int, image_size: int, bf16: bool, max_pool: int = 20000
+    ):
         self.data, self.image_size, self.bf16 = data, image_size, bf16
         self.spots = np.zeros(0, np.int64)
         if data is not None:
@@ -215,6 +237,8 @@ class HeldoutMonitor:
                 spots = np.flatnonzero(data.sample_of == index)
                 picked.append(np.sort(rng.choice(spots, max_spots, replace=False)) if len(spots) > max_spots else spots)
             self.spots = np.concatenate(picked)
+            if len(self.spots) > max_pool:
+                self.spots = np.sort(rng.choice(self.spots, max_pool, replace=False))
 
     def __bool__(self) -> bool:
         return self.data is not None
