@@ -6,6 +6,7 @@ from __future__ import annotations
 import timm
 import torch
 
+from _helpers.pretraining import TINY_MODEL
 from comtip.finetune.head import ExpressionHead
 from comtip.finetune.train import _param_groups
 from comtip.model import CoMTIP, ModelConfig
@@ -14,16 +15,7 @@ from comtip.training.optimizer import build_optimizer, no_decay_names
 
 
 def test_comtip_decays_weight_matrices_only():
-    cfg = ModelConfig(
-        image_size=32,
-        vision_kwargs={"depth": 1, "patch_size": 8, "embed_dim": 32, "num_heads": 2},
-        embed_dim=16,
-        mfm_heads=2,
-        text_dim=16,
-        text_heads=2,
-        text_ff=32,
-        name_buckets=128,
-    )
+    cfg = ModelConfig.from_dict(TINY_MODEL)  # the tiny model the pretraining tests train
     model = CoMTIP(cfg, ["ERBB2", "GATA3", "KRT5"])
     skip = no_decay_names(model)
     names = dict(model.named_parameters())
