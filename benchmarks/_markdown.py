@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import subprocess
 from pathlib import Path
 
 
@@ -43,8 +42,13 @@ def write_section(path: Path, section: str, text: str, *, parent: str | None = N
     path.write_text(new.rstrip("\n") + "\n")
 
 
-def head_commit(repo: Path) -> str:
-    """The short hash of ``repo``'s HEAD, for the provenance line of a section."""
-    return subprocess.run(
-        ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+def head_commit(repo: Path, *, mark_dirty: bool = False) -> str:
+    """The short hash of ``repo``'s HEAD, for the provenance line of a section (from the run
+    record's :func:`comtip._core.provenance.git_state`); with ``mark_dirty``, "+dirty" appended
+    when tracked files have uncommitted changes."""
+    from comtip._core.provenance import git_state
+
+    state = git_state(repo)
+    if state["commit"] is None:
+        return f"unknown ({state['reason']})"
+    return state["commit"][:7] + ("+dirty" if mark_dirty and state["dirty"] else "")

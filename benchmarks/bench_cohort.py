@@ -3,14 +3,18 @@ cohorts of Visium-sized samples, each rule's peak RSS and wall time from Snakema
 benchmark files (``logs/benchmark/``).
 
 The samples are simulated with ``comtip-simulate`` (the demo simulator) at Visium size — a
-6.5 mm capture area (~2,900 spots under tissue of the 4,992), 18,000 genes, ~5,000 UMIs and
+6.5 mm capture area (~2,700 spots under tissue of the 4,992), 18,000 genes, ~5,000 UMIs and
 ~3,000 detected genes per spot — but with the slide at 2 µm/px, so that slides and patches are
-small on disk (the patch *count* and the counts, genes and sentences are full size; patch
-*pixels* are not: 56 µm patches of 28 px, resized to the model's input). To keep simulation
-affordable, ``--base`` distinct samples are simulated and every sample of the cohort is one of
-them under its own name (its own sheet row and its own results): per-sample rules do the full
-work for each, cohort-level rules see N samples' spots (the duplicated expression makes gene
-statistics no easier to compute).
+small on disk: the patch *count* and the counts, genes and sentences are full size, and each
+patch covers the production 112 µm, but at the slide's 2 µm/px (56 px, 9 KB; production's
+224 px at 0.5 µm/px are 147 KB, 16× more: 200 such slides would need ~80 GB of patches, more
+than this machine's disk). To keep simulation affordable, ``--base`` distinct samples are
+simulated and every sample of the cohort is one of them under its own name (its own sheet row
+and its own results): per-sample rules do the full work for each, cohort-level rules see N
+samples' spots (the duplicated expression makes gene statistics no easier to compute). The
+cohort grows by its training samples; the test and validation samples stay at ``--test`` and
+``--val`` (4 and 2), since a test slide's jobs cost what the training reference costs, not what
+the number of test slides does.
 
 Every stage that runs on CPU in production runs here with the shipped defaults, except the
 model: a tiny ViT and text encoder (as ``.test/config``) and 5 optimiser steps of pretraining,
@@ -91,9 +95,9 @@ def simulate(base: Path, n: int, args: argparse.Namespace) -> list[Path]:
     return folders
 
 
-def write_run(root: Path, n: int, bases: list[Path]) -> None:
-    """Sample sheet (10 % test, 5 % val, at least 2 and 1) and config of an N-sample cohort."""
-    n_test, n_val = max(2, n // 10), max(1, n // 20)
+def write_run(root: Path, n: int, bases: list[Path], n_test: int, n_val: int, mpp: float) -> None:
+    """Sample sheet (the first ``n_test`` samples test, the next ``n_val`` val, the rest train)
+    and config of an N-sample cohort."""
     rows = []
     for i in range(n):
         split = "test" if i < n_test else "val" if i < n_test + n_val else "train"
@@ -111,9 +115,29 @@ def write_run(root: Path, n: int, bases: list[Path]) -> None:
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     config["samples"] = "config/samples.tsv"
     config["model"] = {**config.get("model", {}), **MODEL}
+    # the production 112 µm context at the simulated slide's own resolution (see the docstring)
+    config["patches"] = {**config["patches"], "mpp": mpp, "size_px": round(112 / mpp)}
     config["pretrain"] = {**config["pretrain"], "max_steps": 5, "batch_size": 64, "warmup_steps": 1, "log_every": 1}
     config["evaluate"] = {**config["evaluate"], "methods": METHODS}
     (root / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def check_disk(root: Path, n: int, seen: set[int], args: argparse.Namespace) -> None:
+    """Stop before a size whose new samples would not fit on the disk (from the footprint per
+    sample of the size before; 1 GB per sample before any has run)."""
+    done = max(seen, default=0)
+    per_sample = folder_bytes(root / "results") / done if done else 2**30
+    need = per_sample * (n - done) * 1.2
+    free = shutil.disk_usage(root.parent if not root.exists() else root).free
+    if need > free:
+        raise SystemExit(
+            f"{n} samples need ~{need / 2**30:.0f} GB more under {root} and {free / 2**30:.0f} GB are free: "
+            "free space or pass --dir on a larger disk"
+        )
 
 
 def benchmark_table(root: Path) -> pd.DataFrame:
@@ -154,13 +178,15 @@ def plot(results: pd.DataFrame, out_png: Path) -> None:
     plt.close(fig)
 
 
-def markdown(results: pd.DataFrame, args: argparse.Namespace, walls: dict[int, float]) -> str:
+def markdown(results: pd.DataFrame, args: argparse.Namespace, walls: dict[int, float], disk: dict[int, int]) -> str:
     commit = head_commit(REPO)
     lines = [
         SECTION,
         "",
         f"Simulated Visium-sized samples ({args.tissue_mm} mm capture area, {args.genes:,} genes, "
-        f"~{args.mean_counts:,} UMIs per spot; slides at {args.mpp} µm/px, so patches are small on disk; "
+        f"~{args.mean_counts:,} UMIs per spot; slides at {args.mpp} µm/px, so patches are small on disk "
+        f"(112 µm at {args.mpp} µm/px: {round(112 / args.mpp)} px, 1/16 of production's 224 px); {args.test} test and "
+        f"{args.val} validation samples, the rest training; "
         f"{args.base} distinct simulated samples, each cohort sample one of them under its own name), "
         "the shipped config except a tiny model and 5 pretraining steps, through Snakemake to "
         f"`evaluation/metrics.tsv` with `--cores 2`. Per rule: its jobs, the largest peak RSS and the slowest "
@@ -168,7 +194,8 @@ def markdown(results: pd.DataFrame, args: argparse.Namespace, walls: dict[int, f
         f"{commit}, {platform.node()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}. Command:",
         "",
         "    .venv/bin/python benchmarks/bench_cohort.py --samples "
-        f"{' '.join(map(str, args.samples))} --base {args.base} --markdown BENCHMARKS.md",
+        f"{' '.join(map(str, args.samples))} --base {args.base} --test {args.test} --val {args.val} "
+        "--markdown BENCHMARKS.md",
         "",
         f"![peak RSS and time per rule against cohort size]({PLOT})",
         "",
@@ -184,7 +211,8 @@ def markdown(results: pd.DataFrame, args: argparse.Namespace, walls: dict[int, f
     for n, wall in walls.items():
         over = results[(results["samples"] == n) & (results["peak_rss_mb"] > 4096)]["rule"].tolist()
         lines.append(
-            f"- {n} samples: whole run {wall / 60:.1f} min; rules above 4 GB: {', '.join(over) if over else 'none'}."
+            f"- {n} samples: whole run {wall / 60:.1f} min; results/ {disk[n] / 2**30:.1f} GB on disk; "
+            f"rules above 4 GB: {', '.join(over) if over else 'none'}."
         )
     return "\n".join(lines) + "\n"
 
@@ -198,15 +226,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--genes", type=int, default=18000)
     parser.add_argument("--mean-counts", type=int, default=5000)
     parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--test", type=int, default=4, help="test samples (fixed as the cohort grows)")
+    parser.add_argument("--val", type=int, default=2, help="validation samples (fixed as the cohort grows)")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/comtip-bench-cohort"))
     parser.add_argument("--markdown", type=Path, help="write the table as a section of this file")
     args = parser.parse_args(argv)
 
     bases = simulate(args.dir / "base", args.base, args)
     root = args.dir / "run"
-    results, walls, seen = [], {}, set()
+    results, walls, seen, disk = [], {}, set(), {}
     for n in sorted(args.samples):
-        write_run(root, n, bases)
+        check_disk(root, n, seen, args)
+        write_run(root, n, bases, args.test, args.val, args.mpp)
         started = time.time()
         cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(root)]
         cmd += [
@@ -229,24 +260,26 @@ def main(argv: list[str] | None = None) -> int:
         fresh = jobs["mtime"] >= started
         for rule, table in jobs.groupby("rule"):
             ran = table[fresh.loc[table.index]]
+            measured = ran if len(ran) else table  # a rule none of whose jobs ran: its earlier figures
             results.append(
                 {
                     "samples": n,
                     "rule": rule,
                     "jobs": len(ran),
                     "reused": len(table) - len(ran),
-                    "peak_rss_mb": table["max_rss_mb"].max(),
-                    "max_seconds": table["seconds"].max(),
+                    "peak_rss_mb": measured["max_rss_mb"].max(),
+                    "max_seconds": measured["seconds"].max(),
                     "total_seconds": ran["seconds"].sum(),
                 }
             )
+        disk[n] = folder_bytes(root / "results")
         shutil.copytree(root / "logs" / "benchmark", args.dir / f"benchmark_{n}", dirs_exist_ok=True)
         seen.add(n)
         table = pd.DataFrame(results)
         print(table[table["samples"] == n].to_string(index=False), f"\nwall {walls[n] / 60:.1f} min", flush=True)
         if args.markdown:
             plot(table, REPO / PLOT)
-            write_section(args.markdown, SECTION, markdown(table, args, walls))
+            write_section(args.markdown, SECTION, markdown(table, args, walls, disk))
     return 0
 
 

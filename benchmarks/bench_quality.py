@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from _markdown import write_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _markdown import head_commit, write_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 REPO = Path(__file__).resolve().parents[1]
 HER2ST = REPO.parent / "shared" / "data" / "her2st"
@@ -134,17 +134,6 @@ def n_spots(run_dir: Path, samples: list[str]) -> int:
     return sum(len(np.load(run_dir / "results" / s / "gene_sentences.npz")["barcodes"]) for s in samples)
 
 
-def git_state() -> str:
-    """HEAD's short hash, with "+dirty" when the checkout has uncommitted changes to tracked files."""
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
-
-    return git("rev-parse", "--short", "HEAD") + (
-        "+dirty" if git("status", "--porcelain", "--untracked-files=no") else ""
-    )
-
-
 def run_fold(out: Path, test: str, config: dict, cores: int, reuse: bool, command: str) -> dict:
     """Run (or, with ``reuse``, take) one fold; its summary, the smoothed-query row and its record."""
     split = loso_split(test)
@@ -158,7 +147,7 @@ def run_fold(out: Path, test: str, config: dict, cores: int, reuse: bool, comman
             "split": split,
             "cores": cores,
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
-            "git_at_start": git_state(),
+            "git_at_start": head_commit(REPO, mark_dirty=True),
             "command": command,
         }
         info["minutes"] = run_workflow(run_dir, her2st_rows(split), config, cores)
