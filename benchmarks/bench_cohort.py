@@ -126,13 +126,13 @@ def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
-def check_disk(root: Path, n: int, seen: set[int], args: argparse.Namespace) -> None:
+def check_disk(root: Path, n: int) -> None:
     """Stop before a size whose new samples would not fit on the disk (from the footprint per
-    sample of the size before; 1 GB per sample before any has run)."""
-    done = max(seen, default=0)
+    sample of the samples already in the run folder; 1 GB per sample before any has run)."""
+    done = len(list((root / "results").glob("S[0-9][0-9][0-9]/spots.h5ad"))) if root.exists() else 0
     per_sample = folder_bytes(root / "results") / done if done else 2**30
-    need = per_sample * (n - done) * 1.2
-    free = shutil.disk_usage(root.parent if not root.exists() else root).free
+    need = per_sample * max(0, n - done) * 1.2
+    free = shutil.disk_usage(root if root.exists() else root.parent).free
     if need > free:
         raise SystemExit(
             f"{n} samples need ~{need / 2**30:.0f} GB more under {root} and {free / 2**30:.0f} GB are free: "
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     root = args.dir / "run"
     results, walls, seen, disk = [], {}, set(), {}
     for n in sorted(args.samples):
-        check_disk(root, n, seen, args)
+        check_disk(root, n)
         write_run(root, n, bases, args.test, args.val, args.mpp)
         started = time.time()
         cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(root)]
