@@ -32,7 +32,7 @@ from _markdown import head_commit, write_section  # noqa: E402  (benchmarks/ is 
 from _peer import MEASURE, checkouts  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-HEADER = "sample\tspaceranger_dir\tslide\tsplit\tmpp\tspot_diameter_um\tbatch\tpatient\n"
+HEADER = "sample\tspaceranger_dir\tslide\tsplit\tmpp\tspot_diameter_um\tbatch\tpatient\tspot_pitch_um\n"
 
 
 def write_cohort(root: Path, n: int) -> Path:

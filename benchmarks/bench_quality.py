@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 HER2ST = REPO.parent / "shared" / "data" / "her2st"
 HER2ST_SECTIONS = ("C2", "C3", "C4", "C5")
 FIXED_SPLIT = {"C2": "train", "C3": "train", "C4": "val", "C5": "test"}
-HEADER = "sample\tspaceranger_dir\tslide\tsplit\tmpp\tspot_diameter_um\tbatch\tpatient\n"
+HEADER = "sample\tspaceranger_dir\tslide\tsplit\tmpp\tspot_diameter_um\tbatch\tpatient\tspot_pitch_um\n"
 PARENT = "## Prediction quality"
 SECTION = "### her2st (real data), leave-one-section-out"
 GENE_SETS = ("all", "heldout", "top50_heg", "top50_hvg")
@@ -62,7 +62,7 @@ def her2st_rows(split: dict[str, str]) -> list[str]:
     for section, role in split.items():
         outs = HER2ST / section / "outs"
         slide = next((outs / "image").glob("*.jpg"))
-        rows.append(f"{section}\t{outs}\t{slide}\t{role}\t\t100\t\tC")
+        rows.append(f"{section}\t{outs}\t{slide}\t{role}\t\t100\t\tC\t200")
     return rows
 
 

@@ -13,7 +13,7 @@ from comtip._core.errors import ConfigError
 from comtip.config import load_sample_sheet, validate_config
 from conftest import CONFIG_SCHEMA, REPO, SAMPLES_SCHEMA
 
-HEADER = "sample\tspaceranger_dir\tslide\tsplit\tmpp\tspot_diameter_um\tbatch\tpatient\n"
+HEADER = "sample\tspaceranger_dir\tslide\tsplit\tmpp\tspot_diameter_um\tbatch\tpatient\tspot_pitch_um\n"
 
 
 def test_shipped_config_is_valid_and_gets_defaults():

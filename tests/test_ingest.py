@@ -187,3 +187,32 @@ def test_invalid_spot_diameter_is_refused(tmp_path, outs, slide):
     _expect_error(
         "spot_diameter_fullres", "scalefactors_json.json", ingest_sample, outs, slide, tmp_path / "x.h5ad", sample="s1"
     )
+
+
+def test_slide_metadata_that_disagrees_with_the_spot_geometry_stops_ingest(tmp_path, outs):
+    """A slide whose µm/px metadata (3.5) is 40 % off the spots' geometry (2.5: 100 µm pitch over
+    40 px) is not the image the spots were registered to: one error naming both, no output;
+    the sheet's mpp_source accepts either."""
+    import tifffile
+
+    image = np.full((200, 200, 3), 240, np.uint8)
+    image[20:150, 20:150] = (200, 90, 160)
+    slide = tmp_path / "slide.tif"
+    tifffile.imwrite(slide, image, resolution=(1e4 / 3.5, 1e4 / 3.5), resolutionunit="CENTIMETER")
+    out = tmp_path / "s.h5ad"
+    _expect_error(
+        r"3\.5 µm/px.*2\.5 µm/px.*spot pitch 40\.0 px = 100 µm",
+        "slide.tif",
+        ingest_sample,
+        outs,
+        slide,
+        out,
+        sample="s1",
+    )
+    assert not out.exists()
+    adata = ingest_sample(outs, slide, out, sample="s1", mpp_source="slide_metadata")
+    assert (adata.uns["comtip"]["mpp"], adata.uns["comtip"]["mpp_source"]) == (pytest.approx(3.5), "slide_metadata")
+    adata = ingest_sample(outs, slide, out, sample="s1", mpp_source="spot_geometry")
+    assert (adata.uns["comtip"]["mpp"], adata.uns["comtip"]["mpp_source"]) == (pytest.approx(2.5), "spot_geometry")
+    assert adata.uns["comtip"]["slide_metadata_mpp"] == pytest.approx(3.5)
+    assert adata.uns["comtip"]["spot_pitch_px"] == pytest.approx(40.0)

@@ -23,7 +23,7 @@ def her2st_run(tmp_path_factory):
     for section in SECTIONS:
         outs = shared_data("her2st", section, "outs")
         slide = next((outs / "image").glob("*.jpg"))
-        rows.append(f"{section}\t{outs}\t{slide}\ttrain\t\t100\t\tC")
+        rows.append(f"{section}\t{outs}\t{slide}\ttrain\t\t100\t\tC\t200")
     root = write_run_folder(tmp_path_factory.mktemp("her2st"), rows)
     targets = [
         f"results/{s}/{f}"

@@ -211,9 +211,57 @@ def test_pillow_limit_is_restored(slides):
 
 def test_resolve_mpp_order_and_sources():
     args = {"spot_diameter_px": 110.0, "spot_diameter_um": 55.0}
-    assert resolve_mpp(sheet_mpp=0.3, slide_mpp=0.25, **args) == (0.3, "sample_sheet")
-    assert resolve_mpp(sheet_mpp=None, slide_mpp=0.25, **args) == (0.25, "slide_metadata")
+    assert resolve_mpp(sheet_mpp=0.3, slide_mpp=0.25, **args) == (0.3, "sample_sheet")  # unchecked
+    assert resolve_mpp(sheet_mpp=None, slide_mpp=0.52, **args) == (0.52, "slide_metadata")  # 4 % apart
     assert resolve_mpp(sheet_mpp=None, slide_mpp=None, **args) == (0.5, "spot_geometry")
+
+
+def test_resolve_mpp_geometry_is_the_pitch_when_known():
+    # diameter says 0.5 µm/px, the pitch 0.55: the pitch wins (Space Ranger's diameter convention varies)
+    args = {"spot_diameter_px": 110.0, "spot_diameter_um": 55.0, "spot_pitch_px": 100 / 0.55, "spot_pitch_um": 100.0}
+    assert resolve_mpp(sheet_mpp=None, slide_mpp=None, **args) == (pytest.approx(0.55), "spot_geometry")
+    # a legacy ST sheet left at Visium's pitch: the diameter is 0.5 of the pitch, the sheet says 1.0
+    st = {"spot_diameter_px": 145.0, "spot_diameter_um": 100.0, "spot_pitch_px": 290.0, "spot_pitch_um": 100.0}
+    with pytest.raises(PipelineInputError, match=r"\[sample S1\].*0\.50 of their pitch.*set spot_pitch_um right"):
+        resolve_mpp(sheet_mpp=None, slide_mpp=None, sample="S1", **st)
+    assert resolve_mpp(sheet_mpp=None, slide_mpp=None, **{**st, "spot_pitch_um": 200.0})[0] == pytest.approx(200 / 290)
+    assert resolve_mpp(sheet_mpp=None, slide_mpp=0.7, prefer="slide_metadata", **st) == (0.7, "slide_metadata")
+
+
+def test_resolve_mpp_refuses_metadata_and_geometry_that_disagree():
+    """The CytAssist case: the slide's µm/px is not that of the image whose pixels the spots are in."""
+    args = {"spot_diameter_px": 110.0, "spot_diameter_um": 55.0, "sample": "S1", "path": "slide.tif"}
+    with pytest.raises(
+        PipelineInputError, match=r"\[sample S1\].*0\.65 µm/px.*0\.5 µm/px.*30% apart.*CytAssist"
+    ) as err:
+        resolve_mpp(sheet_mpp=None, slide_mpp=0.65, **args)
+    assert "mpp_source" in str(err.value) and "slide.tif" in str(err.value)
+    assert resolve_mpp(sheet_mpp=None, slide_mpp=0.65, tolerance=0.35, **args) == (0.65, "slide_metadata")
+    assert resolve_mpp(sheet_mpp=None, slide_mpp=0.65, prefer="slide_metadata", **args) == (0.65, "slide_metadata")
+    assert resolve_mpp(sheet_mpp=None, slide_mpp=0.65, prefer="spot_geometry", **args) == (0.5, "spot_geometry")
+    with pytest.raises(PipelineInputError, match="mpp_source is slide_metadata but the slide has no"):
+        resolve_mpp(sheet_mpp=None, slide_mpp=None, prefer="slide_metadata", **args)
+    with pytest.raises(PipelineInputError, match="mpp_source must be one of"):
+        resolve_mpp(sheet_mpp=None, slide_mpp=0.5, prefer="metadata", **args)
+
+
+def test_spot_pitch_from_the_grid_fit_and_from_nearest_neighbours():
+    from comtip.data.ingest import spot_pitch_px
+
+    rng = np.random.default_rng(0)
+    # Visium: hexagonal, array_col even/odd with the row; 100 µm pitch at 0.5 µm/px = 200 px
+    rows, cols = np.meshgrid(np.arange(20), np.arange(0, 40), indexing="ij")
+    keep = (rows + cols) % 2 == 0
+    row, col = rows[keep], cols[keep]
+    xy = np.stack([col * 100.0, row * 200.0 * np.sqrt(3) / 2], axis=1)
+    assert spot_pitch_px(xy, col, row) == pytest.approx(200.0)
+    assert spot_pitch_px(xy) == pytest.approx(200.0)
+    # legacy ST: square grid, spot centres detected one by one (jitter biases nearest neighbours low)
+    row, col = (g.ravel() for g in np.meshgrid(np.arange(15), np.arange(15), indexing="ij"))
+    xy = np.stack([col * 290.0, row * 290.0], axis=1) + rng.normal(0, 15, (len(row), 2))
+    assert spot_pitch_px(xy, col, row) == pytest.approx(290.0, rel=0.01)
+    assert spot_pitch_px(xy) < 280.0
+    assert spot_pitch_px(xy[:2], col[:2], row[:2]) is None
 
 
 @pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), "0.5", True])

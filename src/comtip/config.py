@@ -72,7 +72,7 @@ def _row_to_record(row: pd.Series) -> dict:
         elif value is None or (isinstance(value, float) and math.isnan(value)):
             continue
         record[key] = value
-    for key in ("mpp", "spot_diameter_um"):
+    for key in ("mpp", "spot_diameter_um", "spot_pitch_um"):
         if key in record:
             try:
                 record[key] = float(record[key])

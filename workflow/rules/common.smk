@@ -94,6 +94,16 @@ def sample_spot_diameter_um(wildcards):
     return config["ingest"]["spot_diameter_um"] if value is None else float(value)
 
 
+def sample_spot_pitch_um(wildcards):
+    value = _sheet_value(wildcards.sample, "spot_pitch_um")
+    return config["ingest"]["spot_pitch_um"] if value is None else float(value)
+
+
+def sample_mpp_source(wildcards):
+    value = _sheet_value(wildcards.sample, "mpp_source")
+    return "auto" if value is None else str(value)
+
+
 def demo_seed(wildcards):
     """A seed per demo sample, derived from the config seed and the sample's name."""
     return zlib.crc32(f"{config['seed']}:{wildcards.demo}".encode())

@@ -19,6 +19,9 @@ rule ingest:
         outs=spaceranger_dir,
         mpp=sample_mpp,
         spot_diameter_um=sample_spot_diameter_um,
+        spot_pitch_um=sample_spot_pitch_um,
+        mpp_source=sample_mpp_source,
+        mpp_tolerance=config["ingest"]["mpp_tolerance"],
         min_counts=config["ingest"]["min_counts"],
     script:
         "../scripts/ingest.py"

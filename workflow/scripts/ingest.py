@@ -11,5 +11,8 @@ with rule_logging(snakemake.log[0]):
         sample=snakemake.wildcards.sample,
         mpp=snakemake.params.mpp,
         spot_diameter_um=snakemake.params.spot_diameter_um,
+        spot_pitch_um=snakemake.params.spot_pitch_um,
+        mpp_source=snakemake.params.mpp_source,
+        mpp_tolerance=snakemake.params.mpp_tolerance,
         min_counts=snakemake.params.min_counts,
     )

@@ -6,6 +6,8 @@ import logging
 from pathlib import Path
 
 import anndata as ad
+import numpy as np
+from scipy.spatial import cKDTree
 
 from comtip._core.atomic import atomic_path
 from comtip._core.errors import PipelineInputError
@@ -24,22 +26,32 @@ def ingest_sample(
     sample: str,
     mpp: float | None = None,
     spot_diameter_um: float = 55.0,
+    spot_pitch_um: float = 100.0,
+    mpp_source: str = "auto",
+    mpp_tolerance: float = 0.1,
     min_counts: int = 1,
 ) -> ad.AnnData:
     """Read one sample, attach slide geometry (µm/px, size), check spots lie on the slide, write h5ad.
 
-    µm/px comes from, in order: the sample sheet (``mpp``), the slide's metadata, the spot
-    geometry (``spot_diameter_fullres`` px ↔ ``spot_diameter_um``).
+    µm/px comes from the sample sheet (``mpp``), else the slide's metadata and the spot geometry
+    (the pitch between neighbouring spots ↔ ``spot_pitch_um``), which must agree within
+    ``mpp_tolerance`` unless ``mpp_source`` picks one (:func:`comtip.io.slide.resolve_mpp`).
     """
     adata = read_spaceranger(outs_dir, sample=sample, min_counts=min_counts)
     factors = adata.uns["spatial"][sample]["scalefactors"]
+    pitch_px = spot_pitch_px(adata.obsm["spatial"], adata.obs.get("array_col"), adata.obs.get("array_row"))
     with open_slide(slide_path, sample=sample) as slide:
         width, height = slide.dimensions
+        slide_mpp = slide.metadata_mpp
         value, source = resolve_mpp(
             sheet_mpp=mpp,
-            slide_mpp=slide.metadata_mpp,
+            slide_mpp=slide_mpp,
             spot_diameter_px=factors["spot_diameter_fullres"],
             spot_diameter_um=spot_diameter_um,
+            spot_pitch_px=pitch_px,
+            spot_pitch_um=spot_pitch_um,
+            prefer=mpp_source,
+            tolerance=mpp_tolerance,
             sample=sample,
             path=slide_path,
         )
@@ -61,9 +73,43 @@ def ingest_sample(
         "mpp_source": source,
         "spot_diameter_px": float(factors["spot_diameter_fullres"]),
         "spot_diameter_um": float(spot_diameter_um),
+        "spot_pitch_px": float("nan") if pitch_px is None else float(pitch_px),
+        "spot_pitch_um": float(spot_pitch_um),
+        "slide_metadata_mpp": float("nan") if slide_mpp is None else float(slide_mpp),
         "slide_path": str(Path(slide_path).absolute()),
         "slide_dimensions": [int(width), int(height)],
     }
     with atomic_path(out_h5ad) as tmp:
         adata.write_h5ad(tmp)
     return adata
+
+
+def spot_pitch_px(
+    xy: np.ndarray, array_col: np.ndarray | None = None, array_row: np.ndarray | None = None
+) -> float | None:
+    """The centre-to-centre distance of neighbouring spots in full-resolution px, or None for
+    fewer than three spots.
+
+    With the spots' array coordinates, an affine fit of the positions on (col, row) gives the
+    grid's step vectors (averaging out the jitter of spot centres detected one by one, as in
+    legacy ST), and the pitch is the shortest step between grid neighbours that occur in the
+    data: (2, 0) and (1, 1) on Visium's hexagonal grid, (1, 0) and (0, 1) on ST's square one.
+    Without them, the median distance of each spot to its nearest other spot."""
+    xy = np.asarray(xy, np.float64)
+    if len(np.unique(xy, axis=0)) < 3:
+        return None
+    if array_col is None or array_row is None:
+        distances, _ = cKDTree(xy).query(xy, k=2)
+        return float(np.median(distances[:, 1]))
+    grid = np.stack([np.asarray(array_col, np.int64), np.asarray(array_row, np.int64)], axis=1)
+    design = np.column_stack([grid, np.ones(len(grid))])
+    steps = np.linalg.lstsq(design, xy, rcond=None)[0][:2]  # rows: px per col step, per row step
+    occupied = {tuple(g) for g in grid}
+    lengths = [
+        float(np.hypot(*(dc * steps[0] + dr * steps[1])))
+        for dc in range(-2, 3)
+        for dr in range(0, 3)
+        if (dc, dr) > (0, 0) or dr > 0
+        if any((c + dc, r + dr) in occupied for c, r in occupied)
+    ]
+    return min(lengths) if lengths else None

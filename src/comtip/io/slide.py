@@ -215,34 +215,115 @@ def _mpp_from_resolution(resolution: float, unit: str) -> float | None:
     return per_unit / resolution
 
 
+MPP_SOURCES = ("auto", "slide_metadata", "spot_geometry")
+# Space Ranger's spot_diameter_fullres is not the same share of the spot pitch in every version
+# (55 µm, "a theoretical 65 µm spot" in 1.3's docs, 0.70 of the pitch in a 3.0 CytAssist run):
+# the geometry takes µm/px from the pitch, and the diameter only has to agree within this factor
+# (a legacy ST sheet left at Visium's 100 µm pitch is off by 2).
+DIAMETER_PITCH_FACTOR = 1.4
+
+
 def resolve_mpp(
     *,
     sheet_mpp: float | None,
     slide_mpp: float | None,
     spot_diameter_px: float | None,
     spot_diameter_um: float | None,
+    spot_pitch_px: float | None = None,
+    spot_pitch_um: float | None = None,
+    prefer: str = "auto",
+    tolerance: float = 0.1,
     sample: str | None = None,
     path: str | Path | None = None,
 ) -> tuple[float, str]:
     """µm/px of level 0 and where it came from: sample sheet, slide metadata or spot geometry.
 
-    The first source given wins; a given value that is not a positive finite number is an error
-    (rather than silently trying the next source). Pass None for an absent value.
+    The sheet's value wins. The spot geometry is the pitch between neighbouring spots (px in the
+    positions ↔ ``spot_pitch_um``) when known, else the spot diameter (``spot_diameter_fullres``
+    px ↔ ``spot_diameter_um``). ``prefer`` (the sheet's ``mpp_source``) = ``auto``: when the
+    slide's metadata and the geometry are both known they must agree within ``tolerance``
+    (relative), else a PipelineInputError names both — the slide is then likely not the image
+    Space Ranger was given (e.g. the CytAssist camera image instead of the microscope H&E), or
+    its metadata is wrong; the metadata is used when they agree. ``slide_metadata`` or
+    ``spot_geometry`` takes that source without the check. A given value that is not a positive
+    finite number is an error (rather than silently trying the next source). Pass None for an
+    absent value.
     """
+    if prefer not in MPP_SOURCES:
+        raise PipelineInputError(f"mpp_source must be one of {', '.join(MPP_SOURCES)}, got {prefer!r}", sample=sample)
     if sheet_mpp is not None:
         return check_positive(sheet_mpp, "sample sheet mpp", sample, path), "sample_sheet"
-    if slide_mpp is not None:
-        return check_positive(slide_mpp, "slide metadata µm/px", sample, path), "slide_metadata"
-    if spot_diameter_px is not None and spot_diameter_um is not None:
-        um = check_positive(spot_diameter_um, "spot_diameter_um", sample, path)
-        px = check_positive(spot_diameter_px, "spot_diameter_px", sample, path)
-        return um / px, "spot_geometry"
+    slide = None if slide_mpp is None else check_positive(slide_mpp, "slide metadata µm/px", sample, path)
+    if prefer == "slide_metadata":
+        if slide is None:
+            raise PipelineInputError(
+                "mpp_source is slide_metadata but the slide has no µm/px", sample=sample, path=path
+            )
+        return slide, "slide_metadata"
+    geometry = _geometry_mpp(spot_diameter_px, spot_diameter_um, spot_pitch_px, spot_pitch_um, sample, path)
+    if prefer == "spot_geometry":
+        if geometry is None:
+            raise PipelineInputError(
+                "mpp_source is spot_geometry but the spot positions give no geometry", sample=sample, path=path
+            )
+        return geometry[0], "spot_geometry"
+    if slide is not None and geometry is not None and abs(slide / geometry[0] - 1) > tolerance:
+        raise PipelineInputError(
+            f"the slide's metadata says {slide:.4g} µm/px but the spots' geometry says {geometry[0]:.4g} "
+            f"µm/px ({geometry[1]}), {abs(slide / geometry[0] - 1):.0%} apart (ingest.mpp_tolerance "
+            f"{tolerance:.0%}): the slide is likely not the image Space Ranger was given (e.g. the "
+            "CytAssist camera image spatial/cytassist_image.tiff instead of the microscope H&E given "
+            "with --image), or its metadata is wrong; set the sheet's mpp_source to slide_metadata "
+            "or spot_geometry to accept one, or mpp to give the value",
+            sample=sample,
+            path=path,
+        )
+    if slide is not None:
+        return slide, "slide_metadata"
+    if geometry is not None:
+        return geometry[0], "spot_geometry"
     raise PipelineInputError(
         "no µm/px: set 'mpp' in the sample sheet, or provide a slide with µm/px metadata, "
-        "or both spot diameters (µm and full-res px)",
+        "or spot positions with their pitch or both spot diameters (µm and full-res px)",
         sample=sample,
         path=path,
     )
+
+
+def _geometry_mpp(
+    diameter_px: float | None,
+    diameter_um: float | None,
+    pitch_px: float | None,
+    pitch_um: float | None,
+    sample: str | None,
+    path: str | Path | None,
+) -> tuple[float, str] | None:
+    """(µm/px, how) from the spot pitch, else the spot diameter; None when neither is known."""
+    diameter = None
+    if diameter_px is not None and diameter_um is not None:
+        diameter = (
+            check_positive(diameter_um, "spot_diameter_um", sample, path),
+            check_positive(diameter_px, "spot_diameter_px", sample, path),
+        )
+    if pitch_px is not None and pitch_um is not None:
+        um = check_positive(pitch_um, "spot_pitch_um", sample, path)
+        px = check_positive(pitch_px, "spot pitch in px", sample, path)
+        if diameter is not None:
+            seen, assumed = diameter[1] / px, diameter[0] / um
+            if max(seen / assumed, assumed / seen) > DIAMETER_PITCH_FACTOR:
+                raise PipelineInputError(
+                    f"the spots' diameter is {seen:.2f} of their pitch in the positions "
+                    f"({diameter[1]:.1f} of {px:.1f} px), but spot_diameter_um / spot_pitch_um = "
+                    f"{diameter[0]:g} / {um:g} = {assumed:.2f}: set spot_pitch_um right in the sample "
+                    "sheet (Visium 100 µm; legacy ST 200 µm with spot_diameter_um 100), or give mpp "
+                    "(or mpp_source slide_metadata) when the spots are on another grid",
+                    sample=sample,
+                    path=path,
+                )
+        return um / px, f"spot pitch {px:.1f} px = {um:g} µm"
+    if diameter is not None:
+        return diameter[0] / diameter[1], f"spot diameter {diameter[1]:.1f} px = {diameter[0]:g} µm"
+    return None
 
 
 def check_positive(value: object, what: str, sample: str | None = None, path: str | Path | None = None) -> float:
