@@ -289,3 +289,45 @@ def test_her2st_jpeg_opens_with_pillow_without_mpp():
         assert 9000 < width < 9600 and 9600 < height < 10200
         region = slide.read_region(width // 2, height // 2, 64, 64)
         assert region.shape == (64, 64, 3) and region.std() > 0
+
+
+def _write_jpeg_ome_tiff(path: Path, levels: list[np.ndarray], mpp: float) -> Path:
+    """A JPEG-compressed pyramidal OME-TIFF, as QuPath and bfconvert write them (levels in SubIFDs)."""
+    with tifffile.TiffWriter(path, ome=True) as tw:
+        tw.write(
+            levels[0], subifds=len(levels) - 1, tile=(128, 128), compression="jpeg", photometric="rgb",
+            metadata={"axes": "YXS", "PhysicalSizeX": mpp, "PhysicalSizeY": mpp, "PhysicalSizeXUnit": "µm"},
+        )  # fmt: skip
+        for level in levels[1:]:
+            tw.write(level, subfiletype=1, tile=(128, 128), compression="jpeg", photometric="rgb")
+    return path
+
+
+def test_jpeg_ome_tiff_opens_with_its_pyramid_and_ome_mpp(tmp_path, source):
+    """With imagecodecs (a dependency), tifffile decodes the JPEG tiles: all levels and the OME
+    µm/px, not OpenSlide's level 0 without µm/px."""
+    path = _write_jpeg_ome_tiff(tmp_path / "jpeg.ome.tif", pyramid(source), mpp=0.25)
+    with open_slide(path) as slide:
+        assert slide.reader == "tifffile"
+        assert len(slide.level_dimensions) == 3 and slide.metadata_mpp == pytest.approx(0.25)
+        region = slide.read_region(0, 0, 64, 64)
+    assert np.abs(region.astype(int) - source[:64, :64]).mean() < 8  # JPEG is lossy, not wrong
+
+
+def test_a_reader_refusing_for_its_codec_is_a_warning_naming_the_fallback(tmp_path, source, monkeypatch, caplog):
+    """Without the codec the file falls back to OpenSlide (level 0, no µm/px): logged, not silent."""
+    import logging
+
+    import tifffile as tf
+
+    path = _write_jpeg_ome_tiff(tmp_path / "jpeg.ome.tif", pyramid(source), mpp=0.25)
+
+    def no_jpeg(*args, **kwargs):
+        raise tf.TiffFileError("imagecodecs not installed (simulated)")
+
+    monkeypatch.setattr(tf.TiffPage, "decode", property(lambda self: no_jpeg))
+    with caplog.at_level(logging.WARNING, logger="comtip.io.readers"), open_slide(path, sample="S9") as slide:
+        assert slide.reader == "openslide" and len(slide.level_dimensions) == 1
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "[sample S9]" in warning and "cannot decode tiles" in warning and "imagecodecs not installed" in warning
+    assert "opened with openslide instead (1 level(s), µm/px unknown)" in warning

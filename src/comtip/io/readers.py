@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
@@ -20,6 +21,8 @@ from PIL import Image
 
 from comtip._core.errors import PipelineInputError
 from comtip.io.slide import WHITE, Slide, _composite_on_white, _mpp_from_resolution, _paste_inside, _Refused
+
+log = logging.getLogger(__name__)
 
 # Decoded tiles kept by the tifffile reader (openslide has its own cache).
 TILE_CACHE_BYTES = 64 * 2**20
@@ -141,7 +144,7 @@ class TiffFileSlide(Slide):
             for tile in stored:
                 self._tile(level, tile)
         except Exception as err:  # any codec failure means this reader cannot serve the file
-            raise _Refused(f"cannot decode tiles of level {level}: {type(err).__name__}: {err}") from err
+            raise _Refused(f"cannot decode tiles of level {level}: {type(err).__name__}: {err}", codec=True) from err
 
     def _decode_tile(self, level: int, index: int) -> np.ndarray:
         """Tile ``index`` of ``level`` as read-only RGB (tile_h, tile_w, 3); a missing tile is white."""
@@ -335,14 +338,29 @@ def open_slide(path: str | Path, *, sample: str | None = None) -> Slide:
     path = Path(path)
     if not path.is_file():
         raise PipelineInputError("slide file not found", sample=sample, path=path)
-    reasons = []
+    reasons, codec_failures = [], []
     for name in _reader_order(path):
         try:
-            return _READERS[name](path)
+            slide = _READERS[name](path)
         except _Refused as err:
             reasons.append(f"{name}: {err}")
+            if err.codec:
+                codec_failures.append(f"{name}: {err}")
+            continue
         except PipelineInputError as err:  # bad metadata found by a reader: add the sample
             raise PipelineInputError(err.message, sample=sample, path=path) from err
+        for failure in codec_failures:  # a fallback that may see less of the file: never silent
+            log.warning(
+                "%s%s: %s; opened with %s instead (%d level(s), µm/px %s), which may not see the whole "
+                "pyramid or the resolution",
+                f"[sample {sample}] " if sample else "",
+                path,
+                failure,
+                name,
+                len(slide.level_dimensions),
+                "unknown" if slide.metadata_mpp is None else f"{slide.metadata_mpp:.4g}",
+            )
+        return slide
     raise PipelineInputError("no reader can open this slide (" + "; ".join(reasons) + ")", sample=sample, path=path)
 
 

@@ -39,7 +39,13 @@ _RESOLUTION_UNITS_UM = {"centimeter": 1e4, "inch": 25400.0}
 
 
 class _Refused(Exception):
-    """A reader declines a file; the message says why (collected into the final error)."""
+    """A reader declines a file; the message says why (collected into the final error).
+    ``codec``: it could parse the file but not decode its pixels (a missing or failing codec),
+    which open_slide logs as a warning when another reader then opens the file."""
+
+    def __init__(self, reason: str, *, codec: bool = False):
+        super().__init__(reason)
+        self.codec = codec
 
 
 @dataclass(frozen=True)
