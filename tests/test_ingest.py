@@ -216,3 +216,16 @@ def test_slide_metadata_that_disagrees_with_the_spot_geometry_stops_ingest(tmp_p
     assert (adata.uns["comtip"]["mpp"], adata.uns["comtip"]["mpp_source"]) == (pytest.approx(2.5), "spot_geometry")
     assert adata.uns["comtip"]["slide_metadata_mpp"] == pytest.approx(3.5)
     assert adata.uns["comtip"]["spot_pitch_px"] == pytest.approx(40.0)
+
+
+def test_the_cytassist_camera_image_as_the_slide_is_refused(tmp_path, outs):
+    slide = write_slide(tmp_path / "cytassist_image.tiff")
+    _expect_error(
+        "CytAssist's camera image.*--image",
+        "cytassist_image.tiff",
+        ingest_sample,
+        outs,
+        slide,
+        tmp_path / "s.h5ad",
+        sample="s1",
+    )

@@ -37,6 +37,14 @@ def ingest_sample(
     (the pitch between neighbouring spots ↔ ``spot_pitch_um``), which must agree within
     ``mpp_tolerance`` unless ``mpp_source`` picks one (:func:`comtip.io.slide.resolve_mpp`).
     """
+    if "cytassist_image" in Path(slide_path).name.lower():
+        raise PipelineInputError(
+            "this is the CytAssist's camera image (Space Ranger's spatial/cytassist_image.tiff: low "
+            "resolution, not the histology); the slide is the microscope H&E given to Space Ranger "
+            "with --image",
+            sample=sample,
+            path=slide_path,
+        )
     adata = read_spaceranger(outs_dir, sample=sample, min_counts=min_counts)
     factors = adata.uns["spatial"][sample]["scalefactors"]
     pitch_px = spot_pitch_px(adata.obsm["spatial"], adata.obs.get("array_col"), adata.obs.get("array_row"))
