@@ -148,7 +148,13 @@ def benchmark_table(root: Path) -> pd.DataFrame:
         table = pd.read_csv(path, sep="\t")
         rss = pd.to_numeric(table["max_rss"], errors="coerce").max()
         rows.append(
-            {"rule": rule, "seconds": float(table["s"].iloc[-1]), "max_rss_mb": rss, "mtime": path.stat().st_mtime}
+            {
+                "rule": rule,
+                "seconds": float(table["s"].iloc[-1]),
+                "cpu_seconds": float(pd.to_numeric(table["cpu_time"], errors="coerce").iloc[-1]),
+                "max_rss_mb": rss,
+                "mtime": path.stat().st_mtime,
+            }
         )
     return pd.DataFrame(rows)
 
@@ -190,7 +196,8 @@ def markdown(results: pd.DataFrame, args: argparse.Namespace, walls: dict[int, f
         f"{args.base} distinct simulated samples, each cohort sample one of them under its own name), "
         "the shipped config except a tiny model and 5 pretraining steps, through Snakemake to "
         f"`evaluation/metrics.tsv` with `--cores 2`. Per rule: its jobs, the largest peak RSS and the slowest "
-        "wall time of one job (Snakemake's `benchmark:` files). Commit "
+        "wall time of one job and the most CPU time of one job (Snakemake's `benchmark:` files; CPU time is the "
+        "steadier figure when other work shares the machine). Commit "
         f"{commit}, {platform.node()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}. Command:",
         "",
         "    .venv/bin/python benchmarks/bench_cohort.py --samples "
@@ -199,13 +206,13 @@ def markdown(results: pd.DataFrame, args: argparse.Namespace, walls: dict[int, f
         "",
         f"![peak RSS and time per rule against cohort size]({PLOT})",
         "",
-        "| samples | rule | jobs run | peak RSS (MB) | slowest job (s) | all its jobs (s) |",
-        "|---|---|---|---|---|---|",
+        "| samples | rule | jobs run | peak RSS (MB) | slowest job (s) | most CPU in one job (s) | all its jobs (s) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in results.sort_values(["samples", "rule"]).itertuples():
         lines.append(
             f"| {row.samples} | {row.rule} | {row.jobs}{' (+' + str(row.reused) + ' reused)' if row.reused else ''} | "
-            f"{row.peak_rss_mb:.0f} | {row.max_seconds:.1f} | {row.total_seconds:.0f} |"
+            f"{row.peak_rss_mb:.0f} | {row.max_seconds:.1f} | {row.max_cpu_seconds:.1f} | {row.total_seconds:.0f} |"
         )
     lines.append("")
     for n, wall in walls.items():
@@ -269,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                     "reused": len(table) - len(ran),
                     "peak_rss_mb": measured["max_rss_mb"].max(),
                     "max_seconds": measured["seconds"].max(),
+                    "max_cpu_seconds": measured["cpu_seconds"].max(),
                     "total_seconds": ran["seconds"].sum(),
                 }
             )

@@ -154,3 +154,41 @@ def test_loso_markdown_marks_a_dirty_checkout_only_when_a_fold_ran_on_one():
     assert "+dirty" not in clean and "**not run: C4, C5**" in clean
     dirty = loso_markdown([_fold("C2", "abc1234"), _fold("C3", "abc1234+dirty")], [], "cmd")
     assert "C3 abc1234+dirty (+dirty: the checkout had uncommitted changes to tracked files). Wall time" in dirty
+
+
+def test_cohort_benchmark_reads_snakemakes_benchmark_files_and_writes_its_table(tmp_path, monkeypatch):
+    """bench_cohort's table from Snakemake's benchmark files (a long run must not die at its end)."""
+    import argparse
+
+    from bench_cohort import benchmark_table, check_disk, markdown
+
+    header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+    for rule, name, s, rss, cpu in [("ingest", "S000", 4.0, 500.0, 3.0), ("ingest", "S001", 6.0, 520.0, 3.5),
+                                    ("select_genes", "select_genes", 80.0, 560.0, 40.0)]:  # fmt: skip
+        path = tmp_path / "logs" / "benchmark" / rule / f"{name}.tsv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(header + f"{s}\t0:00:0{int(s) % 10}\t{rss}\t1\t1\t1\t0\t0\t50\t{cpu}\n")
+    jobs = benchmark_table(tmp_path)
+    assert sorted(jobs["rule"]) == ["ingest", "ingest", "select_genes"]
+    assert jobs.loc[jobs["rule"] == "ingest", "cpu_seconds"].max() == 3.5
+    results = pd.DataFrame(
+        [{"samples": 25, "rule": r, "jobs": len(t), "reused": 0, "peak_rss_mb": t["max_rss_mb"].max(),
+          "max_seconds": t["seconds"].max(), "max_cpu_seconds": t["cpu_seconds"].max(),
+          "total_seconds": t["seconds"].sum()}
+         for r, t in jobs.groupby("rule")]
+    )  # fmt: skip
+    args = argparse.Namespace(
+        samples=[25], base=4, tissue_mm=6.5, genes=18000, mean_counts=5000, mpp=2.0, test=4, val=2
+    )
+    text = markdown(results, args, {25: 600.0}, {25: 3 * 2**30})
+    assert "| 25 | ingest | 2 | 520 | 6.0 | 3.5 | 10 |" in text
+    assert "results/ 3.0 GB on disk; rules above 4 GB: none" in text
+
+    import shutil as _shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(_shutil, "disk_usage", lambda path: usage(0, 0, 10 * 2**30))
+    check_disk(tmp_path / "run", 8)  # 8 samples x 1 GB (nothing run yet) x 1.2 fits in 10 GB
+    with pytest.raises(SystemExit, match="25 samples need ~30 GB more"):
+        check_disk(tmp_path / "run", 25)
