@@ -26,7 +26,7 @@ def test_shipped_config_is_valid_and_gets_defaults():
 def test_minimal_config_gets_every_default():
     config = validate_config({"samples": "s.tsv"}, CONFIG_SCHEMA)
     assert config["seed"] == 0
-    assert config["patches"] == {"size_px": 224, "mpp": 0.5, "chunk_size": 256}
+    assert config["patches"] == {"size_px": 224, "mpp": 0.5, "chunk_size": 256, "max_upsample": 4.0}
     assert config["demo"]["dir"] == "resources/demo"
 
 

@@ -185,3 +185,14 @@ def test_missing_spatial_is_an_error(tmp_path, slide_path):
 def test_missing_spots_file_is_an_error(tmp_path, slide_path):
     with pytest.raises(PipelineInputError, match="spots file not found"):
         run(tmp_path / "absent.h5ad", slide_path, tmp_path)
+
+
+def test_a_slide_far_coarser_than_the_patches_is_refused(spots, slide_path, tmp_path):
+    """SLIDE_MPP 0.5 with patches at 0.1 µm/px is a 5x upsampling: no histology, one clear error."""
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(PipelineInputError, match=r"\[sample S1\].*0\.5 µm/px.*0\.1 µm/px.*5\.0x upsampling.*CytAssist"):
+        run(spots, slide_path, out, mpp=0.1)
+    assert not list(out.iterdir())
+    patches, _ = run(spots, slide_path, out, mpp=0.1, max_upsample=6.0)  # the limit is a setting
+    assert len(patches) == len(BARCODES)

@@ -12,6 +12,7 @@ with rule_logging(snakemake.log[0]):
         size_px=snakemake.params.patch["size_px"],
         mpp=snakemake.params.patch["mpp"],
         chunk_size=snakemake.params.patch["chunk_size"],
+        max_upsample=snakemake.params.patch["max_upsample"],
         threads=snakemake.threads,
         sample=snakemake.wildcards.sample,
     )

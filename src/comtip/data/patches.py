@@ -127,6 +127,7 @@ def extract_patches(
     mpp: float = 0.5,
     threads: int = 2,
     chunk_size: int = 256,
+    max_upsample: float = 4.0,
     sample: str | None = None,
 ) -> pd.DataFrame:
     """Write one ``size_px`` RGB patch per spot (h5ad row order) and its index; return the index.
@@ -135,9 +136,19 @@ def extract_patches(
     (:data:`INDEX_COLUMNS`); ``x0..y1`` are the box's level-0 bounds (see
     :meth:`Slide.read_region_scaled` for the half-pixel alignment of unscaled boxes). Both files
     appear together or not at all. ``threads`` workers read and write patches, ``chunk_size``
-    spots at a time, so memory does not grow with N or slide size.
+    spots at a time, so memory does not grow with N or slide size. A slide coarser than
+    ``max_upsample`` × ``mpp`` is refused: its patches would be interpolation, not histology.
     """
     spots = read_spots(spots_h5ad, sample=sample)
+    if spots.mpp > mpp * max_upsample:
+        raise PipelineInputError(
+            f"the slide is at {spots.mpp:.3g} µm/px and patches are cut at {mpp:g} µm/px: a "
+            f"{spots.mpp / mpp:.1f}x upsampling (patches.max_upsample {max_upsample:g}) carries no "
+            "histology. Is the slide a low-resolution image (the CytAssist camera image, a hires/lowres "
+            "PNG) instead of the microscope H&E? Give the full-resolution slide, or set patches.mpp",
+            sample=sample,
+            path=slide_path,
+        )
     with open_slide(slide_path, sample=sample) as slide:
         _check_centers_inside(spots, slide, spots_h5ad, sample)
         index = patch_geometry(
