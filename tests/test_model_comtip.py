@@ -110,10 +110,10 @@ def test_set_vocabulary_embeds_unseen_genes():
     assert not torch.allclose(emb[0], emb[1])
 
 
-def _train_top1(batch: dict[str, torch.Tensor], steps: int) -> float:
+def _train_top1(batch: dict[str, torch.Tensor], steps: int, **cfg) -> float:
     """Adam steps on one batch, then image→sentence top-1 retrieval accuracy within the batch."""
     torch.manual_seed(0)
-    model = CoMTIP(_cfg(), GENES)
+    model = CoMTIP(_cfg(**cfg), GENES)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     for _ in range(steps):
         loss = model(batch)["loss"]
@@ -170,3 +170,25 @@ def test_value_contrast_uses_the_given_probes_and_scores_one_gene_prompts():
         ]
     )
     torch.testing.assert_close(out["loss_value"], value_contrast(img, txt, probe_values, model.scale()))
+
+
+def test_siglip_option_starts_at_hescapes_temperature_and_trains():
+    """``contrastive_loss: siglip``: scale from T = 0.1, bias -10, both learnt; PAAT's parts run
+    through the same loss; the tiny batch is learnt as with InfoNCE."""
+    torch.manual_seed(0)
+    model = CoMTIP(_cfg(contrastive_loss="siglip"), GENES)
+    assert model.scale().item() == pytest.approx(10.0) and model.logit_bias.item() == -10.0
+    out = model(_batch())
+    assert torch.isfinite(out["loss"]) and out["loss_paat"] > 0
+    out["loss"].backward()
+    assert model.logit_bias.grad is not None and model.logit_scale.grad is not None
+    assert CoMTIP(_cfg(), GENES).logit_bias is None  # InfoNCE has no bias parameter
+    top1 = _train_top1(_batch(), steps=100, contrastive_loss="siglip")
+    assert top1 >= 0.8, f"image→sentence top-1 {top1:.2f} with SigLIP (chance 1/16)"
+
+
+def test_siglip_config_is_checked():
+    with pytest.raises(ValueError, match="contrastive_loss"):
+        _cfg(contrastive_loss="clip")
+    with pytest.raises(ValueError, match="siglip_temperature_init"):
+        _cfg(contrastive_loss="siglip", siglip_temperature_init=0.001)

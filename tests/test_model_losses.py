@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from comtip.model.losses import gather_with_grad, info_nce, value_contrast
+from comtip.model.losses import gather_with_grad, info_nce, siglip, value_contrast
 
 IMG = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
 TXT = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
@@ -42,6 +42,25 @@ def test_info_nce_extra_negatives_only_on_image_to_text_and_masked():
     # without the mask both extra columns count
     i2t_all = (_ce([2.0, 1.2, 0.0, 2.0], 0) + _ce([0.0, 1.6, 2.0, 0.0], 1)) / 2
     assert info_nce(IMG, TXT, 2.0, extra).item() == pytest.approx((i2t_all + t2i) / 2, rel=1e-6)
+
+
+def _nls(z: float) -> float:
+    """-log σ(z), written out."""
+    return math.log(1.0 + math.exp(-z))
+
+
+def test_siglip_matches_hand_computation():
+    # s = 2, b = -1: logits 2·IMG·TXTᵀ - 1 = [[1, 0.2], [-1, 0.6]]; +1 on the diagonal, -1 off it
+    expected = (_nls(1.0) + _nls(-0.2) + _nls(1.0) + _nls(0.6)) / 2
+    assert siglip(IMG, TXT, 2.0, -1.0).item() == pytest.approx(expected, rel=1e-6)
+    # extra negatives (label -1) with the mask: extra logits 2·IMG·extraᵀ - 1 = [[-1, 1], [1, -1]]
+    extra, mask = torch.tensor([[0.0, 1.0], [1.0, 0.0]]), torch.tensor([True, False])
+    with_extra = expected + (_nls(1.0) + _nls(-1.0)) / 2  # only column 0 kept
+    assert siglip(IMG, TXT, 2.0, -1.0, extra, mask).item() == pytest.approx(with_extra, rel=1e-6)
+    # the bias is learnt: a gradient reaches it
+    bias = torch.tensor(-1.0, requires_grad=True)
+    siglip(IMG, TXT, torch.tensor(2.0), bias).backward()
+    assert bias.grad is not None and bias.grad.abs() > 0
 
 
 def test_value_contrast_matches_hand_computation():

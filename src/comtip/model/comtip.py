@@ -16,7 +16,7 @@ from torch import nn
 
 from comtip.model.config import ModelConfig
 from comtip.model.gene_text import GeneTextEncoder
-from comtip.model.losses import info_nce, value_contrast
+from comtip.model.losses import info_nce, siglip, value_contrast
 from comtip.model.paat import PairDiscriminator, adversarial_delta, shuffle_values
 from comtip.model.sentence_cuts import value_probes
 from comtip.model.vision import VisionEncoder
@@ -33,8 +33,11 @@ class CoMTIP(nn.Module):
         self.cfg = cfg
         self.vision = VisionEncoder(cfg)
         self.text = GeneTextEncoder(cfg, vocabulary)
-        # learnable log(1 / temperature), as CLIP
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature_init)))
+        # learnable log(1 / temperature), as CLIP; SigLIP adds a learnable bias
+        siglip = cfg.contrastive_loss == "siglip"
+        temperature = cfg.siglip_temperature_init if siglip else cfg.temperature_init
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
+        self.logit_bias = nn.Parameter(torch.tensor(float(cfg.siglip_bias_init))) if siglip else None
         self.discriminator = PairDiscriminator(cfg.text_dim) if cfg.paat and cfg.paat_discriminator else None
 
     @property
@@ -49,6 +52,23 @@ class CoMTIP(nn.Module):
         """exp(logit_scale) clamped to ``max_logit_scale`` (no gradient beyond it, as CLIP)."""
         return self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale)
 
+    def contrastive(
+        self,
+        img: torch.Tensor,
+        txt: torch.Tensor,
+        scale: torch.Tensor,
+        extra: torch.Tensor | None = None,
+        extra_mask: torch.Tensor | None = None,
+        *,
+        detach: bool = False,
+    ) -> torch.Tensor:
+        """``cfg.contrastive_loss`` of a batch: InfoNCE, or SigLIP with this model's bias
+        (detached with ``detach``, as PAAT's attack holds the model's parameters fixed)."""
+        if self.logit_bias is None:
+            return info_nce(img, txt, scale, extra, extra_mask)
+        bias = self.logit_bias.detach() if detach else self.logit_bias
+        return siglip(img, txt, scale, bias, extra, extra_mask)
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised float (B, 3, H, W) → (B, embed_dim) L2-normalised (full branch only)."""
         return self.vision.embed(images)
@@ -60,7 +80,8 @@ class CoMTIP(nn.Module):
         return self.text(gene_ids, values, bins, pad)
 
     def forward(self, batch: dict[str, torch.Tensor], *, paat: bool = True) -> dict[str, torch.Tensor]:
-        """Losses of one batch: ``loss`` (total), ``loss_infonce``, ``loss_mfm``, ``loss_paat``,
+        """Losses of one batch: ``loss`` (total), ``loss_infonce`` (the contrastive term: InfoNCE,
+        or SigLIP with ``contrastive_loss: siglip``), ``loss_mfm``, ``loss_paat``,
         ``loss_value`` (0-tensors for parts switched off) and ``logit_scale`` (the clamped scale,
         detached).
 
@@ -95,16 +116,17 @@ class CoMTIP(nn.Module):
                 extra, extra_mask = self.text.project(shuffled_rep), changed
             if self.discriminator is not None:
                 loss_paat = loss_paat + self.discriminator.loss(rep, shuffled_rep, changed)
-        loss_infonce = info_nce(img, txt, scale, extra, extra_mask)
+        loss_infonce = self.contrastive(img, txt, scale, extra, extra_mask)
         if use_paat and cfg.paat_adversarial:
             img_fixed, scale_fixed = img.detach(), scale.detach()
 
             def attacked_loss(perturbed: torch.Tensor) -> torch.Tensor:
-                return info_nce(img_fixed, self.text.project(self.text.encode_from_tokens(perturbed, pad)), scale_fixed)
+                adv = self.text.project(self.text.encode_from_tokens(perturbed, pad))
+                return self.contrastive(img_fixed, adv, scale_fixed, detach=True)
 
             delta = adversarial_delta(tokens, pad, attacked_loss, cfg.paat_epsilon, cfg.paat_steps)
             adv_txt = self.text.project(self.text.encode_from_tokens(tokens + delta, pad))
-            loss_paat = loss_paat + info_nce(img, adv_txt, scale)
+            loss_paat = loss_paat + self.contrastive(img, adv_txt, scale)
         if self.discriminator is not None and not use_paat:
             # still a function of the discriminator's parameters, so DDP sees them used
             loss_paat = loss_paat + sum(p.sum() for p in self.discriminator.parameters()) * 0.0

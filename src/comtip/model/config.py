@@ -14,6 +14,7 @@ from typing import Any
 
 NAME_ENCODERS = ("hash", "minilm")
 TEXT_POOLINGS = ("cls", "mean")
+CONTRASTIVE_LOSSES = ("infonce", "siglip")
 # How training sentences are cut (pretraining options; the cuts are model.sentence_cuts).
 LENGTH_DISTRIBUTIONS = ("uniform", "log_uniform")
 GENE_POOLS = ("expressed", "vocabulary")
@@ -70,6 +71,12 @@ class ModelConfig:
     lambda_paat: float = 0.5
     temperature_init: float = 0.07
     max_logit_scale: float = 100.0
+    # "infonce" (symmetric, CLIP) or "siglip" (sigmoid loss with a learnable bias; HESCAPE's
+    # alternative), which starts at siglip_temperature_init (HESCAPE: 0.1) and siglip_bias_init
+    # (SigLIP's -10, so that the many negative pairs start near σ = 0)
+    contrastive_loss: str = "infonce"
+    siglip_temperature_init: float = 0.1
+    siglip_bias_init: float = -10.0
 
     def __post_init__(self) -> None:
         self.name_ngrams = tuple(int(n) for n in self.name_ngrams)
@@ -114,6 +121,13 @@ class ModelConfig:
             ("lambda_paat", self.lambda_paat >= 0.0, "must be >= 0"),
             ("temperature_init", self.temperature_init > 0.0, "must be > 0"),
             ("max_logit_scale", self.max_logit_scale >= 1.0 / self.temperature_init, "must be >= 1 / temperature_init"),
+            ("contrastive_loss", self.contrastive_loss in CONTRASTIVE_LOSSES, f"must be one of {CONTRASTIVE_LOSSES}"),
+            ("siglip_temperature_init", self.siglip_temperature_init > 0.0, "must be > 0"),
+            (
+                "max_logit_scale",
+                self.contrastive_loss != "siglip" or self.max_logit_scale >= 1.0 / self.siglip_temperature_init,
+                "must be >= 1 / siglip_temperature_init",
+            ),
         ]
         for key, ok, why in checks:
             if not ok:

@@ -12,6 +12,15 @@ rows at offset ``r·B``, ``r`` = rank). With logit scale ``s`` (= 1 / temperatur
 mask ``m_k``; they enter only the image→text direction because they are not the caption of any
 image. The mean of ``L`` over the processes is exactly the loss of the whole global batch
 computed in one process, so a single process and ``W`` processes train the same objective.
+
+The sigmoid loss (SigLIP, Zhai et al. 2023; HESCAPE's alternative to InfoNCE) scores every
+pair on its own, with a learnable bias ``b``, label ``z = +1`` for a spot's own pair and ``-1``
+for every other (and for every kept extra negative)::
+
+    L = -(1/B) Σ_i [ Σ_j log σ(z_ij (s u_i·V_j + b)) + Σ_k m_k log σ(-(s u_i·N_k + b)) ]
+
+Each pair of the global batch is scored once, by the process that holds its image, so the mean
+over processes is again the whole batch's loss.
 """
 
 from __future__ import annotations
@@ -116,6 +125,36 @@ def info_nce(
         logits_i2t = torch.cat([logits_i2t, extra], dim=1)
     logits_t2i = logit_scale * txt @ all_img.T
     return 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
+
+
+@in_fp32
+def siglip(
+    img: torch.Tensor,
+    txt: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    logit_bias: torch.Tensor | float,
+    extra_txt_negatives: torch.Tensor | None = None,
+    extra_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sigmoid contrastive loss of paired, L2-normalised ``img`` (B, D) and ``txt`` (B, D): the
+    module docstring's formula, with the same extra negatives, mask and gathering as
+    :func:`info_nce`."""
+    if img.shape != txt.shape:
+        raise ValueError(f"img {tuple(img.shape)} and txt {tuple(txt.shape)} must have the same shape")
+    rows = img.shape[0]
+    logits = logit_scale * img @ gather_with_grad(txt).T + logit_bias
+    signs = -torch.ones_like(logits)
+    signs[torch.arange(rows, device=img.device), torch.arange(rows, device=img.device) + _rank() * rows] = 1.0
+    total = -F.logsigmoid(signs * logits).sum()
+    if extra_txt_negatives is not None:
+        extra = logit_scale * img @ gather_with_grad(extra_txt_negatives).T + logit_bias
+        terms = -F.logsigmoid(-extra)
+        if extra_mask is not None:
+            if extra_mask.shape != extra_txt_negatives.shape[:1]:
+                raise ValueError("extra_mask must have one entry per extra negative")
+            terms = terms * gather_with_grad(extra_mask.to(terms.dtype))[None, :]
+        total = total + terms.sum()
+    return total / rows
 
 
 @in_fp32
