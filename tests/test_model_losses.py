@@ -117,6 +117,10 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     loss = info_nce(mine[0], mine[1], 3.0, mine[2], mask[rows])
     loss.backward()
     torch.save({"loss": loss.detach(), "grads": [t.grad for t in mine]}, out / f"rank{rank}.pt")
+    mine = [t[rows].clone().requires_grad_(True) for t in (img, txt, extra)]
+    loss = siglip(mine[0], mine[1], 3.0, -2.0, mine[2], mask[rows])
+    loss.backward()
+    torch.save({"loss": loss.detach(), "grads": [t.grad for t in mine]}, out / f"siglip{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -136,6 +140,15 @@ def test_two_process_loss_equals_one_process_loss(tmp_path):
     assert ((ranks[0]["loss"] + ranks[1]["loss"]) / 2).item() == pytest.approx(full_loss.item(), rel=1e-5)
     # gradients cross processes (rank 0's images are negatives of rank 1's texts and vice versa):
     # each process gets d(sum of all processes' losses)/d(its rows) = W × the full-batch gradient
+    for which in range(3):
+        got = torch.cat([ranks[0]["grads"][which], ranks[1]["grads"][which]])
+        torch.testing.assert_close(got / 2, full[which].grad, rtol=1e-5, atol=1e-6)
+    # the same for the sigmoid loss
+    full = [t.clone().requires_grad_(True) for t in (img, txt, extra)]
+    full_loss = siglip(full[0], full[1], 3.0, -2.0, full[2], mask)
+    full_loss.backward()
+    ranks = [torch.load(tmp_path / f"siglip{r}.pt") for r in range(2)]
+    assert ((ranks[0]["loss"] + ranks[1]["loss"]) / 2).item() == pytest.approx(full_loss.item(), rel=1e-5)
     for which in range(3):
         got = torch.cat([ranks[0]["grads"][which], ranks[1]["grads"][which]])
         torch.testing.assert_close(got / 2, full[which].grad, rtol=1e-5, atol=1e-6)
