@@ -8,6 +8,7 @@ is restored afterwards.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +21,8 @@ from comtip._core.errors import PipelineInputError
 from comtip.model import CoMTIP, ModelConfig, preprocess_images
 from comtip.predict.registry import ENCODERS
 from comtip.training.checkpoint import load_pretrained
+
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -125,6 +128,7 @@ def embed_sample(
             sample=sample,
             path=sentences_npz,
         )
+    log.info("embedding %d spots with the %s encoder on %s", len(patches), encoder, device)
     features = image_features(model, patches, image_size, batch_size=batch_size, device=device)
     embeddings = image_embeddings(model, patches, image_size, batch_size=batch_size, device=device)
     text = []
