@@ -93,7 +93,7 @@ def _profile(p: dict) -> list[str]:
             "| syncs per step | where |",
             "|---|---|",
         ]
-        lines += [f"| {n:g} | `{site}` |" for site, n in syncs.items()]
+        lines += [f"| {n:g} | `{site.replace('|', '¦')}` |" for site, n in syncs.items()]  # no | in a cell
     ops = ", ".join(f"`{k}` {v:g}" for k, v in p.get("sync_ops_per_step", {}).items()) or "none"
     lines += ["", f"Synchronising operators per profiled step: {ops}.", ""]
     top = p.get("top_gpu") or p.get("top_cpu") or []
@@ -136,6 +136,27 @@ def _workflow(w: dict) -> list[str]:
         "Slowest rules (s, summed over jobs): " + ", ".join(f"{r} {s:.0f}" for r, s in slowest) + ".",
         "",
     ]
+
+
+def _limits(results: dict) -> list[str]:
+    """What bounds the throughput, read off the figures: data wait, then the GPU's busy share."""
+    parts = results.get("parts", {})
+    if results.get("environment", {}).get("device") != "cuda" or not all(
+        parts.get(n, {}).get("ok") for n in ("throughput", "profile")
+    ):
+        return []
+    rows, busy = parts["throughput"]["result"]["rows"], parts["profile"]["result"]["gpu_busy_fraction"]
+    wait = max(r["data_wait"] for r in rows)
+    if wait >= 0.10:
+        limit = f"the input pipeline: the step waits for data {100 * wait:.0f} % of the time"
+    elif busy is not None and busy < 0.8:
+        limit = (
+            f"the host: the GPU is busy {100 * busy:.0f} % of the profiled step, so it waits for the CPU "
+            "(kernel launches, the syncs listed above)"
+        )
+    else:
+        limit = f"the GPU's own work (busy {_num(busy and 100 * busy, '.0f')} % of the step): the top kernels above"
+    return ["### What limits it", "", f"Read off the figures above: {limit}.", ""]
 
 
 TITLES = {
@@ -183,4 +204,5 @@ def markdown(results: dict) -> str:
             lines += render(*((part["result"], env) if name == "throughput" else (part["result"],)))
         except Exception as err:  # the JSON holds the figures; the text must still be written
             lines += [f"(this part ran, but its table could not be written: {type(err).__name__}: {err})", ""]
+    lines += _limits(results)
     return "\n".join(lines).rstrip("\n") + "\n"

@@ -15,7 +15,7 @@
 #
 # ---- On the lent H200 machine (docs/gpu.md says why each step) -------------------------------
 # 1. Here, in the repository root (.gitignore ignores .whl/): the wheels the machine lacks, for
-#    its Python 3.12 (~38 MB; the working tree travels within 64 MiB), and the commit:
+#    its Python 3.12 (~40 MB; the working tree travels within 64 MiB), and the commit:
 #
 #      mkdir -p .whl && python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #        --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
