@@ -221,7 +221,9 @@ def _pack_logs(work: Path, out: Path) -> None:
 
 def workflow_check(work: Path, device: str, settings: dict, out: Path, deadline: float) -> dict:
     """The tiny workflow (.test/config) with pretrain.device and finetune.device = ``device``."""
-    shutil.copytree(REPO / ".test" / "config", work / "config", copy_function=shutil.copyfile)
+    # a second call with the same --work continues what the first one left (--rerun-incomplete)
+    shutil.copytree(REPO / ".test" / "config", work / "config", copy_function=shutil.copyfile, dirs_exist_ok=True)
+    shutil.rmtree(work / ".snakemake" / "locks", ignore_errors=True)  # left by a run this script stopped
     config_path = work / "config" / "config.yaml"
     config = yaml.safe_load(config_path.read_text())
     for section in ("pretrain", "finetune"):
@@ -238,6 +240,7 @@ def workflow_check(work: Path, device: str, settings: dict, out: Path, deadline:
         str(work),
         "--cores",
         str(cores),
+        "--rerun-incomplete",
         "--scheduler",
         "greedy",  # the ILP scheduler needs pulp, which the GPU machine lacks (benchmarks/gpu_wheels.txt)
     ]
@@ -273,9 +276,10 @@ def check_outputs(work: Path, device: str) -> dict:
     from comtip.training import load_pretrained
 
     results, logs = work / "results", work / "logs"
+    from comtip.config import validate_config
+
     config = yaml.safe_load((work / "config" / "config.yaml").read_text())
-    defaults = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    methods = config.get("evaluate", {}).get("methods", defaults["evaluate"]["methods"])
+    methods = validate_config(config, REPO / "workflow" / "schemas" / "config.schema.yaml")["evaluate"]["methods"]
     _, info = load_pretrained(results / "models" / "pretrain" / "comtip.pt")
     assert info["train_config"]["device"] == device, info["train_config"]["device"]
     metrics = pd.read_csv(results / "models" / "pretrain" / "comtip.metrics.tsv", sep="\t")

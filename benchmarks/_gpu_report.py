@@ -131,7 +131,8 @@ def _workflow(w: dict) -> list[str]:
         f"{w['wall_s']:.0f} s on {w['cores']} cores; {w['pretrain_steps']} pretraining steps (final loss "
         f"{w['final_loss']:.3f}), every method of `evaluate.methods` in `summary.tsv` "
         f"(Pearson, all genes: {', '.join(f'{m} {v:.3f}' for m, v in w['pearson_all_genes'].items())}), "
-        f"virtual Visium of `tiny_p` on {w['virtual_visium_tiles']} tiles.",
+        f"virtual Visium of `tiny_p` on {w['virtual_visium_tiles']} tiles. Jobs whose log says they ran on the "
+        "device: " + ", ".join(f"{r} {n['on_device']}/{n['jobs']}" for r, n in w["gpu_rules"].items()) + ".",
         "",
         "Slowest rules (s, summed over jobs): " + ", ".join(f"{r} {s:.0f}" for r, s in slowest) + ".",
         "",

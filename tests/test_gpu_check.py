@@ -29,7 +29,7 @@ def quick_run(tmp_path_factory):
     out, work = root / "out", root / "work"
     command = ["bash", str(SCRIPT), "--device", "cpu", "--quick", "--skip", "workflow", "--out", str(out)]
     result = subprocess.run(
-        [*command, "--work", str(work), "--budget-s", "3000"],
+        [*command, "--work", str(work)],
         capture_output=True,
         text=True,
         timeout=1200,
