@@ -174,6 +174,21 @@ def test_flips_and_rotations_only_move_pixels_and_are_seeded():
     assert 0 < (jittered - augment(5, 0.0).float()).abs().mean() < 40
 
 
+def test_rotations_turn_each_image_by_its_own_draw_without_a_host_device_sync():
+    """Each image is turned by the quarter turns drawn for it (the per-image reference below), and
+    the batch op has no boolean-mask indexing (aten::nonzero), which on CUDA waits for the GPU."""
+    from comtip.training.image_augment import flip_and_rotate
+
+    images = torch.randint(0, 256, (32, 6, 6, 3), dtype=torch.uint8)
+    turns = torch.randint(0, 4, (32,), generator=torch.Generator().manual_seed(4))
+    expected = torch.stack([torch.rot90(image, int(k), dims=(0, 1)) for image, k in zip(images, turns)])
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        rotated = flip_and_rotate(images, flip=False, rot90=True, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(rotated, expected)
+    assert set(turns.tolist()) == {0, 1, 2, 3}
+    assert not [e.key for e in prof.key_averages() if e.key in ("aten::nonzero", "aten::_local_scalar_dense")]
+
+
 # -- input checks ------------------------------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@ the predictions of every patch of a sample (rule ``predict_finetuned``)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from comtip._core.errors import PipelineInputError
 from comtip._core.provenance import file_sha256
 from comtip.finetune.head import CHECKPOINT_KIND, FORMAT_VERSION, ExpressionHead, build_vit, pooled_features
 from comtip.training.checkpoint import load_pretrained
+
+log = logging.getLogger(__name__)
 
 
 class FinetunedPredictor:
@@ -71,6 +74,7 @@ def load_finetuned(
     head_state = state["head_state"]
     head = ExpressionHead(head_state["feature_mean"], head_state["feature_std"], head_state["linear.bias"])
     head.load_state_dict(head_state)
+    log.info("fine-tuned head %s (%d genes) on %s", Path(ckpt).name, len(state["panel_genes"]), where)
     return FinetunedPredictor(
         vit.to(where), head.to(where), int(state["model_config"]["image_size"]), list(state["panel_genes"]), where
     )

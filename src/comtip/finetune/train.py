@@ -181,13 +181,14 @@ def finetune(
         if val_data is None:
             log.warning("no validation sample: no early stopping, training for the fixed %d epochs", cfg.epochs)
         log.info(
-            "fine-tuning (%s) on %d spots of %d samples, validating on %d spots of %d samples; %d genes",
+            "fine-tuning (%s) on %d spots of %d samples, validating on %d spots of %d samples; %d genes; on %s",
             cfg.mode,
             len(train_data),
             len(train),
             0 if val_data is None else len(val_data),
             len(val),
             len(train_data.genes),
+            device,
         )
         rows, best, best_epoch, best_loss = [], None, 0, float("inf")
         for epoch in range(1, cfg.epochs + 1):

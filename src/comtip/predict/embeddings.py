@@ -8,6 +8,7 @@ is restored afterwards.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +23,8 @@ from comtip._core.npzmap import open_npz
 from comtip.model import CoMTIP, ModelConfig, preprocess_images
 from comtip.predict.registry import ENCODERS
 from comtip.training.checkpoint import load_pretrained
+
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -143,6 +146,7 @@ def embed_sample(
             sample=sample,
             path=sentences_npz,
         )
+    log.info("embedding %d spots with the %s encoder on %s", len(patches), encoder, device)
     features, embeddings = image_features_and_embeddings(
         model, patches, image_size, batch_size=batch_size, device=device
     )

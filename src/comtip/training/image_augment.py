@@ -28,11 +28,13 @@ def flip_and_rotate(images: torch.Tensor, *, flip: bool, rot90: bool, generator:
             chosen = torch.rand(n, generator=generator, device=device) < 0.5
             images = torch.where(chosen.view(n, 1, 1, 1), images.flip(dim), images)
     if rot90:
-        turns = torch.randint(0, 4, (n,), generator=generator, device=device)
-        rotated = images.clone()
+        # every image turned by k quarter turns, then each image's own k picked with torch.where:
+        # boolean-mask indexing (images[chosen]) would wait for the GPU to count the chosen images
+        # (a host-device sync per k in every training step). Square patches (checked by SpotData).
+        turns = torch.randint(0, 4, (n,), generator=generator, device=device).view(n, 1, 1, 1)
+        rotated = images
         for k in (1, 2, 3):
-            chosen = turns == k
-            rotated[chosen] = torch.rot90(images[chosen], k, dims=(1, 2))
+            rotated = torch.where(turns == k, torch.rot90(images, k, dims=(1, 2)), rotated)
         images = rotated
     return images
 
