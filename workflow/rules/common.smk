@@ -116,7 +116,7 @@ MODEL_CONFIG = model_config_from_yaml(config["model"], gene_bins=config["genes"]
 from comtip.baselines.bleep_config import BleepConfig  # noqa: E402
 from comtip.training.config import TrainConfig  # noqa: E402
 
-# BLEEP trained as itself (rule train_bleep): its own settings, pretraining's data and budget;
+# BLEEP trained as itself (by train_bleep): its own settings, pretraining's data and budget;
 # both checked now.
 BLEEP_CONFIG = BleepConfig.from_dict(config["bleep"]).to_dict()
 BLEEP_TRAIN_CONFIG = BleepConfig.from_dict(config["bleep"]).train_config(config["pretrain"], config["seed"])

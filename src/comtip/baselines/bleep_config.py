@@ -1,7 +1,7 @@
 """Options of BLEEP trained as itself (config key ``bleep``), importable without torch: the
 workflow checks them when it parses the config, before any job starts.
 
-Two kinds of setting (``docs/evaluation.md``, "BLEEP"):
+Two kinds of setting (``docs/evaluation.md``, "BLEEP trained as itself"):
 
 * **BLEEP's own** (Xie et al. 2023, ``bowang-lab/BLEEP``: ``config.py``, ``modules.py``,
   ``BLEEP_main.py``), defaults here: the image encoder (timm ResNet-50), the projection head
