@@ -59,7 +59,7 @@ MODEL = {
     "embed_dim": 64,
     "paat": False,
 }
-METHODS = ["mean", "ridge_comtip", "ridge_random", "bleep_comtip", "mclstexp_comtip", "zeroshot"]
+METHODS = ["mean", "ridge_comtip", "ridge_random", "retrieval_mean_comtip", "retrieval_weighted_comtip", "zeroshot"]
 
 
 def simulate(base: Path, n: int, args: argparse.Namespace) -> list[Path]:

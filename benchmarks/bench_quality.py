@@ -12,7 +12,8 @@ her2st (patient C, legacy ST, 100 µm spots, JPEG slides, sections C2-C5 in ../s
   only that fold's training (and validation) slides. ``--test-sections`` runs a subset of the folds;
   ``--reuse`` takes a fold whose run folder already holds its summary and recorded wall time
   instead of running it again. Besides the pipeline's methods, each fold also scores
-  ``mclstexp_comtip`` with ``evaluate.mclstexp_smooth_query`` on, computed here from the fold's
+  ``retrieval_weighted_comtip`` (called ``mclstexp_comtip`` before) with
+  ``evaluate.retrieval_weighted_smooth_query`` on, computed here from the fold's
   embeddings by the same package function the rule calls. ``--markdown FILE`` writes the tables as
   the "### her2st (real data), leave-one-section-out" part of "## Prediction quality".
 
@@ -46,7 +47,7 @@ HEADER = "sample\tspaceranger_dir\tslide\tsplit\tmpp\tspot_diameter_um\tbatch\tp
 PARENT = "## Prediction quality"
 SECTION = "### her2st (real data), leave-one-section-out"
 GENE_SETS = ("all", "heldout", "top50_heg", "top50_hvg")
-SMOOTH = "mclstexp_comtip+smooth"  # the extra row computed here (not a pipeline method name)
+SMOOTH = "retrieval_weighted_comtip+smooth"  # the extra row computed here (not a pipeline method name)
 NOT_COMTIP = ("mean", "ridge_random")  # methods that use nothing CoMTIP learned
 
 
@@ -98,9 +99,9 @@ def summary_table(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def smoothed_mclstexp_summary(run_dir: Path, split: dict[str, str], config: dict) -> pd.DataFrame:
-    """The fold's summary with one more row: mclstexp_comtip with the spatially smoothed query,
-    predicted from the fold's embeddings by ``predict_with_method`` (what the rule runs with
-    ``evaluate.mclstexp_smooth_query: true``) and scored with the rule's ``run_evaluation``."""
+    """The fold's summary with one more row: retrieval_weighted_comtip with the spatially smoothed
+    query, predicted from the fold's embeddings by ``predict_with_method`` (what the rule runs with
+    ``evaluate.retrieval_weighted_smooth_query: true``) and scored with the rule's ``run_evaluation``."""
     from comtip.evaluation.run import run_evaluation
     from comtip.predict.methods import PredictionContext, predict_with_method
 
@@ -115,9 +116,9 @@ def smoothed_mclstexp_summary(run_dir: Path, split: dict[str, str], config: dict
         train_value_files=[res / s / "gene_sentences.npz" for s in train],
         train_embedding_files=[res / "embeddings" / "comtip" / f"{s}.npz" for s in train],
         test_embedding=res / "embeddings" / "comtip" / f"{test}.npz",
-        settings={"mclstexp_k": config["evaluate"].get("mclstexp_k", 200), "mclstexp_smooth_query": True},
+        settings={"retrieval_weighted_k": _weighted_k(config["evaluate"]), "retrieval_weighted_smooth_query": True},
     )
-    predict_with_method("mclstexp_comtip", context, out)
+    predict_with_method("retrieval_weighted_comtip", context, out)
     methods = list(config["evaluate"]["methods"])
     predictions = {(test, m): res / "predictions" / test / f"{m}.h5ad" for m in methods}
     predictions[(test, SMOOTH)] = out
@@ -183,8 +184,14 @@ def _config_line(config: dict) -> str:
         f"{json.dumps(model, sort_keys=True)}; pretrain epochs "
         f"{pretrain.get('epochs')}, batch {pretrain.get('batch_size')}, lr {pretrain.get('lr')}"
         + (f", PAAT warm-up {pretrain['paat_warmup_steps']} steps" if "paat_warmup_steps" in pretrain else "")
-        + f"; `bleep_k` {evaluate.get('bleep_k')}, `mclstexp_k` {evaluate.get('mclstexp_k')}"
+        + f"; `bleep_k` {evaluate.get('bleep_k')}, `retrieval_mean_k` {evaluate.get('retrieval_mean_k', 50)}, "
+        f"`retrieval_weighted_k` {_weighted_k(evaluate)}"
     )
+
+
+def _weighted_k(evaluate: dict) -> int:
+    """``evaluate.retrieval_weighted_k`` (``mclstexp_k`` in configs from before the rename)."""
+    return evaluate.get("retrieval_weighted_k", evaluate.get("mclstexp_k", 200))
 
 
 def _fmt(x: float) -> str:
@@ -214,8 +221,8 @@ def loso_markdown(folds: list[dict], not_run: list[str], command: str) -> str:
         f"({folds[0]['n_genes']} genes, {folds[0]['n_heldout']} held out of pretraining), "
         "pretraining, fine-tuning and every baseline see only that fold's training slides (validation: "
         "early stopping only). The config is the checkout's `config/config.yaml` when the fold ran "
-        f"(copied into the fold's run folder). {config_text}. `{SMOOTH}` = `mclstexp_comtip` with "
-        "`evaluate.mclstexp_smooth_query: true` (query image embedding averaged with its spatial "
+        f"(copied into the fold's run folder). {config_text}. `{SMOOTH}` = `retrieval_weighted_comtip` with "
+        "`evaluate.retrieval_weighted_smooth_query: true` (query image embedding averaged with its spatial "
         "neighbours'), scored by this script from the fold's embeddings with the rule's own functions.",
         "",
         "Commands (`--reuse` takes a fold already in `--out` instead of running it again; to run every "
@@ -281,8 +288,9 @@ def loso_markdown(folds: list[dict], not_run: list[str], command: str) -> str:
     for a, b, gene_set in (
         ("ridge_comtip", "ridge_random", "all"),
         ("finetune_linear", "ridge_random", "all"),
-        ("mclstexp_comtip", "bleep_comtip", "all"),
-        (SMOOTH, "mclstexp_comtip", "all"),
+        ("retrieval_weighted_comtip", "retrieval_mean_comtip", "all"),
+        ("bleep", "retrieval_mean_comtip", "all"),
+        (SMOOTH, "retrieval_weighted_comtip", "all"),
     ):
         if a in methods and b in methods:
             diff = [f["table"].loc[a, gene_set] - f["table"].loc[b, gene_set] for f in folds]

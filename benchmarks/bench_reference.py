@@ -1,6 +1,8 @@
 """Benchmark the training reference at cohort scale: stacking it (rules ``training_values`` and
 ``training_embeddings``, ``comtip.predict.reference.stack_training``) and the ``predict_baseline``
-methods that read it (``mean``, ``bleep_comtip``, ``mclstexp_comtip``; for ``zeroshot`` its
+methods that read it (``mean``, ``retrieval_mean_comtip``, ``retrieval_weighted_comtip`` — called
+``bleep_comtip`` and ``mclstexp_comtip`` in checkouts before the rename, which a ``--peer-ref``
+run is given —; for ``zeroshot`` its
 training-side step, ``zero_shot_grid_and_prior``, since the rest needs a pretrained checkpoint
 and does not depend on the number of training spots).
 
@@ -42,9 +44,12 @@ STACK = (
     "import sys; from comtip.predict import reference as r; out, keys, files = sys.argv[1], sys.argv[2], sys.argv[3:]; "
     "r.stack_training(files, [f'S{i:03d}' for i in range(len(files))], getattr(r, keys), out)"
 )
+# the methods' names in checkouts from before the rename (a --peer-ref may be one)
+OLD_NAMES = {"retrieval_mean_comtip": "bleep_comtip", "retrieval_weighted_comtip": "mclstexp_comtip"}
 PREDICT = (
     "import sys, numpy as np; from comtip.predict.methods import PredictionContext, predict_with_method; "
-    "method, values, ref, test, out = sys.argv[1:6]; "
+    "from comtip.predict.registry import METHODS; method, values, ref, test, out = sys.argv[1:6]; "
+    f"method = method if method in METHODS else {OLD_NAMES!r}.get(method, method); "
     "ctx = PredictionContext(spots_h5ad=test + '/spots.h5ad', test_sentences=test + '/gene_sentences.npz', "
     "train_value_files=[values], train_embedding_files=[ref], test_embedding=test + '/embeddings.npz'); "
     "np.save(out, predict_with_method(method, ctx, out + '.h5ad'))"
@@ -139,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         "stack_training (values)": None,
         "stack_training (embeddings)": None,
         "mean": PREDICT,
-        "bleep_comtip (k 50)": PREDICT,
-        "mclstexp_comtip (k 200)": PREDICT,
+        "retrieval_mean_comtip (k 50)": PREDICT,
+        "retrieval_weighted_comtip (k 200)": PREDICT,
         "zeroshot: zero_shot_grid_and_prior": GRID_AND_PRIOR,
     }
     rows, floors = [], {}

@@ -49,6 +49,58 @@ def test_bad_config_value_names_the_key(key, value, needle):
         validate_config(config, CONFIG_SCHEMA)
 
 
+@pytest.mark.parametrize(
+    ("evaluate", "needles"),
+    [
+        ({"methods": ["mean", "bleep_comtip"]}, ["'bleep_comtip' in evaluate.methods is now 'retrieval_mean_comtip'"]),
+        (
+            {"methods": ["mclstexp_comtip", "bleep_comtip"], "mclstexp_k": 100},
+            [
+                "'bleep_comtip' in evaluate.methods is now 'retrieval_mean_comtip'",
+                "'mclstexp_comtip' in evaluate.methods is now 'retrieval_weighted_comtip'",
+                "evaluate.mclstexp_k is now evaluate.retrieval_weighted_k",
+            ],
+        ),
+        (
+            {"mclstexp_smooth_query": True},
+            ["evaluate.mclstexp_smooth_query is now evaluate.retrieval_weighted_smooth_query"],
+        ),
+    ],
+)
+def test_a_renamed_method_or_setting_gets_one_error_with_its_new_name(evaluate, needles):
+    with pytest.raises(ConfigError) as err:
+        validate_config({"samples": "s.tsv", "evaluate": evaluate}, CONFIG_SCHEMA)
+    text = str(err.value)
+    assert text.startswith("config key 'evaluate': renamed: ") and text.count("\n") == 0
+    for needle in needles:
+        assert needle in text
+    assert "`bleep` in evaluate.methods is now BLEEP trained as itself" in text
+    assert "is not one of" not in text and "Additional properties" not in text  # not the schema's errors
+
+
+def test_bleep_config_defaults_are_bleeps_and_its_budget_is_pretrainings():
+    from comtip.baselines.bleep_config import BleepConfig
+    from comtip.training.config import TrainConfig
+
+    config = validate_config(
+        {"samples": "s.tsv", "pretrain": {"epochs": 5, "batch_size": 16, "lr": 0.01}}, CONFIG_SCHEMA
+    )
+    cfg = BleepConfig.from_dict(config["bleep"])
+    assert (cfg.image_encoder, cfg.projection_dim, cfg.dropout, cfg.temperature) == ("resnet50", 256, 0.1, 1.0)
+    assert (cfg.lr, cfg.weight_decay, cfg.pretrained_weights, cfg.image_size) == (1e-3, 1e-3, None, None)
+    train = TrainConfig.from_dict(cfg.train_config(config["pretrain"], seed=4))
+    assert (train.epochs, train.batch_size, train.seed, train.sampler) == (5, 16, 4, "blocks")  # shared
+    assert (train.lr, train.weight_decay, train.warmup_steps, train.min_lr_ratio) == (1e-3, 1e-3, 0, 1.0)  # BLEEP's
+    assert train.clip_grad_norm is None and train.color_jitter == 0.0 and train.flip and train.rot90
+    override = BleepConfig.from_dict({**config["bleep"], "epochs": 2, "batch_size": 8})
+    train = TrainConfig.from_dict(override.train_config({**config["pretrain"], "max_steps": 40}, seed=4))
+    assert (train.epochs, train.max_steps, train.batch_size) == (2, None, 8)
+    with pytest.raises(ConfigError, match=r"config key 'bleep\.image_encodr'"):
+        BleepConfig.from_dict({"image_encodr": "resnet50"})
+    with pytest.raises(ConfigError, match=r"config key 'bleep\.lr'"):
+        validate_config({"samples": "s.tsv", "bleep": {"lr": 0}}, CONFIG_SCHEMA)
+
+
 def _sheet(tmp_path: Path, rows: list[str]) -> Path:
     sheet = tmp_path / "config" / "samples.tsv"
     sheet.parent.mkdir(parents=True, exist_ok=True)

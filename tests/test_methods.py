@@ -71,9 +71,9 @@ def _reference(train, key):
     return np.concatenate([t[key] for t in train])
 
 
-def test_mclstexp_method_is_mclstexp_retrieval_of_sentences_queried_with_images(cohort):
+def test_retrieval_weighted_is_mclstexp_retrieval_of_sentences_queried_with_images(cohort):
     root, train, test = cohort
-    pred = _predict("mclstexp_comtip", cohort, mclstexp_k=7, bleep_k=3)
+    pred = _predict("retrieval_weighted_comtip", cohort, retrieval_weighted_k=7, retrieval_mean_k=3)
     values = _reference(train, "values")
     expected = mclstexp_retrieval(_reference(train, "sentence_embeddings"), values, test["image_embeddings"], k=7)
     np.testing.assert_allclose(pred, expected, rtol=1e-12)
@@ -85,30 +85,44 @@ def test_mclstexp_method_is_mclstexp_retrieval_of_sentences_queried_with_images(
         mclstexp_retrieval(_reference(train, "sentence_embeddings"), values, test["sentence_embeddings"], k=7),
     ):
         assert np.abs(pred - wrong).max() > 1e-3
-    written = ad.read_h5ad(root / "mclstexp_comtip.h5ad")
+    written = ad.read_h5ad(root / "retrieval_weighted_comtip.h5ad")
     np.testing.assert_allclose(written.X, pred.astype(np.float32))
     assert list(written.obs_names) == list(_barcodes("t", 20)) and list(written.var_names) == GENES
-    assert written.uns["comtip_prediction"]["method"] == "mclstexp_comtip"
+    assert written.uns["comtip_prediction"]["method"] == "retrieval_weighted_comtip"
 
 
-def test_mclstexp_default_k_is_mclstexps_200(cohort):
+def test_retrieval_weighted_default_k_is_mclstexps_200(cohort):
     root, train, test = cohort
-    with pytest.raises(ConfigError, match=r"evaluate\.mclstexp_k' = 200.*\(40\)"):
-        _predict("mclstexp_comtip", cohort)  # 40 training spots < 200
+    with pytest.raises(ConfigError, match=r"evaluate\.retrieval_weighted_k' = 200.*\(40\)"):
+        _predict("retrieval_weighted_comtip", cohort)  # 40 training spots < 200
 
 
-def test_bleep_method_is_bleep_average(cohort):
+def test_retrieval_mean_is_bleep_average_with_its_own_k(cohort):
     root, train, test = cohort
-    pred = _predict("bleep_comtip", cohort, bleep_k=5, mclstexp_k=9)
+    pred = _predict("retrieval_mean_comtip", cohort, retrieval_mean_k=5, bleep_k=9, retrieval_weighted_k=9)
     expected = bleep_retrieval(
         _reference(train, "sentence_embeddings"), _reference(train, "values"), test["image_embeddings"], k=5
     )
     np.testing.assert_allclose(pred, expected, rtol=1e-12)
 
 
+def test_bleep_is_bleeps_average_of_its_expression_embeddings_with_bleep_k(cohort):
+    """Method bleep reads its own encoder's files (the registry names embeddings/bleep/); given
+    them, it is BLEEP's prediction: top-bleep_k by cosine of expression to image embedding."""
+    root, train, test = cohort
+    pred = _predict("bleep", cohort, bleep_k=4, retrieval_mean_k=9)
+    expected = bleep_retrieval(
+        _reference(train, "sentence_embeddings"), _reference(train, "values"), test["image_embeddings"], k=4
+    )
+    np.testing.assert_allclose(pred, expected, rtol=1e-12)
+    assert np.abs(pred - _predict("bleep", cohort, bleep_k=9)).max() > 1e-3
+    with pytest.raises(ConfigError, match=r"evaluate\.bleep_k' = 50.*\(40\)"):
+        _predict("bleep", cohort)  # BLEEP's default 50 > 40 training spots
+
+
 def test_smoothed_query_averages_the_test_image_embedding_with_its_grid_neighbours(cohort):
     root, train, test = cohort
-    pred = _predict("mclstexp_comtip", cohort, mclstexp_k=7, mclstexp_smooth_query=True)
+    pred = _predict("retrieval_weighted_comtip", cohort, retrieval_weighted_k=7, retrieval_weighted_smooth_query=True)
     ref, values = _reference(train, "sentence_embeddings"), _reference(train, "values")
     smoothed = spatial_neighbour_mean(test["image_embeddings"], test["xy"])
     np.testing.assert_allclose(pred, mclstexp_retrieval(ref, values, smoothed, k=7), rtol=1e-12)
@@ -126,17 +140,17 @@ def test_test_embeddings_of_other_spots_are_refused(cohort):
     data["barcodes"] = data["barcodes"][::-1]
     np.savez(test["embeddings"], **data)
     with pytest.raises(PipelineInputError, match="not the test sample's spots"):
-        _predict("mclstexp_comtip", cohort, mclstexp_k=7)
-    assert not (root / "mclstexp_comtip.h5ad").exists()
+        _predict("retrieval_weighted_comtip", cohort, retrieval_weighted_k=7)
+    assert not (root / "retrieval_weighted_comtip.h5ad").exists()
 
 
 def test_every_configurable_baseline_is_a_method_the_rule_runs():
     schema = yaml.safe_load(CONFIG_SCHEMA.read_text())["properties"]["evaluate"]["properties"]
     enum = set(schema["methods"]["items"]["enum"])
     assert {m for m in enum if not m.startswith("finetune_")} == set(BASELINE_METHODS)
-    assert schema["mclstexp_k"]["default"] == 200
+    assert schema["retrieval_weighted_k"]["default"] == 200 and schema["bleep_k"]["default"] == 50
     shipped = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["evaluate"]
-    assert "mclstexp_comtip" in shipped["methods"] and shipped["mclstexp_k"] == 200
+    assert "retrieval_weighted_comtip" in shipped["methods"] and shipped["retrieval_weighted_k"] == 200
 
 
 def test_the_stacked_reference_is_read_in_place_with_the_per_sample_results(cohort):
@@ -149,8 +163,8 @@ def test_the_stacked_reference_is_read_in_place_with_the_per_sample_results(coho
     names = ["a", "b"]
     stack_training([t["sentences"] for t in train], names, VALUE_KEYS, root / "values.npz")
     stack_training([t["embeddings"] for t in train], names, EMBEDDING_KEYS, root / "reference.npz")
-    settings = {"bleep_k": 5, "mclstexp_k": 40}
-    for method in ("mean", "bleep_comtip", "mclstexp_comtip"):
+    settings = {"bleep_k": 5, "retrieval_mean_k": 6, "retrieval_weighted_k": 40}
+    for method in ("mean", "retrieval_mean_comtip", "retrieval_weighted_comtip", "bleep"):
         ctx = PredictionContext(
             spots_h5ad=test["spots"],
             test_sentences=test["sentences"],
@@ -160,7 +174,7 @@ def test_the_stacked_reference_is_read_in_place_with_the_per_sample_results(coho
             settings=settings,
         )
         assert isinstance(ctx.train_values, Rows) and isinstance(ctx.train_values._array, np.memmap)
-        assert ctx.retrieval_k("mclstexp_k") == 40
+        assert ctx.retrieval_k("retrieval_weighted_k") == 40
         stacked = predict_with_method(method, ctx, root / f"{method}_stacked.h5ad")
         np.testing.assert_array_equal(stacked, _predict(method, cohort, **settings))
     too_many = PredictionContext(

@@ -11,9 +11,10 @@ import textwrap
 import pytest
 import yaml
 
+from comtip.config import RENAMED
 from comtip.predict import registry
 from comtip.predict.methods import DEFAULT_SETTINGS, PredictionContext, predict_with_method
-from conftest import CONFIG_SCHEMA, REPO
+from conftest import CONFIG_SCHEMA, REPO, rule_blocks
 
 EVALUATE = yaml.safe_load(CONFIG_SCHEMA.read_text())["properties"]["evaluate"]["properties"]
 
@@ -44,8 +45,9 @@ def test_every_method_resolves_to_a_function_of_the_rule_it_names():
         "mean",
         "ridge_comtip",
         "ridge_random",
-        "bleep_comtip",
-        "mclstexp_comtip",
+        "retrieval_mean_comtip",
+        "retrieval_weighted_comtip",
+        "bleep",
         "zeroshot",
     )
     assert [m.name for m in registry.METHODS.values() if m.rule == "predict_finetuned"] == [
@@ -68,13 +70,33 @@ def test_method_inputs_name_the_files_of_the_methods_encoder():
         "test_embedding": "results/embeddings/comtip/t.npz",
         "checkpoint": ckpt,
     }
-    for name in ("bleep_comtip", "mclstexp_comtip", "ridge_comtip"):
+    for name in ("retrieval_mean_comtip", "retrieval_weighted_comtip", "ridge_comtip"):
         files = registry.method_inputs(name, "t", ckpt)
         assert files["test_embedding"] == "results/embeddings/comtip/t.npz" and "checkpoint" not in files
         if name == "ridge_comtip":
             assert files["ridge_probe"] == "results/models/ridge/comtip.npz" and "train_embeddings" not in files
         else:
             assert files["train_embeddings"] == "results/embeddings/comtip/training/reference.npz"
+    # BLEEP trained as itself: its own embeddings (rule embed_bleep), never CoMTIP's checkpoint
+    assert registry.method_inputs("bleep", "t", ckpt) == {
+        "train_values": values,
+        "test_embedding": "results/embeddings/bleep/t.npz",
+        "train_embeddings": "results/embeddings/bleep/training/reference.npz",
+    }
+
+
+def test_every_encoder_is_written_by_one_rule_and_bleeps_is_not_embed_spots():
+    rules = {name: block for _, name, block in rule_blocks()}
+    assert set(registry.ENCODER_RULES.values()) <= set(rules)
+    assert registry.ENCODER_RULES["bleep"] == "embed_bleep" and registry.COMTIP_ENCODERS == ("comtip", "random")
+    assert "registry.COMTIP_ENCODERS" in rules["embed_spots"]  # embed_spots never matches embeddings/bleep/
+    assert "results/embeddings/bleep/{sample}.npz" in rules["embed_bleep"]
+    # the renamed methods are gone from the registry, their new names and BLEEP itself are in it
+    for old, new in RENAMED["evaluate.methods"].items():
+        assert old not in registry.METHODS and new in registry.METHODS
+    for old, new in RENAMED["evaluate"].items():
+        assert old not in DEFAULT_SETTINGS and new in DEFAULT_SETTINGS
+    assert registry.method("bleep").encoder == "bleep" and registry.method("bleep").settings == ("bleep_k",)
 
 
 def test_unknown_and_other_rule_methods_are_refused(tmp_path):
@@ -91,6 +113,8 @@ def test_an_entry_that_breaks_the_registry_rules_is_refused():
         registry.Method("x", "no encoder for embeddings", "m:f", needs=(registry.TEST_EMBEDDING,))
     with pytest.raises(AssertionError):
         registry.Method("x", "unknown need", "m:f", needs=("pixels",))
+    with pytest.raises(AssertionError):
+        registry.Method("x", "unknown encoder", "m:f", encoder="resnet", needs=(registry.TEST_EMBEDDING,))
 
 
 HEAVY = ("torch", "timm", "scanpy", "anndata", "openslide")

@@ -106,15 +106,46 @@ def _summary(demo_run) -> pd.DataFrame:
 def test_every_method_predicts_every_test_spot(demo_run):
     spots = ad.read_h5ad(demo_run / "results" / "tiny_b" / "spots.h5ad")
     panel = pd.read_csv(demo_run / "results" / "genes" / "gene_panel.tsv", sep="\t")
-    for method in ("mean", "ridge_comtip", "ridge_random", "bleep_comtip", "zeroshot", "finetune_linear"):
+    methods = ("mean", "ridge_comtip", "ridge_random", "retrieval_mean_comtip", "bleep", "zeroshot", "finetune_linear")
+    for method in methods:
         pred = ad.read_h5ad(demo_run / "results" / "predictions" / "tiny_b" / f"{method}.h5ad")
         assert list(pred.obs_names) == list(spots.obs_names), method
         assert list(pred.var_names) == list(panel["gene"]), method
         np.testing.assert_allclose(pred.obsm["spatial"], spots.obsm["spatial"])
         assert np.isfinite(pred.X).all(), method
     metrics = pd.read_csv(demo_run / "results" / "evaluation" / "metrics.tsv", sep="\t")
-    assert len(metrics) == 6 * len(panel)  # one test slide x 6 methods x panel genes
-    assert set(metrics["sample"]) == {"tiny_b"}
+    assert len(metrics) == len(methods) * len(panel)  # one test slide x the methods x panel genes
+    assert set(metrics["sample"]) == {"tiny_b"} and set(metrics["method"]) == set(methods)
+
+
+def test_bleep_is_trained_as_itself_with_pretrainings_budget_and_predicts_otherwise(demo_run):
+    """Method bleep: its own model (train_bleep), trained for as many optimiser steps as CoMTIP's
+    pretraining on the same training spots, its own embeddings of every sample (embed_bleep), and
+    predictions unlike those of BLEEP's rule on CoMTIP's embeddings (retrieval_mean_comtip)."""
+    import torch
+
+    results = demo_run / "results"
+    bleep = torch.load(results / "models" / "bleep" / "bleep.pt", weights_only=True)
+    comtip = torch.load(results / "models" / "pretrain" / "comtip.pt", weights_only=True)
+    encoder = yaml.safe_load((demo_run / "config" / "config.yaml").read_text())["bleep"]["image_encoder"]
+    assert bleep["kind"] == "bleep" and bleep["bleep_config"]["image_encoder"] == encoder
+    assert bleep["step"] == comtip["step"] and bleep["data"] == comtip["data"]  # same spots, same steps
+    assert bleep["train_config"]["batch_size"] == comtip["train_config"]["batch_size"]
+    assert bleep["image_size"] == comtip["model_config"]["image_size"]
+    curve = pd.read_csv(results / "models" / "bleep" / "bleep.metrics.tsv", sep="\t")
+    assert curve["step"].iloc[-1] == bleep["step"] and np.isfinite(curve["loss"]).all()
+    assert curve["loss"].tail(10).mean() < curve["loss"].head(10).mean()
+    sentences = np.load(results / "tiny_b" / "gene_sentences.npz")
+    emb = np.load(results / "embeddings" / "bleep" / "tiny_b.npz")
+    assert list(emb["barcodes"]) == list(sentences["barcodes"]) and emb["image_embeddings"].shape[1] == 256
+    reference = np.load(results / "embeddings" / "bleep" / "training" / "reference.npz")
+    assert list(reference["sample"]) == ["tiny_a"] * len(np.load(results / "tiny_a" / "gene_sentences.npz")["barcodes"])
+    pred = ad.read_h5ad(results / "predictions" / "tiny_b" / "bleep.h5ad").X
+    other = ad.read_h5ad(results / "predictions" / "tiny_b" / "retrieval_mean_comtip.h5ad").X
+    assert np.abs(pred - other).max() > 1e-2
+    metrics = pd.read_csv(results / "evaluation" / "metrics.tsv", sep="\t")
+    rows = metrics[metrics["method"] == "bleep"]
+    assert len(rows) == len(sentences["panel_genes"]) and np.isfinite(rows["mse"]).all()
 
 
 def test_the_ridge_probe_is_fitted_once_per_encoder_and_is_hests_probe(demo_run):

@@ -21,6 +21,22 @@ SPLITS = ("train", "val", "test", "predict")
 # Folder names under results/ that belong to the whole cohort, not to one sample.
 RESERVED_SAMPLE_NAMES = {"genes", "models", "predictions", "evaluation", "report", "provenance", "demo"}
 PATH_COLUMNS = ("spaceranger_dir", "slide")
+# Names a config may still use, and what they are called now (checked before the schema, so that
+# an old config gets one error saying what to write instead of an enum or additional-key error).
+RENAMED = {
+    "evaluate.methods": {
+        "bleep_comtip": "retrieval_mean_comtip",
+        "mclstexp_comtip": "retrieval_weighted_comtip",
+    },
+    "evaluate": {
+        "mclstexp_k": "retrieval_weighted_k",
+        "mclstexp_smooth_query": "retrieval_weighted_smooth_query",
+    },
+}
+RENAME_REASON = (
+    "they were BLEEP's and mclSTExp's prediction rules applied to CoMTIP's embeddings, not those "
+    "methods; `bleep` in evaluate.methods is now BLEEP trained as itself (docs/evaluation.md)"
+)
 
 
 def _with_defaults(validator_class):
@@ -53,13 +69,30 @@ def validate_config(config: dict, schema_path: str | Path) -> dict:
     """Validate ``config`` in place (defaults filled in) and return it.
 
     Raises ConfigError naming the offending key, e.g. ``config key 'patches.size_px': -1 is
-    less than the minimum of 16``.
+    less than the minimum of 16``; a renamed method or setting (:data:`RENAMED`) gets one error
+    naming its new name.
     """
+    _refuse_renamed(config)
     errors = sorted(_Validator(_load_schema(schema_path)).iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         lines = [f"config key '{_where(e)}': {e.message}" for e in errors]
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines))
     return config
+
+
+def _refuse_renamed(config: dict) -> None:
+    evaluate = config.get("evaluate")
+    if not isinstance(evaluate, dict):
+        return
+    methods = evaluate.get("methods")
+    found = [
+        f"'{old}' in evaluate.methods is now '{new}'"
+        for old, new in RENAMED["evaluate.methods"].items()
+        if isinstance(methods, list) and old in methods
+    ]
+    found += [f"evaluate.{old} is now evaluate.{new}" for old, new in RENAMED["evaluate"].items() if old in evaluate]
+    if found:
+        raise ConfigError(f"config key 'evaluate': renamed: {'; '.join(found)} ({RENAME_REASON})")
 
 
 def _row_to_record(row: pd.Series) -> dict:

@@ -123,6 +123,15 @@ PRETRAIN_MODEL = "comtip"
 # Checked now, so a wrong `model` key stops the run before any job, naming the key.
 MODEL_CONFIG = model_config_from_yaml(config["model"], gene_bins=config["genes"]["n_bins"]).to_dict()
 
+from comtip.baselines.bleep_config import BleepConfig  # noqa: E402
+from comtip.training.config import TrainConfig  # noqa: E402
+
+# BLEEP trained as itself (by train_bleep): its own settings, pretraining's data and budget;
+# both checked now.
+BLEEP_CONFIG = BleepConfig.from_dict(config["bleep"]).to_dict()
+BLEEP_TRAIN_CONFIG = BleepConfig.from_dict(config["bleep"]).train_config(config["pretrain"], config["seed"])
+TrainConfig.from_dict(BLEEP_TRAIN_CONFIG)
+
 
 wildcard_constraints:
     model="[A-Za-z0-9_-]+",

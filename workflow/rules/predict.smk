@@ -11,6 +11,8 @@ rule embed_spots:
         "logs/embed_spots/{encoder}/{sample}.log",
     benchmark:
         "logs/benchmark/embed_spots/{encoder}/{sample}.tsv"
+    wildcard_constraints:
+        encoder="|".join(registry.COMTIP_ENCODERS),
     conda:
         "../../envs/torch.yaml"
     threads: 2
@@ -49,8 +51,8 @@ rule training_values:
 
 
 rule training_embeddings:
-    """The training samples' embeddings by one encoder stacked in sheet order: the reference side
-    of the probes and retrieval methods, in one file."""
+    """The training samples' embeddings by one encoder (CoMTIP's or BLEEP's) stacked in sheet
+    order: the reference side of the retrieval methods, in one file."""
     input:
         unpack(training_embedding_inputs),
     output:
@@ -99,7 +101,8 @@ rule fit_ridge:
 
 rule predict_baseline:
     """Predicted panel expression of a test slide by one comparison method (mean, HEST ridge,
-    BLEEP or mclSTExp retrieval, CoMTIP zero-shot); same split and genes for every method."""
+    retrieval on CoMTIP's embeddings, BLEEP, CoMTIP zero-shot); same split and genes for every
+    method."""
     input:
         unpack(baseline_inputs),
         spots="results/{sample}/spots.h5ad",

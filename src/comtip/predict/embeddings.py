@@ -21,7 +21,7 @@ from comtip._core.atomic import atomic_path
 from comtip._core.errors import PipelineInputError
 from comtip._core.npzmap import open_npz
 from comtip.model import CoMTIP, ModelConfig, preprocess_images
-from comtip.predict.registry import ENCODERS
+from comtip.predict.registry import COMTIP_ENCODERS
 from comtip.training.checkpoint import load_pretrained
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def load_encoder(checkpoint: str | Path, encoder: str, seed: int) -> tuple[CoMTI
         torch.manual_seed(seed)
         model = CoMTIP(ModelConfig.architecture(info["model_config"]), info["vocabulary"]).eval()
     elif encoder != "comtip":
-        raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
+        raise ValueError(f"encoder must be one of {COMTIP_ENCODERS}, got {encoder!r}")
     return model, info
 
 

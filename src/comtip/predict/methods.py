@@ -4,18 +4,25 @@ the context they read.
 Every method predicts the normalised (log1p CP10k) expression of all panel genes for the spots of
 one test sample, from what the training samples teach it; nothing here looks at test expression.
 
-``mclstexp_comtip`` is faithful to mclSTExp's ``evel_her2st.py`` in k, the weights and the roles
-(expression-side references queried with image embeddings). It is not mclSTExp in its spot
-context: mclSTExp embeds each reference spot's expression with learned x/y position embeddings
-and a Transformer over the spots of a batch (a trained model property); ours are CoMTIP's
-per-spot sentence embeddings, with no position and no neighbours. Optional and ours, not
-mclSTExp's: ``evaluate.mclstexp_smooth_query`` averages each test image embedding with its
-spatial neighbours' before retrieval. Details in ``docs/evaluation.md``.
+``retrieval_mean_comtip`` and ``retrieval_weighted_comtip`` are BLEEP's and mclSTExp's
+*prediction rules* applied to CoMTIP's embeddings: they measure CoMTIP's embedding space, not
+BLEEP or mclSTExp (they were called ``bleep_comtip`` and ``mclstexp_comtip`` before; the config
+check names the new names). ``retrieval_weighted_comtip`` follows mclSTExp's ``evel_her2st.py`` in
+k, the weights and the roles (expression-side references queried with image embeddings), without
+mclSTExp's spot context (learned x/y position embeddings and a Transformer over the spots of a
+batch). Optional and ours: ``evaluate.retrieval_weighted_smooth_query`` averages each test image
+embedding with its spatial neighbours' before retrieval.
+
+``bleep`` is BLEEP itself: its own bi-encoder trained by rule ``train_bleep``
+(:mod:`comtip.baselines`) on the same training spots and budget as CoMTIP, its embeddings
+written by ``embed_bleep`` in the keys read here (``sentence_embeddings`` = BLEEP's expression
+embeddings), and BLEEP's prediction: L2-normalised, top-``bleep_k`` training spots by dot
+product, mean expression. Details in ``docs/evaluation.md``.
 
 The encoder of ``ridge_{encoder}`` is ``comtip`` (the pretrained checkpoint) or ``random`` (same
 architecture, random initialisation, seeded): the difference between the two is what pretraining
-bought. The retrieval methods run on ``comtip`` only: a random encoder's image and sentence spaces
-are not aligned, so cross-modal retrieval from it has no meaning.
+bought. Cross-modal retrieval runs on aligned encoders only (``comtip``, ``bleep``): a random
+encoder's image and sentence spaces are not aligned, so retrieval from it has no meaning.
 """
 
 from __future__ import annotations
@@ -47,8 +54,9 @@ log = logging.getLogger(__name__)
 # The ``evaluate.*`` settings the methods read, with the schema's defaults (a test keeps them equal).
 DEFAULT_SETTINGS: dict[str, Any] = {
     "bleep_k": 50,
-    "mclstexp_k": 200,
-    "mclstexp_smooth_query": False,
+    "retrieval_mean_k": 50,
+    "retrieval_weighted_k": 200,
+    "retrieval_weighted_smooth_query": False,
     "ridge_pca_dim": 256,
     "zeroshot_grid": 16,
     "zeroshot_grid_kind": "quantile",
@@ -176,8 +184,10 @@ def ridge(ctx: PredictionContext) -> np.ndarray:
     return probe.predict(ctx.test_rows("features"))
 
 
-def bleep(ctx: PredictionContext) -> np.ndarray:
-    k = ctx.retrieval_k("bleep_k")
+def _mean_of_top_k(ctx: PredictionContext, key: str) -> np.ndarray:
+    """BLEEP's "average": test image embeddings against the training spots' expression-side
+    (sentence) embeddings, both L2-normalised, mean expression of the top ``evaluate.{key}``."""
+    k = ctx.retrieval_k(key)
     return bleep_retrieval(
         ctx.train_stack("sentence_embeddings"),
         ctx.train_values,
@@ -187,10 +197,18 @@ def bleep(ctx: PredictionContext) -> np.ndarray:
     )
 
 
-def mclstexp(ctx: PredictionContext) -> np.ndarray:
-    k = ctx.retrieval_k("mclstexp_k")
+def retrieval_mean(ctx: PredictionContext) -> np.ndarray:
+    return _mean_of_top_k(ctx, "retrieval_mean_k")
+
+
+def bleep(ctx: PredictionContext) -> np.ndarray:
+    return _mean_of_top_k(ctx, "bleep_k")
+
+
+def retrieval_weighted(ctx: PredictionContext) -> np.ndarray:
+    k = ctx.retrieval_k("retrieval_weighted_k")
     query = ctx.test_rows("image_embeddings")
-    if ctx.setting("mclstexp_smooth_query"):
+    if ctx.setting("retrieval_weighted_smooth_query"):
         query = spatial_neighbour_mean(query, ctx.spot_xy())
     return mclstexp_retrieval(ctx.train_stack("sentence_embeddings"), ctx.train_values, query, k=k)
 

@@ -18,7 +18,12 @@ from typing import Any
 
 from comtip.finetune.config import MODES as FINETUNE_MODES
 
-ENCODERS = ("comtip", "random")
+# The encoders whose embeddings methods read, and the rule that writes them
+# (results/embeddings/{encoder}/{sample}.npz): the pretrained CoMTIP and a seeded random
+# initialisation of it (embed_spots), and BLEEP trained as itself (train_bleep, embed_bleep).
+ENCODER_RULES = {"comtip": "embed_spots", "random": "embed_spots", "bleep": "embed_bleep"}
+ENCODERS = tuple(ENCODER_RULES)
+COMTIP_ENCODERS = tuple(e for e, rule in ENCODER_RULES.items() if rule == "embed_spots")
 
 # What a method reads besides the training and test gene sentences (which every method reads) and
 # the test sample's spots.h5ad (whose spots every prediction file copies):
@@ -105,22 +110,34 @@ METHODS: dict[str, Method] = {
         _ridge("comtip", "CoMTIP"),
         _ridge("random", "random-init (same architecture, seeded)"),
         Method(
-            "bleep_comtip",
-            "BLEEP's retrieval rule on CoMTIP embeddings: mean expression of the top-k training "
-            "spots whose sentence embedding is closest to the test image embedding",
-            "comtip.predict.methods:bleep",
+            "retrieval_mean_comtip",
+            "retrieval on CoMTIP's embeddings (BLEEP's prediction rule, not BLEEP): mean expression "
+            "of the top-k training spots whose sentence embedding is closest (cosine) to the test "
+            "image embedding",
+            "comtip.predict.methods:retrieval_mean",
             encoder="comtip",
             needs=(TEST_EMBEDDING, TRAIN_EMBEDDINGS),
-            settings=("bleep_k",),
+            settings=("retrieval_mean_k",),
         ),
         Method(
-            "mclstexp_comtip",
-            "mclSTExp's retrieval rule on CoMTIP embeddings: the top-k training spots by the "
-            "same cosine, weighted by 1 / L1 distance²",
-            "comtip.predict.methods:mclstexp",
+            "retrieval_weighted_comtip",
+            "retrieval on CoMTIP's embeddings (mclSTExp's prediction rule, not mclSTExp): the top-k "
+            "training spots by the same cosine, weighted by 1 / L1 distance²",
+            "comtip.predict.methods:retrieval_weighted",
             encoder="comtip",
             needs=(TEST_EMBEDDING, TRAIN_EMBEDDINGS, SPOT_XY),
-            settings=("mclstexp_k", "mclstexp_smooth_query"),
+            settings=("retrieval_weighted_k", "retrieval_weighted_smooth_query"),
+        ),
+        Method(
+            "bleep",
+            "BLEEP (Xie et al. 2023) trained as itself by `train_bleep` (its ResNet-50 and "
+            "expression projection heads, its soft-target loss) on CoMTIP's training spots and "
+            "budget; prediction: mean expression of the top-k training spots by cosine of "
+            "expression to image embedding",
+            "comtip.predict.methods:bleep",
+            encoder="bleep",
+            needs=(TEST_EMBEDDING, TRAIN_EMBEDDINGS),
+            settings=("bleep_k",),
         ),
         Method(
             "zeroshot",

@@ -34,20 +34,21 @@ TIMING_COLUMNS = ("samples_per_s", "data_wait_fraction")
 
 
 class MetricsLog:
-    """Append-only TSV of training metrics that can be cut back to a resumed step."""
+    """Append-only TSV of training metrics that can be cut back to a resumed step; ``columns``
+    (``step`` first) are CoMTIP's unless given (BLEEP's run has its own, ``comtip.baselines``)."""
 
-    def __init__(self, path: Path, resume_step: int):
-        self.path = path
+    def __init__(self, path: Path, resume_step: int, columns: tuple[str, ...] = COLUMNS):
+        self.path, self.columns = path, columns
         kept = []
         if path.exists() and resume_step > 0:
             lines = path.read_text().splitlines()
-            if lines and lines[0] == "\t".join(COLUMNS):
+            if lines and lines[0] == "\t".join(columns):
                 kept = [line for line in lines[1:] if line and int(line.split("\t", 1)[0]) <= resume_step]
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("\n".join(["\t".join(COLUMNS), *kept]) + "\n")
+        path.write_text("\n".join(["\t".join(columns), *kept]) + "\n")
 
     def append(self, row: dict[str, float]) -> None:
-        values = [str(int(row["step"]))] + [f"{row.get(c, float('nan')):.8g}" for c in COLUMNS[1:]]
+        values = [str(int(row["step"]))] + [f"{row.get(c, float('nan')):.8g}" for c in self.columns[1:]]
         with open(self.path, "a") as fh:
             fh.write("\t".join(values) + "\n")
 
