@@ -19,6 +19,8 @@ import pandas as pd
 import torch
 import yaml
 
+from comtip.training.launch import PRETRAIN
+
 REPO = Path(__file__).resolve().parents[1]
 LOSS_COLUMNS = ("loss", "loss_infonce", "loss_mfm", "loss_paat", "loss_value", "logit_scale")
 # the rules that run on the GPU when one is there (tests/_helpers/workflow.py: GPU_RULES)
@@ -52,7 +54,8 @@ class Run:
             model_config=model,
             train_config=train,
         )
-        (folder / "args.json").write_text(json.dumps(args))
+        # the worker entry point's format: launch.run_processes writes the same
+        (folder / "args.json").write_text(json.dumps({"target": PRETRAIN, "kwargs": args}))
         self.last = folder / "comtip.resume" / "last.pt"
         self.process: subprocess.Popen | None = None
 

@@ -331,8 +331,10 @@ def test_zeroshot_method_learns_its_prior_from_training_values_only(tmp_path, mo
     import pandas as pd
 
     import comtip.predict.methods as methods
+    import comtip.training.checkpoint as checkpoint
 
-    monkeypatch.setattr(methods, "load_pretrained", lambda path: (model, {"bin_edges": EDGES.tolist()}))
+    # the zeroshot method imports load_pretrained when it runs (torch stays out of the other methods' jobs)
+    monkeypatch.setattr(checkpoint, "load_pretrained", lambda path: (model, {"bin_edges": EDGES.tolist()}))
     rng = np.random.default_rng(6)
     genes = ["GENE1", "GENE4", "NOVEL"]
 
