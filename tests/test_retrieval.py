@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 
@@ -61,6 +63,41 @@ def test_pooled_check_over_all_samples_is_capped_at_a_seeded_subset(tmp_path):
     assert np.isclose(capped.loc[capped.spots == "all", "chance_median_rank"].iloc[0], 12.0)
     again = table(25)[1]
     assert capped.equals(again)  # seeded: the same subset every time
+
+
+def test_pooled_check_keeps_only_the_pool_and_scores_what_embedding_all_spots_would(tmp_path):
+    """Only the pooled subset's embeddings are kept across samples (memory bounded by max_pool,
+    not by the cohort); the subset and its scores are those of embedding every chosen spot and
+    drawing the pool from them afterwards."""
+    import numpy as np
+
+    from _helpers.pretraining import N_GENES, TINY_MODEL, make_cohort
+    from comtip.model import CoMTIP, ModelConfig
+    from comtip.training.data import SENTENCE_KEYS, SpotData, sample_files
+    from comtip.training.retrieval import accuracy_from_embeddings, embed, spot_retrieval
+
+    cohort = make_cohort(tmp_path)
+    data = SpotData(sample_files(cohort["samples"], cohort["patches"], cohort["indexes"], cohort["sentences"]))
+    torch.manual_seed(0)
+    model = CoMTIP(ModelConfig.from_dict(TINY_MODEL), [f"GENE{i}" for i in range(N_GENES)]).eval()
+    out = spot_retrieval(model, data, seed=5, max_spots=30, image_size=16, max_pool=17)
+    rng = np.random.default_rng(5)
+    chosen = [np.sort(rng.choice(np.flatnonzero(data.sample_of == i), 30, replace=False)) for i in range(2)]
+    spots = np.concatenate(chosen)
+    image, text = embed(model, data.images(spots), data.sentence_arrays(spots, SENTENCE_KEYS), 16)
+    keep = torch.from_numpy(np.sort(rng.choice(len(spots), 17, replace=False)))
+    expected = accuracy_from_embeddings(image[keep], text[keep], (1, 5))
+    pooled = out[out.spots == "all"].set_index("k")["accuracy"]
+    assert out.loc[out.spots == "all", "n_spots"].iloc[0] == 17
+    assert pooled.loc[1] == pytest.approx(expected["top1"])
+    assert pooled.loc[5] == pytest.approx(expected["top5"])
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
+def test_freed_heap_memory_is_given_back_on_glibc():
+    from comtip._core.memory import release_freed_memory
+
+    assert release_freed_memory() is True
 
 
 @pytest.mark.parametrize("batch", [1, 7, 1024])

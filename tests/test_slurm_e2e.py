@@ -47,6 +47,18 @@ def test_overlay_merge_replaces_nested_keys_and_removes_nulls():
     assert merge(base, over) == {"r": {"x": {"gpu": 0, "mem": 9}, "y": {"mem": 2}}, "d": {"p": "cpu"}}
 
 
+def test_overlay_asks_for_no_gpu_in_every_rule_the_profile_gives_one():
+    """The test node has no GPU device: a rule left at the profile's gpu: 1 makes sbatch refuse
+    the job ('Invalid generic resource (gres) specification'), as train_bleep once did."""
+    profile = merge(yaml.safe_load(PROFILE.read_text()), yaml.safe_load(OVERLAY.read_text()))
+    shipped = yaml.safe_load(PROFILE.read_text())["set-resources"]
+    gpu_rules = {rule for rule, res in shipped.items() if int(res.get("gpu", 0)) > 0}
+    assert gpu_rules >= {"pretrain", "train_bleep", "embed_bleep"}, gpu_rules
+    assert gpu_rules == GPU_RULES, gpu_rules ^ GPU_RULES
+    left = {rule for rule in gpu_rules if int(profile["set-resources"][rule].get("gpu", 0)) != 0}
+    assert not left, f"slurm_overlay.yaml leaves a GPU request in {sorted(left)}"
+
+
 def write_test_profile(folder: Path) -> Path:
     profile = merge(yaml.safe_load(PROFILE.read_text()), yaml.safe_load(OVERLAY.read_text()))
     folder.mkdir(parents=True)

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from comtip._core.memory import release_freed_memory
 from comtip.model import preprocess_images
 from comtip.training.data import SENTENCE_KEYS, TORCH_DTYPES, SpotData
 
@@ -148,24 +149,35 @@ def spot_retrieval(
     scored against every sentence of the pool — 200 slides × 1,000 spots would be 4·10¹⁰
     scores)."""
     rng = np.random.default_rng(seed)
-    results, image_embs, text_embs = {}, [], []
-    for index, files in enumerate(data.samples):
+    chosen = []
+    for index in range(len(data.samples)):
         spots = np.flatnonzero(data.sample_of == index)
         if len(spots) > max_spots:
             spots = np.sort(rng.choice(spots, max_spots, replace=False))
+        chosen.append(spots)
+    # which of the chosen spots enter the pooled check, decided before embedding anything, so
+    # that only those embeddings are kept (at most max_pool rows, whatever the cohort's size)
+    total = sum(len(spots) for spots in chosen)
+    in_pool = np.ones(total, dtype=bool)
+    if total > max_pool:
+        in_pool[:] = False
+        in_pool[rng.choice(total, max_pool, replace=False)] = True
+    results, image_embs, text_embs = {}, [], []
+    start = 0
+    for files, spots in zip(data.samples, chosen, strict=True):
         # one sample's patches in memory at a time (at most max_spots of them)
         image_emb, text_emb = embed(
             model, data.images(spots), data.sentence_arrays(spots, SENTENCE_KEYS), image_size, bf16=bf16
         )
         results[files.name] = accuracy_from_embeddings(image_emb, text_emb, k)
-        image_embs.append(image_emb)
-        text_embs.append(text_emb)
+        keep = torch.from_numpy(in_pool[start : start + len(spots)])
+        start += len(spots)
+        image_embs.append(image_emb[keep].clone())
+        text_embs.append(text_emb[keep].clone())
+        del image_emb, text_emb
+        release_freed_memory()  # else the heap grows with each sample's freed patches (glibc)
     if len(data.samples) > 1:
-        image_all, text_all = torch.cat(image_embs), torch.cat(text_embs)
-        if len(image_all) > max_pool:  # the pooled check is O(pool²): a seeded subset of the spots above
-            keep = torch.from_numpy(np.sort(rng.choice(len(image_all), max_pool, replace=False)))
-            image_all, text_all = image_all[keep], text_all[keep]
-        results["all"] = accuracy_from_embeddings(image_all, text_all, k)
+        results["all"] = accuracy_from_embeddings(torch.cat(image_embs), torch.cat(text_embs), k)
     table = retrieval_table(results, k)
     for row in table.itertuples():
         log.info(
