@@ -135,3 +135,34 @@ def test_gene_sets_from_panel_use_training_ranks():
     }
     assert "heldout" not in gene_sets_from_panel(panel.assign(heldout=False), n_top=2)
     assert gene_sets_from_panel(panel, n_top=50)["top50_heg"] == ["G2", "G3", "G4", "G1"]
+
+
+def test_run_evaluation_writes_the_pooled_pearson_and_the_paired_table(tmp_path):
+    import anndata as ad
+
+    from comtip.evaluation.run import run_evaluation
+
+    rng = np.random.default_rng(0)
+    genes = [f"g{i}" for i in range(6)]
+    panel = pd.DataFrame({"gene": genes, "mean_rank": range(6), "dispersion_rank": range(6), "heldout": False})
+    panel.to_csv(tmp_path / "panel.tsv", sep="\t", index=False)
+    truth, preds = {}, {}
+    for sample, offset in (("s1", 0.0), ("s2", 2.0)):
+        values = rng.normal(size=(40, 6)) + offset
+        np.savez(tmp_path / f"{sample}.npz", panel_genes=np.array(genes), panel_values=values)
+        truth[sample] = tmp_path / f"{sample}.npz"
+        for method, noise in (("ridge_comtip", 0.3), ("ridge_random", 3.0)):
+            pred = ad.AnnData(values + noise * rng.normal(size=values.shape))
+            pred.var_names = genes
+            preds[(sample, method)] = tmp_path / f"{sample}.{method}.h5ad"
+            pred.write_h5ad(preds[(sample, method)])
+    out = [tmp_path / name for name in ("metrics.tsv", "summary.tsv", "paired.tsv")]
+    summary = run_evaluation(truth, preds, tmp_path / "panel.tsv", *out, reference="ridge_comtip", n_boot=200)
+    row = summary.set_index(["method", "gene_set"]).loc[("ridge_comtip", "all")]
+    # pooled over slides whose means differ by 2: higher than within each slide
+    assert row["pearson_pooled_mean"] > row["pearson_mean"] > 0.8
+    paired = pd.read_csv(out[2], sep="\t")
+    assert set(paired["method"]) == {"ridge_random"} and set(paired["pearson"]) == {"per_slide", "pooled"}
+    assert (paired["ci_low"] > 0).all()
+    run_evaluation(truth, preds, tmp_path / "panel.tsv", *out, reference=None)
+    assert pd.read_csv(out[2], sep="\t").empty  # header only: no CoMTIP method among the evaluated

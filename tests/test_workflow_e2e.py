@@ -212,6 +212,22 @@ def test_pretraining_beats_a_random_encoder_of_the_same_architecture(demo_run):
         )
 
 
+def test_paired_table_compares_the_ridge_probe_with_every_other_method(demo_run):
+    """results/evaluation/paired.tsv: ridge_comtip (auto) minus every other method, both Pearson
+    kinds per gene set, consistent with summary.tsv; the pretrained-vs-random gap of the test
+    above is positive with its interval (one test slide: genes resampled)."""
+    paired = pd.read_csv(demo_run / "results" / "evaluation" / "paired.tsv", sep="\t")
+    summary = _summary(demo_run)
+    methods = {m for m, _ in summary.index} - {"ridge_comtip"}
+    assert set(paired["reference"]) == {"ridge_comtip"} and set(paired["method"]) == methods
+    assert set(paired["pearson"]) == {"per_slide", "pooled"}
+    row = paired.set_index(["method", "gene_set", "pearson"]).loc[("ridge_random", "all", "per_slide")]
+    assert row["reference_value"] == pytest.approx(summary.loc[("ridge_comtip", "all"), "pearson_mean"], abs=1e-6)
+    assert row["method_value"] == pytest.approx(summary.loc[("ridge_random", "all"), "pearson_mean"], abs=1e-6)
+    assert 0 < row["ci_low"] < row["difference"] < row["ci_high"]
+    assert row["resampled"].startswith("genes")
+
+
 def test_report_figures_and_html_report(demo_run):
     evaluation = demo_run / "results" / "evaluation"
     for name in ("summary_pearson.png", "training_curves.png", "maps/tiny_b.png"):

@@ -161,6 +161,7 @@ def validation_inputs(wildcards):
 
 # -- fine-tuning, prediction, evaluation -------------------------------------------------------
 
+from comtip.evaluation.paired import paired_reference  # noqa: E402
 from comtip.finetune.config import FinetuneConfig  # noqa: E402
 from comtip.predict import reference, registry  # noqa: E402
 
@@ -168,6 +169,7 @@ TEST_SAMPLES = samples_with_split("test")
 PREDICT_SAMPLES = [s for s in SAMPLES.index if SAMPLES.loc[s, "split"] == "predict" and s not in ST_SAMPLES]
 METHODS = list(config["evaluate"]["methods"])
 FINETUNE_MODES = [m.removeprefix("finetune_") for m in METHODS if m.startswith("finetune_")]
+PAIRED_REFERENCE = paired_reference(config["evaluate"]["paired_reference"], METHODS)
 if PREDICT_SAMPLES and config["evaluate"]["slide_model"] not in FINETUNE_MODES:
     FINETUNE_MODES.append(config["evaluate"]["slide_model"])
 # Checked now, so a wrong `finetune` key stops the run before any job, naming the key.

@@ -1,12 +1,15 @@
 rule evaluate:
     """Per test slide × gene × method: Pearson, Spearman, MSE, MAE; summary per method over all
-    panel genes, top-50 HEG / HVG (training statistics) and the held-out zero-shot genes."""
+    panel genes, top-50 HEG / HVG (training statistics) and the held-out zero-shot genes, with
+    the Pearson per slide and over the pooled test spots; paired differences CoMTIP − each other
+    method with bootstrap 95 % intervals (slides and genes resampled)."""
     input:
         unpack(evaluation_inputs),
         panel="results/genes/gene_panel.tsv",
     output:
         metrics="results/evaluation/metrics.tsv",
         summary=report("results/evaluation/summary.tsv", caption="../report/summary.rst", category="Evaluation"),
+        paired=report("results/evaluation/paired.tsv", caption="../report/paired.rst", category="Evaluation"),
     log:
         "logs/evaluate/evaluate.log",
     benchmark:
@@ -20,6 +23,9 @@ rule evaluate:
     params:
         test_samples=TEST_SAMPLES,
         prediction_keys=list(prediction_files()),
+        paired_reference=PAIRED_REFERENCE,
+        bootstrap=config["evaluate"]["bootstrap"],
+        seed=config["seed"],
     script:
         "../scripts/evaluate.py"
 

@@ -10,4 +10,8 @@ with rule_logging(snakemake.log[0]):
         snakemake.input.panel,
         snakemake.output.metrics,
         snakemake.output.summary,
+        snakemake.output.paired,
+        reference=snakemake.params.paired_reference,
+        n_boot=snakemake.params.bootstrap,
+        seed=snakemake.params.seed,
     )
