@@ -129,6 +129,8 @@ def perplexity_weights(
         return w
     if kernel != "gaussian":
         raise ValueError(f"kernel must be 'gaussian' or 'uniform', got {kernel!r}")
+    if perplexity >= k:
+        return np.full((n, k), 1.0 / k)
     d = d - d.min(axis=1, keepdims=True)  # the normalised weights and the entropy do not change
     target = math.log(perplexity)
     beta = np.ones(n)
