@@ -67,7 +67,9 @@ rule batch_mixing:
         unpack(batch_mixing_inputs),
     output:
         table="results/evaluation/batch_mixing.tsv",
-        figure=report("results/evaluation/batch_mixing.png", caption="../report/batch_mixing.rst", category="Evaluation"),
+        figure=report(
+            "results/evaluation/batch_mixing.png", caption="../report/batch_mixing.rst", category="Evaluation"
+        ),
     log:
         "logs/batch_mixing/batch_mixing.log",
     benchmark:

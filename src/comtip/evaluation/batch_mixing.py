@@ -350,5 +350,3 @@ def subsample_rows(n_per_sample: Mapping[str, int], seed: int, limit: int) -> di
         rng = np.random.default_rng([seed, zlib.crc32(str(sample).encode())])
         rows[sample] = np.sort(rng.choice(n, limit, replace=False))
     return rows
-
-

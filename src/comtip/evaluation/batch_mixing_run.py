@@ -4,7 +4,7 @@ for the expression and every encoder's image embeddings, on the same subsampled 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -139,7 +139,9 @@ def mixing_run(
         representations[encoder] = np.concatenate(
             [_read_embedding(files[s], s, expression[s][0], chosen[s]) for s in samples]
         )
-    per_spot = {label: np.concatenate([[values[s]] * len(chosen[s]) for s in samples]) for label, values in labels.items()}
+    per_spot = {
+        label: np.concatenate([[values[s]] * len(chosen[s]) for s in samples]) for label, values in labels.items()
+    }
     table = mixing_table(
         representations, per_spot, perplexity=perplexity, kernel=kernel, silhouette_spots=silhouette_spots, seed=seed
     )
