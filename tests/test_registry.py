@@ -85,6 +85,18 @@ def test_method_inputs_name_the_files_of_the_methods_encoder():
     }
 
 
+def test_encoders_of_lists_the_encoders_the_methods_read_in_registry_order():
+    assert registry.encoders_of(["mean", "finetune_linear"]) == []  # no method reads embeddings
+    assert registry.encoders_of(["bleep", "zeroshot", "ridge_random", "retrieval_mean_comtip"]) == [
+        "comtip",
+        "random",
+        "bleep",
+    ]
+    assert registry.encoders_of(list(registry.METHODS)) == list(registry.ENCODERS)
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        registry.encoders_of(["nope"])
+
+
 def test_every_encoder_is_written_by_one_rule_and_bleeps_is_not_embed_spots():
     rules = {name: block for _, name, block in rule_blocks()}
     assert set(registry.ENCODER_RULES.values()) <= set(rules)

@@ -238,6 +238,30 @@ def test_report_figures_and_html_report(demo_run):
     assert "summary_pearson.png" in html and "thumbnail.png" in html
 
 
+def test_batch_mixing_scores_the_expression_and_every_encoder_of_the_methods(demo_run):
+    """One row per representation (the expression, then the encoders the test config's methods
+    read, in registry order) x label (the slide; the sheet's patient, which varies; not its batch,
+    "demo" everywhere), on the training and test slides' spots."""
+    results = demo_run / "results"
+    table = pd.read_csv(results / "evaluation" / "batch_mixing.tsv", sep="\t")
+    representations = ["expression", "comtip", "random", "bleep"]
+    assert list(table["representation"]) == [r for r in representations for _ in ("sample", "patient")]
+    assert list(table["label"]) == ["sample", "patient"] * len(representations)
+    n_spots = sum(min(500, len(np.load(results / s / "gene_sentences.npz")["barcodes"])) for s in ("tiny_a", "tiny_b"))
+    assert (table["n_spots"] == n_spots).all() and (table["n_groups"] == 2).all()
+    assert table["ilisi_median"].between(1, 2).all() and table["ilisi_permuted"].between(1, 2).all()
+    assert table["silhouette"].between(-1, 1).all()
+    expression = table[table["representation"] == "expression"]
+    assert (expression["ilisi_norm_vs_expression"] == 0).all()
+    np.testing.assert_allclose(
+        table["ilisi_norm_vs_expression"],
+        table["ilisi_norm"] - np.repeat(expression["ilisi_norm"].to_numpy()[None], len(representations), 0).ravel(),
+        atol=1e-5,  # the table's 6 significant digits
+    )
+    with Image.open(results / "evaluation" / "batch_mixing.png") as im:
+        assert im.size[0] > 200 and im.size[1] > 200
+
+
 def test_virtual_visium_for_an_he_only_slide_covers_the_tissue(demo_run):
     results = demo_run / "results"
     virtual = ad.read_h5ad(results / "predictions" / PREDICT_SAMPLE / "virtual_visium.h5ad")

@@ -36,6 +36,8 @@ def all_outputs(wildcards):
         ]
     if TEST_SAMPLES:
         files += ["results/evaluation/summary.tsv", "results/evaluation/summary_pearson.png"]
+    if BATCH_MIXING:
+        files += ["results/evaluation/batch_mixing.tsv", "results/evaluation/batch_mixing.png"]
     files += [f"results/predictions/{s}/virtual_visium.h5ad" for s in PREDICT_SAMPLES]
     return files
 
@@ -245,3 +247,32 @@ def figure_inputs(wildcards):
         "spots": [f"results/{s}/spots.h5ad" for s in TEST_SAMPLES],
         "finetune_metrics": [f"results/models/finetune/{m}.metrics.tsv" for m in FINETUNE_MODES],
     }
+
+
+# -- batch mixing --------------------------------------------------------------------------------
+
+from comtip.evaluation.batch_mixing import sample_labels  # noqa: E402  (numpy and pandas only)
+
+# The slides whose spots are mixed: training and test (both have expression and embeddings).
+BATCH_MIXING_SAMPLES = samples_with_split("train") + TEST_SAMPLES
+BATCH_MIXING_ENCODERS = registry.encoders_of(METHODS)
+BATCH_MIXING = bool(config["evaluate"]["batch_mixing"]) and len(BATCH_MIXING_SAMPLES) >= 2
+
+
+def batch_mixing_inputs(wildcards):
+    """Gene sentences of the mixed slides and their embeddings by each encoder the methods read,
+    encoder-major, both in BATCH_MIXING_SAMPLES order."""
+    return {
+        "sentences": [f"results/{s}/gene_sentences.npz" for s in BATCH_MIXING_SAMPLES],
+        "embeddings": [
+            registry.EMBEDDINGS.format(encoder=e, sample=s) for e in BATCH_MIXING_ENCODERS for s in BATCH_MIXING_SAMPLES
+        ],
+    }
+
+
+def batch_mixing_labels():
+    """Label → {sample: value}: the slide, and the sheet's batch / patient when they vary; a
+    partially blank column stops the parse (only when batch mixing runs)."""
+    if not BATCH_MIXING:
+        return {}
+    return sample_labels(SAMPLES, BATCH_MIXING_SAMPLES, sheet_path=config["samples"])

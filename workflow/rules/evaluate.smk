@@ -63,3 +63,38 @@ rule evaluation_figures:
         n_map_genes=config["evaluate"]["map_genes"],
     script:
         "../scripts/evaluation_figures.py"
+
+
+rule batch_mixing:
+    """How well the spots of different slides mix in the expression and in each encoder's image
+    embeddings: iLISI (normalised by its permuted value), kBET acceptance, batch silhouette, per
+    label (slide, and the sheet's batch / patient when they vary)."""
+    input:
+        unpack(batch_mixing_inputs),
+    output:
+        table="results/evaluation/batch_mixing.tsv",
+        figure=report(
+            "results/evaluation/batch_mixing.png", caption="../report/batch_mixing.rst", category="Evaluation"
+        ),
+    log:
+        "logs/batch_mixing/batch_mixing.log",
+    benchmark:
+        "logs/benchmark/batch_mixing/batch_mixing.tsv"
+    conda:
+        "../../envs/imaging.yaml"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=30,
+    params:
+        samples=BATCH_MIXING_SAMPLES,
+        encoders=BATCH_MIXING_ENCODERS,
+        labels=batch_mixing_labels(),
+        spots_per_slide=config["evaluate"]["batch_mixing_spots_per_slide"],
+        perplexity=config["evaluate"]["batch_mixing_perplexity"],
+        kernel=config["evaluate"]["batch_mixing_kernel"],
+        pca_dim=config["evaluate"]["batch_mixing_pca_dim"],
+        silhouette_spots=config["evaluate"]["batch_mixing_silhouette_spots"],
+        seed=config["seed"],
+    script:
+        "../scripts/batch_mixing.py"

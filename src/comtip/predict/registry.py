@@ -12,7 +12,7 @@ both checked against this registry by ``tests/test_registry.py``.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -163,6 +163,13 @@ def method(name: str) -> Method:
         return METHODS[name]
     except KeyError:
         raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}") from None
+
+
+def encoders_of(methods: Iterable[str]) -> list[str]:
+    """The encoders (in :data:`ENCODERS` order) whose embeddings the methods ``methods`` read;
+    a ``ValueError`` for an unknown name."""
+    used = {method(name).encoder for name in methods}
+    return [e for e in ENCODERS if e in used]
 
 
 def method_inputs(name: str, sample: str, pretrained: str) -> dict[str, str]:
