@@ -16,7 +16,7 @@ from comtip._core.errors import ConfigError, PipelineInputError
 from comtip.baselines.bleep_model import ProjectionHead, bleep_loss
 from comtip.baselines.mclstexp_config import MclstexpConfig
 from comtip.baselines.mclstexp_embed import embed_mclstexp_sample, load_mclstexp
-from comtip.baselines.mclstexp_model import MclSTExp, SpotEncoder
+from comtip.baselines.mclstexp_model import MclSTExp, SpotEncoder, mclstexp_loss
 from comtip.baselines.mclstexp_train import SlideBatchPlan, read_array_positions, train_mclstexp
 from comtip.model.config import ModelConfig
 from comtip.model.vision import preprocess_images
@@ -117,11 +117,42 @@ def test_model_shapes_and_heads():
         assert model.encode_expression(expression, positions).shape == (5, 256)
         loss = model(images, expression, positions)
         image_emb, spot_emb = model.encode_image(images), model.encode_expression(expression, positions)
-    assert loss.item() == pytest.approx(bleep_loss(image_emb, spot_emb, 1.0).item(), rel=1e-5)  # BLEEP's loss
+        soft = MclSTExp(MclstexpConfig(**{**TINY.to_dict(), "loss": "bleep"}), ModelConfig(), N_GENES, 16).eval()
+        soft.load_state_dict(model.state_dict())
+        soft_loss = soft(images, expression, positions)
+    assert loss.item() == pytest.approx(mclstexp_loss(image_emb, spot_emb, 1.0).item(), rel=1e-5)
+    assert soft_loss.item() == pytest.approx(bleep_loss(image_emb, spot_emb, 1.0).item(), rel=1e-5)
     with pytest.raises(ConfigError, match=r"mclstexp\.image_encoder"):
         MclSTExp(MclstexpConfig(image_encoder="no_such_net"), ModelConfig(), N_GENES, 16)
     with pytest.raises(ConfigError, match=r"mclstexp\.pretrained_weights': no such file"):
         MclSTExp(MclstexpConfig(image_encoder="resnet10t", pretrained_weights="/no/such.pth"), ModelConfig(), 3, 16)
+
+
+def test_the_loss_is_mclstexps_identity_target_cross_entropy():
+    image = torch.tensor([[1.0, 0.5, -0.2], [0.1, -1.0, 0.3], [0.7, 0.2, 0.9]], dtype=torch.float64)
+    spot = torch.tensor([[0.8, -0.1, 0.4], [0.3, -0.9, 0.1], [0.0, 0.5, 1.2]], dtype=torch.float64)
+    for t in (1.0, 0.5):
+        logits = (spot @ image.T / t).tolist()
+        by_row = [-(row[i] - np.log(np.exp(row).sum())) for i, row in enumerate(logits)]
+        columns = np.array(logits).T
+        by_col = [-(col[i] - np.log(np.exp(col).sum())) for i, col in enumerate(columns)]
+        expected = (np.mean(by_row) + np.mean(by_col)) / 2
+        assert mclstexp_loss(image, spot, t).item() == pytest.approx(expected, rel=1e-12)
+    # no normalisation before the logits: scaling changes the loss
+    assert mclstexp_loss(3 * image, 3 * spot).item() != pytest.approx(mclstexp_loss(image, spot).item(), rel=1e-3)
+
+
+def test_defaults_are_mclstexps_code():
+    cfg = MclstexpConfig()
+    assert (cfg.image_encoder, cfg.dropout, cfg.loss, cfg.temperature) == ("densenet121", 0.0, "clip", 1.0)
+    assert (cfg.heads, cfg.head_dim, cfg.layers, cfg.projection_dim) == (8, 64, 2, 256)
+    assert (cfg.lr, cfg.weight_decay, cfg.color_jitter, cfg.batch_from, cfg.embed_batch_size) == (
+        1e-4,
+        1e-3,
+        0.5,
+        "mixed",
+        32,
+    )
 
 
 def test_a_spot_attends_to_the_other_spots_of_its_batch():
@@ -235,9 +266,10 @@ def test_embeddings_are_the_encoders_on_consecutive_batches_in_the_keys_retrieva
         images = preprocess_images(torch.from_numpy(np.load(toy["patches"][0])), 16, model.image_mean, model.image_std)
         np.testing.assert_allclose(emb["image_embeddings"], model.encode_image(images).numpy(), rtol=1e-4, atol=1e-5)
         values = torch.from_numpy(sentences["panel_values"])
-        # the spot context: batches of the training batch size (8), in file order
-        first = model.encode_expression(values[:8], torch.from_numpy(positions[:8])).numpy()
-    np.testing.assert_allclose(emb["sentence_embeddings"][:8], first, rtol=1e-4, atol=1e-5)
+        # the spot context: consecutive batches of embed_batch_size (32), in file order
+        first = model.encode_expression(values[:32], torch.from_numpy(positions[:32])).numpy()
+        rest = model.encode_expression(values[32:], torch.from_numpy(positions[32:])).numpy()
+    np.testing.assert_allclose(emb["sentence_embeddings"], np.concatenate([first, rest]), rtol=1e-4, atol=1e-5)
     data = dict(sentences)
     data["panel_genes"] = data["panel_genes"][::-1]
     np.savez(tmp_path / "other.npz", **data)
@@ -269,6 +301,8 @@ def test_the_budget_is_pretrainings_and_the_optimiser_mclstexps():
         ({"color_jitter": 1.2}, r"'mclstexp\.color_jitter': must be in \[0, 0\.99\]"),
         ({"dropout": 1}, r"'mclstexp\.dropout': must be in \[0, 1\)"),
         ({"batch_size": 0}, r"'mclstexp\.batch_size': must be an integer >= 1"),
+        ({"loss": "infonce"}, r"'mclstexp\.loss': must be one of clip, bleep"),
+        ({"embed_batch_size": 0}, r"'mclstexp\.embed_batch_size': must be an integer >= 1"),
         ({"heads_num": 8}, r"'mclstexp\.heads_num': unknown option \(known: .*heads"),
     ],
 )

@@ -70,7 +70,9 @@ def _load_weights(encoder: nn.Module, path: str | Path, section: str = "bleep") 
     try:
         result = encoder.load_state_dict(state, strict=False)
     except RuntimeError as err:
-        raise ConfigError(f"config key '{section}.pretrained_weights': {path} does not match the encoder: {err}") from err
+        raise ConfigError(
+            f"config key '{section}.pretrained_weights': {path} does not match the encoder: {err}"
+        ) from err
     if result.missing_keys or result.unexpected_keys:
         raise ConfigError(
             f"config key '{section}.pretrained_weights': {path} does not match the encoder (missing "

@@ -3,11 +3,14 @@ workflow checks them when it parses the config, before any job starts.
 
 Two kinds of setting (``docs/evaluation.md``, "mclSTExp trained as itself"):
 
-* **mclSTExp's own** (Min et al. 2024, ``shizhiceng/mclSTExp``: ``model.py``, ``train.py``,
-  ``dataset.py``), defaults here: BLEEP's image encoder and projection heads (ResNet-50, 256-d,
-  dropout 0.1), the spot-level Transformer (2 pre-norm layers, 8 heads x 64, learnable array row /
-  column embeddings of 128 entries each), BLEEP's loss at temperature 1.0, Adam lr 1e-4 and
-  weight decay 1e-3, colour jitter 0.5, batches that mix the slides (``batch_from: mixed``).
+* **mclSTExp's own** (Min et al. 2024, ``ZhicengShi/mclSTExp``: ``model.py``, ``train.py``,
+  ``dataset.py``, ``evel_her2st.py``), defaults here: its DenseNet-121 image encoder (``train.py``'s
+  ``--encoder_name``; ``resnet50`` is its other CNN), BLEEP's projection-head module (256-d,
+  dropout 0 as ``--dropout``), the spot-level Transformer (2 pre-norm layers, 8 heads x 64,
+  learnable array row / column embeddings, 128 entries each here), the CLIP loss with identity
+  targets at temperature 1.0 (``loss: bleep`` = BLEEP's soft targets instead), Adam lr 1e-4 and
+  weight decay 1e-3, colour jitter 0.5, batches that mix the slides (``batch_from: mixed``), and
+  reference embeddings computed in batches of 32 consecutive spots (``embed_batch_size``).
 * **Shared with CoMTIP's pretraining** (``pretrain.*``, ``model.image_size``, ``seed``), taken
   from there unless set under ``mclstexp``: as BLEEP's (``bleep_config.SHARED_KEYS``).
 """
@@ -25,6 +28,8 @@ SECTION = "mclstexp"
 # where a batch's spots come from: mixed = pretrain's sampler over all training slides (as
 # mclSTExp's train.py, which concatenates the slides' datasets and shuffles); slide = one slide
 BATCH_FROM = ("mixed", "slide")
+# clip = mclSTExp's model.py (cross-entropy against identity targets); bleep = BLEEP's soft targets
+LOSSES = ("clip", "bleep")
 
 
 @dataclass(frozen=True)
@@ -32,11 +37,12 @@ class MclstexpConfig:
     """mclSTExp's model and optimiser (its code's settings by default) and the budget overrides
     (``None`` = as ``pretrain``)."""
 
-    image_encoder: str = "resnet50"  # a timm model name, or comtip_vit (as bleep.image_encoder)
+    image_encoder: str = "densenet121"  # a timm model name, or comtip_vit (as bleep.image_encoder)
     pretrained_weights: str | None = None  # a local state dict; None = random initialisation
     projection_dim: int = 256
-    dropout: float = 0.1  # of the projection heads (the Transformer's dropout is 0, as mclSTExp's)
+    dropout: float = 0.0  # of the projection heads (mclSTExp: 0, as everywhere in its model)
     temperature: float = 1.0
+    loss: str = "clip"
     heads: int = 8
     head_dim: int = 64
     layers: int = 2
@@ -46,6 +52,7 @@ class MclstexpConfig:
     weight_decay: float = 1e-3
     color_jitter: float = 0.5
     batch_from: str = "mixed"
+    embed_batch_size: int = 32  # the spot encoder's context when embedding (evel_her2st.py's loader)
     image_size: int | None = None  # None = model.image_size (the patches CoMTIP sees)
     epochs: int | None = None
     max_steps: int | None = None
@@ -70,7 +77,7 @@ class MclstexpConfig:
     def check(self) -> None:
         if not isinstance(self.image_encoder, str) or not self.image_encoder:
             raise ConfigError(f"config key '{SECTION}.image_encoder': a timm model name or {COMTIP_VIT!r}")
-        required = ("projection_dim", "heads", "head_dim", "layers", "array_rows", "array_cols")
+        required = ("projection_dim", "heads", "head_dim", "layers", "array_rows", "array_cols", "embed_batch_size")
         for key in (*required, "image_size", "epochs", "max_steps", "batch_size", "grad_accum"):
             value = getattr(self, key)
             if (value is not None or key in required) and (
@@ -88,6 +95,8 @@ class MclstexpConfig:
             raise ConfigError(f"config key '{SECTION}.weight_decay': must be >= 0, got {self.weight_decay}")
         if not 0 <= self.color_jitter <= 0.99:
             raise ConfigError(f"config key '{SECTION}.color_jitter': must be in [0, 0.99], got {self.color_jitter}")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"config key '{SECTION}.loss': must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.batch_from not in BATCH_FROM:
             raise ConfigError(
                 f"config key '{SECTION}.batch_from': must be one of {', '.join(BATCH_FROM)}, got {self.batch_from!r}"

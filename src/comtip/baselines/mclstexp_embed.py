@@ -4,9 +4,10 @@
 in ``gene_sentences.npz`` order, ``features`` (pooled backbone features), ``image_embeddings``
 (the image projection) and ``sentence_embeddings`` (the spot encoder's embeddings: expression +
 array position through the spot Transformer, then the projection). The spot encoder sees its
-batch: here, as in mclSTExp's ``evel_her2st.py`` (an unshuffled loader over the slide), the
-sample's spots in file order, in consecutive batches of the training batch size (the last one
-shorter). The image side sees one spot at a time, so test queries do not depend on batching.
+batch: here, as in mclSTExp's ``evel_her2st.py`` (an unshuffled loader of batch 32), the
+sample's spots in file order, in consecutive batches of ``mclstexp.embed_batch_size`` (the last
+one shorter; mclSTExp's loader runs over all slides concatenated, so its batches may straddle two
+slides, ours never do). The image side sees one spot at a time, so test queries do not depend on batching.
 """
 
 from __future__ import annotations
@@ -59,10 +60,10 @@ def embed_mclstexp_sample(
     sample: str | None = None,
 ) -> None:
     """Features, image and spot embeddings of every spot of one sample (eval mode, no grad);
-    ``batch_size`` (the spot encoder's context) defaults to the training batch size."""
+    ``batch_size`` (the spot encoder's context) defaults to the checkpoint's ``embed_batch_size``."""
     model, info = load_mclstexp(checkpoint)
     model.to(device)
-    batch_size = int(batch_size or info["train_config"]["batch_size"])
+    batch_size = int(batch_size or model.cfg.embed_batch_size)
     patches = np.load(patches_npy, mmap_mode="r")
     if patches.dtype != np.uint8 or patches.ndim != 4 or patches.shape[3] != 3:
         raise PipelineInputError(

@@ -1,8 +1,9 @@
 """mclSTExp's bi-encoder (Min et al. 2024; ``shizhiceng/mclSTExp`` ``model.py``), written from its
 code's arithmetic.
 
-* Image side: BLEEP's (``bleep_model.build_image_encoder``: a timm ResNet-50, pooled features, no
-  classifier) and BLEEP's projection head to 256-d.
+* Image side: a timm CNN built as BLEEP's (``bleep_model.build_image_encoder``: pooled features,
+  no classifier), DenseNet-121 by default as mclSTExp's ``train.py`` (1024-d; torchvision's there,
+  the same architecture), and the projection-head module BLEEP and mclSTExp share, to 256-d.
 * Spot side, the "spot-level Transformer" (spots as words): a spot's token is its expression
   vector over the panel genes plus two learnable position embeddings of the same width, looked
   up by the spot's ``array_row`` and ``array_col``. The spots of one batch form one sequence
@@ -10,12 +11,15 @@ code's arithmetic.
   layers ``x + Attention(LN(x))``, ``x + FeedForward(LN(x))``: hand-written multi-head attention
   (8 heads x 64, no qkv bias, an output projection back to the panel width), a feed-forward of
   the panel width with GELU, dropout 0, no final norm; then BLEEP's projection head.
-* Loss: BLEEP's (``bleep_model.bleep_loss``) between the image and spot projections.
+* Loss: mclSTExp's (``mclstexp_loss``): logits = spot · imageᵀ / T, cross-entropy against the
+  identity in both directions, averaged; no normalisation before the logits (as BLEEP's).
+  ``mclstexp.loss: bleep`` puts BLEEP's soft targets (``bleep_model.bleep_loss``) in its place.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from comtip.baselines.bleep_model import ProjectionHead, bleep_loss, build_image_encoder
@@ -25,6 +29,14 @@ from comtip.model.config import ModelConfig
 # mclSTExp feeds its images as torchvision's ToTensor makes them (0-1, no ImageNet normalisation)
 IMAGE_MEAN = (0.0, 0.0, 0.0)
 IMAGE_STD = (1.0, 1.0, 1.0)
+
+
+def mclstexp_loss(image_emb: torch.Tensor, spot_emb: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """mclSTExp's loss (``mclSTExp_Attention.forward``) of (B, D) un-normalised embeddings: the
+    spot-to-image logits against identity targets, both directions, averaged."""
+    logits = spot_emb @ image_emb.T / temperature
+    targets = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2.0
 
 
 class Attention(nn.Module):
@@ -99,6 +111,7 @@ class MclSTExp(nn.Module):
         self.spot_encoder = SpotEncoder(cfg, n_genes)
         self.spot_projection = ProjectionHead(n_genes, cfg.projection_dim, cfg.dropout)
         self.temperature = cfg.temperature
+        self.loss = bleep_loss if cfg.loss == "bleep" else mclstexp_loss
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) preprocessed images → (B, C) pooled backbone features."""
@@ -111,18 +124,8 @@ class MclSTExp(nn.Module):
         """The spots' embeddings, each in the context of the others of the same call (the batch)."""
         return self.spot_projection(self.spot_encoder(expression, positions))
 
-    def check_positions(self, positions: torch.Tensor) -> None:
-        """ValueError unless every (row, col) has an embedding (callers name the sample)."""
-        for axis, (key, size) in enumerate((("array_rows", self.cfg.array_rows), ("array_cols", self.cfg.array_cols))):
-            values = positions[:, axis]
-            if len(values) and (int(values.min()) < 0 or int(values.max()) >= size):
-                raise ValueError(
-                    f"{('array_row', 'array_col')[axis]} runs {int(values.min())}..{int(values.max())}, "
-                    f"beyond the {size} position embeddings of config key '{SECTION}.{key}'; raise it"
-                )
-
     def forward(self, images: torch.Tensor, expression: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The loss of a batch; the loss itself in float32 under bf16 autocast (as BLEEP's)."""
         image_emb, spot_emb = self.encode_image(images), self.encode_expression(expression, positions)
         with torch.autocast(images.device.type, enabled=False):
-            return bleep_loss(image_emb.float(), spot_emb.float(), self.temperature)
+            return self.loss(image_emb.float(), spot_emb.float(), self.temperature)

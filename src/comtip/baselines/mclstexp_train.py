@@ -92,7 +92,10 @@ class MclstexpSpots(BleepSpots):
         ]
         # the global index's (sample, row) → its position, once (2 integers a spot)
         self.positions = np.stack([per_sample[k][r] for k, r in zip(self.sample_of, self.row_of, strict=True)])
-        self.fingerprint = {**self.fingerprint, "positions_sha256": hashlib.sha256(self.positions.tobytes()).hexdigest()}
+        self.fingerprint = {
+            **self.fingerprint,
+            "positions_sha256": hashlib.sha256(self.positions.tobytes()).hexdigest(),
+        }
 
     def __getitem__(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
         batch = super().__getitem__(indices)

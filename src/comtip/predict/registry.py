@@ -154,7 +154,7 @@ METHODS: dict[str, Method] = {
             "comtip.predict.methods:mclstexp",
             encoder="mclstexp",
             needs=(TEST_EMBEDDING, TRAIN_EMBEDDINGS),
-            settings=("mclstexp_k",),
+            settings=("mclstexp_top_k",),
         ),
         Method(
             "zeroshot",
