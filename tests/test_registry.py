@@ -48,6 +48,7 @@ def test_every_method_resolves_to_a_function_of_the_rule_it_names():
         "retrieval_mean_comtip",
         "retrieval_weighted_comtip",
         "bleep",
+        "mclstexp",
         "zeroshot",
     )
     assert [m.name for m in registry.METHODS.values() if m.rule == "predict_finetuned"] == [
@@ -103,12 +104,16 @@ def test_every_encoder_is_written_by_one_rule_and_bleeps_is_not_embed_spots():
     assert registry.ENCODER_RULES["bleep"] == "embed_bleep" and registry.COMTIP_ENCODERS == ("comtip", "random")
     assert "registry.COMTIP_ENCODERS" in rules["embed_spots"]  # embed_spots never matches embeddings/bleep/
     assert "results/embeddings/bleep/{sample}.npz" in rules["embed_bleep"]
+    assert registry.ENCODER_RULES["mclstexp"] == "embed_mclstexp"
+    assert "results/embeddings/mclstexp/{sample}.npz" in rules["embed_mclstexp"]
     # the renamed methods are gone from the registry, their new names and BLEEP itself are in it
     for old, new in RENAMED["evaluate.methods"].items():
         assert old not in registry.METHODS and new in registry.METHODS
     for old, new in RENAMED["evaluate"].items():
         assert old not in DEFAULT_SETTINGS and new in DEFAULT_SETTINGS
     assert registry.method("bleep").encoder == "bleep" and registry.method("bleep").settings == ("bleep_k",)
+    mcl = registry.method("mclstexp")
+    assert mcl.encoder == "mclstexp" and mcl.settings == ("mclstexp_top_k",)
 
 
 def test_unknown_and_other_rule_methods_are_refused(tmp_path):

@@ -106,7 +106,16 @@ def _summary(demo_run) -> pd.DataFrame:
 def test_every_method_predicts_every_test_spot(demo_run):
     spots = ad.read_h5ad(demo_run / "results" / "tiny_b" / "spots.h5ad")
     panel = pd.read_csv(demo_run / "results" / "genes" / "gene_panel.tsv", sep="\t")
-    methods = ("mean", "ridge_comtip", "ridge_random", "retrieval_mean_comtip", "bleep", "zeroshot", "finetune_linear")
+    methods = (
+        "mean",
+        "ridge_comtip",
+        "ridge_random",
+        "retrieval_mean_comtip",
+        "bleep",
+        "mclstexp",
+        "zeroshot",
+        "finetune_linear",
+    )
     for method in methods:
         pred = ad.read_h5ad(demo_run / "results" / "predictions" / "tiny_b" / f"{method}.h5ad")
         assert list(pred.obs_names) == list(spots.obs_names), method

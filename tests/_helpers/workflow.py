@@ -16,7 +16,17 @@ TEST_CONFIG = REPO / ".test" / "config"
 SAMPLES = {"tiny_a": "train", "tiny_v": "val", "tiny_b": "test"}
 PREDICT_SAMPLE = "tiny_p"  # H&E only: no Space Ranger folder
 # The rules that ask for a GPU (test_profiles checks the workflow declares exactly these).
-GPU_RULES = {"pretrain", "train_bleep", "finetune", "embed_spots", "embed_bleep", "predict_finetuned", "predict_slide"}
+GPU_RULES = {
+    "pretrain",
+    "train_bleep",
+    "train_mclstexp",
+    "finetune",
+    "embed_spots",
+    "embed_bleep",
+    "embed_mclstexp",
+    "predict_finetuned",
+    "predict_slide",
+}
 
 
 def snakemake_command(workdir: Path, *args: str) -> list[str]:

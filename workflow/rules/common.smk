@@ -134,6 +134,13 @@ BLEEP_CONFIG = BleepConfig.from_dict(config["bleep"]).to_dict()
 BLEEP_TRAIN_CONFIG = BleepConfig.from_dict(config["bleep"]).train_config(config["pretrain"], config["seed"])
 TrainConfig.from_dict(BLEEP_TRAIN_CONFIG)
 
+from comtip.baselines.mclstexp_config import MclstexpConfig  # noqa: E402
+
+# mclSTExp trained as itself (by train_mclstexp): likewise.
+MCLSTEXP_CONFIG = MclstexpConfig.from_dict(config["mclstexp"]).to_dict()
+MCLSTEXP_TRAIN_CONFIG = MclstexpConfig.from_dict(config["mclstexp"]).train_config(config["pretrain"], config["seed"])
+TrainConfig.from_dict(MCLSTEXP_TRAIN_CONFIG)
+
 
 wildcard_constraints:
     model="[A-Za-z0-9_-]+",
@@ -148,6 +155,12 @@ def training_inputs(wildcards):
         "index": [f"results/{s}/spot_patches.parquet" for s in train],
         "sentences": [f"results/{s}/gene_sentences.npz" for s in train],
     }
+
+
+def spot_training_inputs(wildcards):
+    """training_inputs plus the training samples' spots.h5ad (mclSTExp reads their array row and
+    column)."""
+    return {**training_inputs(wildcards), "spots": [f"results/{s}/spots.h5ad" for s in samples_with_split("train")]}
 
 
 def validation_inputs(wildcards):

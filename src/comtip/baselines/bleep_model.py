@@ -28,6 +28,7 @@ from torch import nn
 
 from comtip._core.errors import ConfigError
 from comtip.baselines.bleep_config import COMTIP_VIT, BleepConfig
+from comtip.baselines.mclstexp_config import MclstexpConfig
 from comtip.model.config import ModelConfig
 from comtip.model.vision import load_vit_weights
 
@@ -60,26 +61,31 @@ def bleep_loss(image_emb: torch.Tensor, spot_emb: torch.Tensor, temperature: flo
     return ((images_loss + spots_loss) / 2.0).mean()
 
 
-def _load_weights(encoder: nn.Module, path: str | Path) -> None:
+def _load_weights(encoder: nn.Module, path: str | Path, section: str = "bleep") -> None:
     """A local timm state dict, strictly (a classifier head in the file is dropped)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config key 'bleep.pretrained_weights': no such file {path.resolve()}")
+        raise ConfigError(f"config key '{section}.pretrained_weights': no such file {path.resolve()}")
     state = {k: v for k, v in load_state_dict(str(path), use_ema=False).items() if not k.startswith(("fc.", "head."))}
     try:
         result = encoder.load_state_dict(state, strict=False)
     except RuntimeError as err:
-        raise ConfigError(f"config key 'bleep.pretrained_weights': {path} does not match the encoder: {err}") from err
+        raise ConfigError(
+            f"config key '{section}.pretrained_weights': {path} does not match the encoder: {err}"
+        ) from err
     if result.missing_keys or result.unexpected_keys:
         raise ConfigError(
-            f"config key 'bleep.pretrained_weights': {path} does not match the encoder (missing "
+            f"config key '{section}.pretrained_weights': {path} does not match the encoder (missing "
             f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}, first 5 of each)"
         )
-    log.info("BLEEP image encoder: loaded pretrained weights from %s", path)
+    log.info("%s image encoder: loaded pretrained weights from %s", section, path)
 
 
-def build_image_encoder(cfg: BleepConfig, model_cfg: ModelConfig, image_size: int) -> nn.Module:
-    """The timm backbone (pooled features, no classifier); random init unless weights are given."""
+def build_image_encoder(
+    cfg: BleepConfig | MclstexpConfig, model_cfg: ModelConfig, image_size: int, section: str = "bleep"
+) -> nn.Module:
+    """The timm backbone (pooled features, no classifier); random init unless weights are given.
+    ``section`` (``bleep`` or ``mclstexp``, whose image encoder is BLEEP's) names the config keys."""
     if cfg.image_encoder == COMTIP_VIT:
         kwargs = {"img_size": image_size, "num_classes": 0, **model_cfg.vision_kwargs}
         encoder = timm.create_model(model_cfg.vision_model, pretrained=False, **kwargs)
@@ -90,11 +96,11 @@ def build_image_encoder(cfg: BleepConfig, model_cfg: ModelConfig, image_size: in
         try:
             encoder = timm.create_model(cfg.image_encoder, pretrained=False, num_classes=0, global_pool="avg")
         except RuntimeError as err:  # timm: "Unknown model"
-            raise ConfigError(f"config key 'bleep.image_encoder': {err}") from err
+            raise ConfigError(f"config key '{section}.image_encoder': {err}") from err
         name = cfg.image_encoder
         if cfg.pretrained_weights is not None:
-            _load_weights(encoder, cfg.pretrained_weights)
-    log.debug("BLEEP image encoder %s built", name)
+            _load_weights(encoder, cfg.pretrained_weights, section)
+    log.debug("%s image encoder %s built", section, name)
     return encoder
 
 

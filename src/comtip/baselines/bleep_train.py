@@ -21,8 +21,9 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -87,7 +88,14 @@ class BleepSpots(SpotData):
 
 
 class BleepTrainer:
-    """One BLEEP run; ``run()`` trains from scratch or from the resume checkpoint."""
+    """One BLEEP run; ``run()`` trains from scratch or from the resume checkpoint.
+
+    The hooks (``_batch_plan``, ``_build_model``, ``_build_optimizer``, ``_model_inputs``) are what
+    another bi-encoder trained on this data path (``mclstexp_train.MclstexpTrainer``) replaces."""
+
+    NAME = "BLEEP"  # in the log
+    SECTION = "bleep"  # the config key; the checkpoint's kind and settings key
+    KIND = KIND
 
     def __init__(
         self,
@@ -106,23 +114,27 @@ class BleepTrainer:
             procs,
             folder,
         )
-        self.plan = BatchPlan.for_run(train_cfg, data.sample_sizes, procs.world_size)
+        self.plan = self._batch_plan()
         data.readahead_block = train_cfg.block_size if train_cfg.sampler == "blocks" else 0
         self.total = total_steps(train_cfg, self.plan.steps_per_epoch)
         self.image_size = cfg.resolved_image_size(model_cfg.image_size)
         self.definition = ckpt.run_definition(
-            {"bleep": cfg.to_dict(), "backbone": self.backbone(), "image_size": self.image_size},
+            {self.SECTION: cfg.to_dict(), "backbone": self.backbone(), "image_size": self.image_size},
             train_cfg.to_dict(),
             {**data.fingerprint, "panel_genes": data.panel_genes},
             world_size=procs.world_size,
             device_type=procs.device.type,
         )
         torch.manual_seed(derive_seed(train_cfg.seed, STREAM_INIT))  # the same initial weights on every process
-        self.model = BLEEP(cfg, model_cfg, len(data.panel_genes), self.image_size).to(procs.device)
+        self.model = self._build_model().to(procs.device)
         if cfg.pretrained_weights is None:
-            log.info("BLEEP image encoder %s: no bleep.pretrained_weights, random initialisation", cfg.image_encoder)
-        # BLEEP_main.py: AdamW(model.parameters()), every parameter decayed, no scheduler
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+            log.info(
+                "%s image encoder %s: no %s.pretrained_weights, random initialisation",
+                self.NAME,
+                cfg.image_encoder,
+                self.SECTION,
+            )
+        self.optimizer = self._build_optimizer()
         self.step = 0
         state = ckpt.load_resume(folder, self.definition)
         if state is not None:
@@ -140,6 +152,20 @@ class BleepTrainer:
             if procs.world_size > 1
             else None
         )
+
+    def _batch_plan(self) -> BatchPlan:
+        return BatchPlan.for_run(self.train_cfg, self.data.sample_sizes, self.procs.world_size)
+
+    def _build_model(self) -> torch.nn.Module:
+        return BLEEP(self.cfg, self.model_cfg, len(self.data.panel_genes), self.image_size)
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        # BLEEP_main.py: AdamW(model.parameters()), every parameter decayed, no scheduler
+        return torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+    def _model_inputs(self, raw: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """What the model takes besides the images: BLEEP's expression vectors."""
+        return (raw["expression"].to(self.procs.device, non_blocking=True),)
 
     def backbone(self) -> dict | None:
         """The CoMTIP backbone's architecture when ``comtip_vit`` borrows it (else None)."""
@@ -164,15 +190,15 @@ class BleepTrainer:
                 raw["images"].to(device, non_blocking=True),
                 flip=cfg.flip,
                 rot90=cfg.rot90,
-                jitter=0.0,
+                jitter=cfg.color_jitter,  # BLEEP: 0 (BleepConfig.train_config)
                 generator=generator,
             )
             images = preprocess_images(images, self.image_size, self.model.image_mean, self.model.image_std)
-            expression = raw["expression"].to(device, non_blocking=True)
+            inputs = self._model_inputs(raw)
             last = micro == cfg.grad_accum - 1
             with contextlib.nullcontext() if self.ddp is None or last else self.ddp.no_sync():
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda"):
-                    loss = module(images, expression)
+                    loss = module(images, *inputs)
                 (loss / cfg.grad_accum).backward()
             total = total + loss.detach().float()
         self.optimizer.step()
@@ -198,7 +224,8 @@ class BleepTrainer:
     def run(self) -> None:
         cfg, plan, procs = self.train_cfg, self.plan, self.procs
         log.info(
-            "BLEEP (%s, %d px) on %d spots of %d samples, %d panel genes, %d processes on %s: %d steps of %d spots",
+            "%s (%s, %d px) on %d spots of %d samples, %d panel genes, %d processes on %s: %d steps of %d spots",
+            self.NAME,
             self.cfg.image_encoder,
             self.image_size,
             len(self.data),
@@ -235,7 +262,9 @@ class BleepTrainer:
                     mean /= procs.world_size
                 value = float(mean.item())
                 if not math.isfinite(value):
-                    raise RuntimeError(f"BLEEP training diverged: non-finite loss at step {self.step}; lower bleep.lr")
+                    raise RuntimeError(
+                        f"{self.NAME} training diverged: non-finite loss at step {self.step}; lower {self.SECTION}.lr"
+                    )
                 elapsed = time.perf_counter() - window
                 row = {
                     "step": self.step,
@@ -263,13 +292,13 @@ class BleepTrainer:
                 self._save_resume()
 
     def final_state(self) -> dict:
-        """The BLEEP checkpoint: weights, everything to rebuild the model and read new data the
-        same way (image size and normalisation, panel genes), and what it was trained on."""
+        """The checkpoint: weights, everything to rebuild the model and read new data the same
+        way (image size and normalisation, panel genes), and what it was trained on."""
         return {
             "format_version": FORMAT_VERSION,
-            "kind": KIND,
+            "kind": self.KIND,
             "model_state": self.model.state_dict(),
-            "bleep_config": ckpt.plain(self.cfg.to_dict()),
+            f"{self.SECTION}_config": ckpt.plain(self.cfg.to_dict()),
             "backbone": ckpt.plain(self.backbone()),
             "train_config": ckpt.plain(self.train_cfg.to_dict()),
             "image_size": self.image_size,
@@ -300,18 +329,41 @@ def train_bleep(
     cfg = BleepConfig.from_dict(dict(bleep_config))
     model_cfg = ModelConfig.from_dict(dict(model_config))
     train_cfg = TrainConfig.from_dict(dict(train_config))
+    run_trainer(
+        BleepTrainer,
+        lambda: BleepSpots(sample_files(samples, patches, indexes, sentences)),
+        cfg,
+        model_cfg,
+        train_cfg,
+        out_checkpoint,
+        out_metrics,
+        threads,
+    )
+
+
+def run_trainer(
+    trainer_class: type[BleepTrainer],
+    load_data: Callable[[], SpotData],
+    cfg: BleepConfig | Any,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    out_checkpoint: str | Path,
+    out_metrics: str | Path,
+    threads: int | None,
+) -> None:
+    """Start the processes, load the data, train, and write both outputs atomically (main process)."""
     procs = start_processes(train_cfg.device)
     try:
         if threads is not None:
             torch.set_num_threads(threads)
-        data = BleepSpots(sample_files(samples, patches, indexes, sentences))
+        data = load_data()
         height, width, _ = data.patch_shape
         if train_cfg.rot90 and height != width:
             raise ConfigError(
                 f"config key 'pretrain.rot90': needs square patches, the patches are {height} x {width} px"
             )
         with deterministic_on_cpu(procs.device):
-            trainer = BleepTrainer(data, cfg, model_cfg, train_cfg, procs, ckpt.resume_dir(out_checkpoint))
+            trainer = trainer_class(data, cfg, model_cfg, train_cfg, procs, ckpt.resume_dir(out_checkpoint))
             trainer.run()
             if not procs.is_main:
                 return

@@ -17,11 +17,14 @@ embedding with its spatial neighbours' before retrieval.
 (:mod:`comtip.baselines`) on the same training spots and budget as CoMTIP, its embeddings
 written by ``embed_bleep`` in the keys read here (``sentence_embeddings`` = BLEEP's expression
 embeddings), and BLEEP's prediction: L2-normalised, top-``bleep_k`` training spots by dot
-product, mean expression. Details in ``docs/evaluation.md``.
+product, mean expression. ``mclstexp`` is mclSTExp itself, likewise (rules ``train_mclstexp``,
+``embed_mclstexp``; ``sentence_embeddings`` = its spot encoder's embeddings), predicting by
+mclSTExp's rule (top-``mclstexp_top_k``, weights 1 / L1²). Details in ``docs/evaluation.md``.
 
 The encoder of ``ridge_{encoder}`` is ``comtip`` (the pretrained checkpoint) or ``random`` (same
 architecture, random initialisation, seeded): the difference between the two is what pretraining
-bought. Cross-modal retrieval runs on aligned encoders only (``comtip``, ``bleep``): a random
+bought. Cross-modal retrieval runs on aligned encoders only (``comtip``, ``bleep``,
+``mclstexp``): a random
 encoder's image and sentence spaces are not aligned, so retrieval from it has no meaning.
 """
 
@@ -54,6 +57,7 @@ log = logging.getLogger(__name__)
 # The ``evaluate.*`` settings the methods read, with the schema's defaults (a test keeps them equal).
 DEFAULT_SETTINGS: dict[str, Any] = {
     "bleep_k": 50,
+    "mclstexp_top_k": 200,
     "retrieval_mean_k": 50,
     "retrieval_weighted_k": 200,
     "retrieval_weighted_smooth_query": False,
@@ -211,6 +215,15 @@ def retrieval_weighted(ctx: PredictionContext) -> np.ndarray:
     if ctx.setting("retrieval_weighted_smooth_query"):
         query = spatial_neighbour_mean(query, ctx.spot_xy())
     return mclstexp_retrieval(ctx.train_stack("sentence_embeddings"), ctx.train_values, query, k=k)
+
+
+def mclstexp(ctx: PredictionContext) -> np.ndarray:
+    """mclSTExp's ``evel_her2st.py``: test image embeddings against the training spots' spot
+    embeddings, top ``evaluate.mclstexp_top_k`` by cosine, weights 1 / L1 distance²."""
+    k = ctx.retrieval_k("mclstexp_top_k")
+    return mclstexp_retrieval(
+        ctx.train_stack("sentence_embeddings"), ctx.train_values, ctx.test_rows("image_embeddings"), k=k
+    )
 
 
 def zeroshot(ctx: PredictionContext) -> np.ndarray:

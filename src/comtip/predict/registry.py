@@ -20,8 +20,14 @@ from comtip.finetune.config import MODES as FINETUNE_MODES
 
 # The encoders whose embeddings methods read, and the rule that writes them
 # (results/embeddings/{encoder}/{sample}.npz): the pretrained CoMTIP and a seeded random
-# initialisation of it (embed_spots), and BLEEP trained as itself (train_bleep, embed_bleep).
-ENCODER_RULES = {"comtip": "embed_spots", "random": "embed_spots", "bleep": "embed_bleep"}
+# initialisation of it (embed_spots), and BLEEP and mclSTExp trained as themselves (train_bleep,
+# embed_bleep; train_mclstexp, embed_mclstexp).
+ENCODER_RULES = {
+    "comtip": "embed_spots",
+    "random": "embed_spots",
+    "bleep": "embed_bleep",
+    "mclstexp": "embed_mclstexp",
+}
 ENCODERS = tuple(ENCODER_RULES)
 COMTIP_ENCODERS = tuple(e for e, rule in ENCODER_RULES.items() if rule == "embed_spots")
 
@@ -138,6 +144,17 @@ METHODS: dict[str, Method] = {
             encoder="bleep",
             needs=(TEST_EMBEDDING, TRAIN_EMBEDDINGS),
             settings=("bleep_k",),
+        ),
+        Method(
+            "mclstexp",
+            "mclSTExp (Min et al. 2024) trained as itself by `train_mclstexp` (BLEEP's ResNet-50 "
+            "image side and loss, its spot-level Transformer over the spots of a batch with array "
+            "row/column embeddings) on CoMTIP's training spots and budget; prediction: the top-k "
+            "training spots by cosine of spot to image embedding, weighted by 1 / L1 distance²",
+            "comtip.predict.methods:mclstexp",
+            encoder="mclstexp",
+            needs=(TEST_EMBEDDING, TRAIN_EMBEDDINGS),
+            settings=("mclstexp_top_k",),
         ),
         Method(
             "zeroshot",
