@@ -253,7 +253,7 @@ def test_batch_mixing_scores_the_expression_and_every_encoder_of_the_methods(dem
     "demo" everywhere), on the training and test slides' spots."""
     results = demo_run / "results"
     table = pd.read_csv(results / "evaluation" / "batch_mixing.tsv", sep="\t")
-    representations = ["expression", "comtip", "random", "bleep"]
+    representations = ["expression", "comtip", "random", "bleep", "mclstexp"]
     assert list(table["representation"]) == [r for r in representations for _ in ("sample", "patient")]
     assert list(table["label"]) == ["sample", "patient"] * len(representations)
     n_spots = sum(min(500, len(np.load(results / s / "gene_sentences.npz")["barcodes"])) for s in ("tiny_a", "tiny_b"))
