@@ -53,7 +53,16 @@ def test_forward_returns_all_losses_and_trains_every_part():
     torch.manual_seed(0)
     model = CoMTIP(_cfg(value_contrast=True), GENES)
     out = model(_batch())
-    assert set(out) == {"loss", "loss_infonce", "loss_mfm", "loss_paat", "loss_value", "logit_scale"}
+    assert set(out) == {
+        "loss",
+        "loss_infonce",
+        "loss_mfm",
+        "loss_paat",
+        "loss_value",
+        "loss_entail_cross",
+        "loss_entail_intra",
+        "logit_scale",
+    }
     assert all(torch.isfinite(v) and v.ndim == 0 for v in out.values())
     assert out["loss_mfm"] > 0 and out["loss_paat"] > 0 and out["loss_value"] > 0
     cfg = model.cfg

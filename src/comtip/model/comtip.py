@@ -16,6 +16,7 @@ from torch import nn
 
 from comtip.model.config import ModelConfig
 from comtip.model.gene_text import GeneTextEncoder
+from comtip.model.hyperbolic import entailment_loss, exp_map0
 from comtip.model.losses import info_nce, siglip, value_contrast
 from comtip.model.paat import PairDiscriminator, adversarial_delta, shuffle_values
 from comtip.model.sentence_cuts import value_probes
@@ -23,6 +24,18 @@ from comtip.model.vision import VisionEncoder
 
 BATCH_KEYS = ("images", "gene_ids", "values", "bins", "pad")
 PROBE_KEYS = ("probe_genes", "probe_values", "probe_bins")  # optional; see CoMTIP.forward
+
+
+def half_expressed_pad(values: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """Padding mask of each sentence cut to a random half (at least 1) of its expressed
+    (non-zero, non-padded) genes; a sentence without expressed genes keeps its own mask."""
+    expressed = (~pad) & (values != 0)
+    n_expressed = expressed.sum(dim=1, keepdim=True)
+    keep_n = (n_expressed // 2).clamp(min=1)
+    scores = torch.rand(values.shape, device=values.device).masked_fill(~expressed, 2.0)
+    ranks = scores.argsort(dim=1).argsort(dim=1)
+    keep = expressed & (ranks < keep_n)
+    return torch.where(n_expressed > 0, ~keep, pad)
 
 
 class CoMTIP(nn.Module):
@@ -39,6 +52,11 @@ class CoMTIP(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
         self.logit_bias = nn.Parameter(torch.tensor(float(cfg.siglip_bias_init))) if siglip else None
         self.discriminator = PairDiscriminator(cfg.text_dim) if cfg.paat and cfg.paat_discriminator else None
+        if cfg.entailment:  # DELST/MERU: log-parametrised lift scales and curvature
+            log_alpha = math.log(1.0 / math.sqrt(cfg.embed_dim))
+            self.entail_log_alpha_img = nn.Parameter(torch.tensor(log_alpha))
+            self.entail_log_alpha_txt = nn.Parameter(torch.tensor(log_alpha))
+            self.entail_log_curv = nn.Parameter(torch.tensor(math.log(cfg.entailment_curvature)))
 
     @property
     def vocabulary(self) -> list[str]:
@@ -69,6 +87,32 @@ class CoMTIP(nn.Module):
         bias = self.logit_bias.detach() if detach else self.logit_bias
         return siglip(img, txt, scale, bias, extra, extra_mask)
 
+    def curvature(self) -> torch.Tensor:
+        """The hyperboloid's curvature c = exp(log c) clamped to [0.1, 10] (MERU)."""
+        return self.entail_log_curv.exp().clamp(0.1, 10.0)
+
+    def lift(self, projected: torch.Tensor, modality: str) -> torch.Tensor:
+        """Projection before L2 normalisation → space components on the hyperboloid."""
+        log_alpha = self.entail_log_alpha_img if modality == "image" else self.entail_log_alpha_txt
+        return exp_map0(projected * log_alpha.exp().clamp(max=1.0), self.curvature())
+
+    def entailment_losses(
+        self,
+        img_projected: torch.Tensor,
+        rep: torch.Tensor,
+        tokens: torch.Tensor,
+        values: torch.Tensor,
+        pad: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """DELST's cross-modal (sentence ⊒ image) and intra-modal (half-cut sentence ⊒ sentence)
+        entailment losses; the cut draws from the global torch RNG (only when entailment is on)."""
+        curv, radius = self.curvature(), self.cfg.entailment_min_radius
+        txt = self.lift(self.text.proj(rep), "text")
+        cross = entailment_loss(txt, self.lift(img_projected, "image"), curv, radius)
+        cut_pad = half_expressed_pad(values, pad)
+        cut = self.lift(self.text.proj(self.text.encode_from_tokens(tokens, cut_pad)), "text")
+        return cross, entailment_loss(cut, txt, curv, radius)
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised float (B, 3, H, W) → (B, embed_dim) L2-normalised (full branch only)."""
         return self.vision.embed(images)
@@ -82,8 +126,8 @@ class CoMTIP(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor], *, paat: bool = True) -> dict[str, torch.Tensor]:
         """Losses of one batch: ``loss`` (total), ``loss_infonce`` (the contrastive term: InfoNCE,
         or SigLIP with ``contrastive_loss: siglip``), ``loss_mfm``, ``loss_paat``,
-        ``loss_value`` (0-tensors for parts switched off) and ``logit_scale`` (the clamped scale,
-        detached).
+        ``loss_value``, ``loss_entail_cross``, ``loss_entail_intra`` (0-tensors for parts switched
+        off) and ``logit_scale`` (the clamped scale, detached).
 
         ``paat=False`` skips every PAAT part for this batch even when ``cfg.paat`` is on (the
         training loop's PAAT warm-up, ``pretrain.paat_warmup_steps``): the loss is then
@@ -143,7 +187,13 @@ class CoMTIP(nn.Module):
             + cfg.lambda_paat * loss_paat
             + cfg.lambda_value * loss_value
         )
+        cross = intra = img.new_zeros(())
+        if cfg.entailment:
+            cross, intra = self.entailment_losses(vision.projected, rep, tokens, values, pad)
+            loss = loss + cfg.entailment_lambda * cross + cfg.entailment_beta * intra
         return {
+            "loss_entail_cross": cross,
+            "loss_entail_intra": intra,
             "loss": loss,
             "loss_infonce": loss_infonce,
             "loss_mfm": vision.loss_mfm,

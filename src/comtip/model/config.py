@@ -77,6 +77,14 @@ class ModelConfig:
     contrastive_loss: str = "infonce"
     siglip_temperature_init: float = 0.1
     siglip_bias_init: float = -10.0
+    # DELST's entailment option (arXiv 2503.00804, MERU-style; docs/model.md): the projections are
+    # lifted to a Lorentz hyperboloid and the sentence's cone must hold its image (weight
+    # entailment_lambda) and a half-cut sentence's cone its full sentence (entailment_beta)
+    entailment: bool = False
+    entailment_lambda: float = 0.2  # MERU's λ
+    entailment_beta: float = 0.1
+    entailment_curvature: float = 1.0  # initial c, learnable, clamped to [0.1, 10] (MERU)
+    entailment_min_radius: float = 0.1  # K of the half-aperture (MERU)
 
     def __post_init__(self) -> None:
         self.name_ngrams = tuple(int(n) for n in self.name_ngrams)
@@ -123,6 +131,10 @@ class ModelConfig:
             ("max_logit_scale", self.max_logit_scale >= 1.0 / self.temperature_init, "must be >= 1 / temperature_init"),
             ("contrastive_loss", self.contrastive_loss in CONTRASTIVE_LOSSES, f"must be one of {CONTRASTIVE_LOSSES}"),
             ("siglip_temperature_init", self.siglip_temperature_init > 0.0, "must be > 0"),
+            ("entailment_lambda", self.entailment_lambda >= 0.0, "must be >= 0"),
+            ("entailment_beta", self.entailment_beta >= 0.0, "must be >= 0"),
+            ("entailment_curvature", 0.1 <= self.entailment_curvature <= 10.0, "must be in [0.1, 10]"),
+            ("entailment_min_radius", self.entailment_min_radius > 0.0, "must be > 0"),
             (
                 "max_logit_scale",
                 self.contrastive_loss != "siglip" or self.max_logit_scale >= 1.0 / self.siglip_temperature_init,

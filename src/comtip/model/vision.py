@@ -149,6 +149,7 @@ class VisionOutput:
     tokens: torch.Tensor  # (B, N, C) full-branch patch features (after the ViT's final norm)
     loss_mfm: torch.Tensor  # scalar; 0 when MFM is off
     masked_idx: torch.Tensor | None  # (B, M) hidden patch positions; None when MFM is off
+    projected: torch.Tensor | None = None  # (B, D) the projection before L2 normalisation
 
 
 class VisionEncoder(nn.Module):
@@ -197,9 +198,11 @@ class VisionEncoder(nn.Module):
         x = self.vit.norm_pre(self.vit.patch_drop(x))
         return self.vit.norm(self.vit.blocks(x))
 
+    def _project_raw(self, features: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.vit.forward_head(features, pre_logits=True))
+
     def _project(self, features: torch.Tensor) -> torch.Tensor:
-        pooled = self.vit.forward_head(features, pre_logits=True)
-        return F.normalize(self.proj(pooled), dim=-1)
+        return F.normalize(self._project_raw(features), dim=-1)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Full branch only: (B, 3, H, W) normalised → (B, D) L2-normalised."""
@@ -211,9 +214,10 @@ class VisionEncoder(nn.Module):
         full = self._encode_tokens(x)
         prefix = self.vit.num_prefix_tokens
         tokens = full[:, prefix:]
-        embedding = self._project(full)
+        projected = self._project_raw(full)
+        embedding = F.normalize(projected, dim=-1)
         if self.generator is None:
-            return VisionOutput(embedding, tokens, images.new_zeros(()), None)
+            return VisionOutput(embedding, tokens, images.new_zeros(()), None, projected)
         batch, n_tokens = tokens.shape[:2]
         visible, masked = random_masking(batch, n_tokens, self.mask_ratio, device=images.device, generator=generator)
         kept = torch.cat([x[:, :prefix], _gather_tokens(x[:, prefix:], visible)], dim=1)
@@ -223,7 +227,7 @@ class VisionEncoder(nn.Module):
         target = _gather_tokens(tokens.detach(), masked)
         target = F.layer_norm(target, target.shape[-1:])
         loss = F.mse_loss(predicted, target)
-        return VisionOutput(embedding, tokens, loss, masked)
+        return VisionOutput(embedding, tokens, loss, masked, projected)
 
 
 def load_vit_weights(vit: VisionTransformer, path: str | Path) -> None:

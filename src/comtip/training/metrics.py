@@ -25,7 +25,16 @@ class Window:
     wait: float = 0.0
 
 
-LOSS_COLUMNS = ("loss", "loss_infonce", "loss_mfm", "loss_paat", "loss_value", "logit_scale")
+LOSS_COLUMNS = (
+    "loss",
+    "loss_infonce",
+    "loss_mfm",
+    "loss_paat",
+    "loss_value",
+    "loss_entail_cross",
+    "loss_entail_intra",
+    "logit_scale",
+)
 # held-out alignment (comtip.training.retrieval.heldout_alignment): at the end of every epoch
 # when there are validation slides, empty (NaN) in the other rows
 VAL_COLUMNS = ("val_infonce", "val_chance_infonce", "val_median_rank", "val_chance_median_rank")
