@@ -16,7 +16,7 @@ from _helpers.pretraining import make_cohort
 from comtip._core.errors import ConfigError, PipelineInputError
 from comtip.baselines.bleep_config import BleepConfig
 from comtip.baselines.bleep_embed import embed_bleep_sample, load_bleep
-from comtip.baselines.bleep_model import BLEEP, ProjectionHead, bleep_loss
+from comtip.baselines.bleep_model import BLEEP, ProjectionHead, SiglipLoss, bleep_loss
 from comtip.baselines.bleep_train import BleepTrainer, train_bleep
 from comtip.model.config import ModelConfig
 from comtip.model.vision import preprocess_images
@@ -257,3 +257,38 @@ def test_two_processes_train_under_torchrun_each_on_its_own_batch(toy, tmp_path)
     assert "2 processes on cpu: 4 steps of 16 spots" in log.read_text(), log.read_text()[-3000:]
     assert list(pd.read_csv(tmp_path / "bleep.metrics.tsv", sep="\t")["step"]) == [2, 4]
     assert load_bleep(tmp_path / "bleep.pt")[1]["step"] == 4
+
+
+# -- HESCAPE's loss option ------------------------------------------------------------------------
+
+
+def test_siglip_option_is_the_sigmoid_loss_of_the_normalised_embeddings_by_hand():
+    """loss: siglip = -(1/B) Σ_ij log σ(z_ij (s·u_i·v_j + b)), z = +1 on the diagonal, with s = 1/0.1
+    and b = -10 at the start, on L2-normalised embeddings (the raw ones are not unit norm)."""
+    head = SiglipLoss()
+    img = torch.tensor([[3.0, 0.0], [0.0, 2.0]])
+    spot = torch.tensor([[1.0, 1.0], [0.0, -5.0]])
+    u = [(1.0, 0.0), (0.0, 1.0)]
+    v = [(1 / math.sqrt(2), 1 / math.sqrt(2)), (0.0, -1.0)]
+    total = 0.0
+    for i in range(2):
+        for j in range(2):
+            z = 1.0 if i == j else -1.0
+            logit = 10.0 * (u[i][0] * v[j][0] + u[i][1] * v[j][1]) - 10.0
+            total += -math.log(1.0 / (1.0 + math.exp(-z * logit)))
+    assert float(head(img, spot).detach()) == pytest.approx(total / 2, rel=1e-5)
+    # the scale and bias are trained
+    head(img, spot).backward()
+    assert head.log_scale.grad is not None and head.bias.grad is not None and float(head.bias.grad) != 0
+
+
+def test_bleep_with_the_siglip_loss_trains_and_its_checkpoint_embeds(toy, tmp_path):
+    cfg = BleepConfig(image_encoder="resnet10t", image_size=16, loss="siglip")
+    metrics, state = _train(toy, tmp_path, cfg)
+    assert {"siglip.log_scale", "siglip.bias"} <= set(state["model_state"])
+    first, last = metrics["loss"][:9].mean(), metrics["loss"][-9:].mean()
+    assert last < first, metrics["loss"].tolist()
+    model, _ = load_bleep(tmp_path / "bleep.pt")  # rebuilt with its loss: the state dict loads strictly
+    assert torch.equal(model.siglip.bias.detach(), state["model_state"]["siglip.bias"])
+    with pytest.raises(ConfigError, match=r"bleep\.loss"):
+        BleepConfig.from_dict({"loss": "infonce"})

@@ -5,6 +5,8 @@ reads, and its config's errors."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -309,3 +311,14 @@ def test_the_budget_is_pretrainings_and_the_optimiser_mclstexps():
 def test_config_errors_name_the_key(values, message):
     with pytest.raises(ConfigError, match=message):
         MclstexpConfig.from_dict(values)
+
+
+def test_mclstexp_with_the_siglip_loss_trains_and_its_checkpoint_embeds(toy, tmp_path):
+    """loss: siglip (HESCAPE's option): the sigmoid loss with its learnable scale and bias in the
+    model, trained and rebuilt from the checkpoint (the loss itself: tests/test_bleep.py)."""
+    cfg = dataclasses.replace(TINY, loss="siglip")
+    metrics, state = _train(toy, tmp_path, cfg)
+    assert {"siglip.log_scale", "siglip.bias"} <= set(state["model_state"])
+    assert np.isfinite(metrics["loss"]).all() and metrics["loss"].iloc[-3:].mean() < metrics["loss"].iloc[:3].mean()
+    model, _ = load_mclstexp(tmp_path / "mclstexp.pt")
+    assert torch.equal(model.siglip.log_scale.detach(), state["model_state"]["siglip.log_scale"])

@@ -46,6 +46,8 @@ SHARED_KEYS = (
     "compile",
 )
 OVERRIDABLE = ("epochs", "max_steps", "batch_size", "grad_accum")
+# bleep = BLEEP's soft-target loss; siglip = HESCAPE's sigmoid loss (bleep_model.SiglipLoss)
+LOSSES = ("bleep", "siglip")
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class BleepConfig:
     projection_dim: int = 256
     dropout: float = 0.1
     temperature: float = 1.0
+    loss: str = "bleep"
     lr: float = 1e-3
     weight_decay: float = 1e-3
     image_size: int | None = None  # None = model.image_size (the patches CoMTIP sees)
@@ -95,6 +98,8 @@ class BleepConfig:
                 raise ConfigError(f"config key 'bleep.{key}': must be > 0, got {getattr(self, key)}")
         if self.weight_decay < 0:
             raise ConfigError(f"config key 'bleep.weight_decay': must be >= 0, got {self.weight_decay}")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"config key 'bleep.loss': must be one of {', '.join(LOSSES)}, got {self.loss!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import timm
@@ -30,6 +31,7 @@ from comtip._core.errors import ConfigError
 from comtip.baselines.bleep_config import COMTIP_VIT, BleepConfig
 from comtip.baselines.mclstexp_config import MclstexpConfig
 from comtip.model.config import ModelConfig
+from comtip.model.losses import siglip
 from comtip.model.vision import load_vit_weights
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,29 @@ def bleep_loss(image_emb: torch.Tensor, spot_emb: torch.Tensor, temperature: flo
     spots_loss = -(targets * F.log_softmax(logits, dim=-1)).sum(dim=1)
     images_loss = -(targets.T * F.log_softmax(logits.T, dim=-1)).sum(dim=1)
     return ((images_loss + spots_loss) / 2.0).mean()
+
+
+# HESCAPE's SigLIP start (its T = 0.1) and SigLIP's bias (-10, so that the many negative pairs
+# start near sigmoid = 0); the logit scale is capped as CoMTIP's (model.max_logit_scale default).
+SIGLIP_TEMPERATURE_INIT = 0.1
+SIGLIP_BIAS_INIT = -10.0
+SIGLIP_MAX_LOGIT_SCALE = 100.0
+
+
+class SiglipLoss(nn.Module):
+    """HESCAPE's alternative loss for a baseline (``loss: siglip``): the sigmoid loss
+    (:func:`comtip.model.losses.siglip`, negatives gathered over processes) of the L2-normalised
+    embeddings, with a learnable logit scale (log-parametrised, from 1 / 0.1) and bias (from -10).
+    The baseline's ``temperature`` is not used."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / SIGLIP_TEMPERATURE_INIT)))
+        self.bias = nn.Parameter(torch.tensor(SIGLIP_BIAS_INIT))
+
+    def forward(self, image_emb: torch.Tensor, spot_emb: torch.Tensor) -> torch.Tensor:
+        scale = self.log_scale.exp().clamp(max=SIGLIP_MAX_LOGIT_SCALE)
+        return siglip(F.normalize(image_emb, dim=-1), F.normalize(spot_emb, dim=-1), scale, self.bias)
 
 
 def _load_weights(encoder: nn.Module, path: str | Path, section: str = "bleep") -> None:
@@ -124,6 +149,8 @@ class BLEEP(nn.Module):
         self.image_projection = ProjectionHead(width, cfg.projection_dim, cfg.dropout)
         self.spot_projection = ProjectionHead(n_genes, cfg.projection_dim, cfg.dropout)
         self.temperature = cfg.temperature
+        if cfg.loss == "siglip":
+            self.siglip = SiglipLoss()
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised images → (B, C) pooled backbone features."""
@@ -141,4 +168,6 @@ class BLEEP(nn.Module):
         two significant digits."""
         image_emb, spot_emb = self.encode_image(images), self.encode_expression(expression)
         with torch.autocast(images.device.type, enabled=False):
+            if self.cfg.loss == "siglip":
+                return self.siglip(image_emb.float(), spot_emb.float())
             return bleep_loss(image_emb.float(), spot_emb.float(), self.temperature)

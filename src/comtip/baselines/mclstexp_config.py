@@ -28,8 +28,8 @@ SECTION = "mclstexp"
 # where a batch's spots come from: mixed = pretrain's sampler over all training slides (as
 # mclSTExp's train.py, which concatenates the slides' datasets and shuffles); slide = one slide
 BATCH_FROM = ("mixed", "slide")
-# clip = mclSTExp's model.py (cross-entropy against identity targets); bleep = BLEEP's soft targets
-LOSSES = ("clip", "bleep")
+# clip = mclSTExp's model.py (cross-entropy against identity targets); bleep = BLEEP's soft targets;
+LOSSES = ("clip", "bleep", "siglip")  # siglip: HESCAPE's sigmoid loss (bleep_model.SiglipLoss)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from comtip.baselines.bleep_model import ProjectionHead, bleep_loss, build_image_encoder
+from comtip.baselines.bleep_model import ProjectionHead, SiglipLoss, bleep_loss, build_image_encoder
 from comtip.baselines.mclstexp_config import SECTION, MclstexpConfig
 from comtip.model.config import ModelConfig
 
@@ -111,7 +111,11 @@ class MclSTExp(nn.Module):
         self.spot_encoder = SpotEncoder(cfg, n_genes)
         self.spot_projection = ProjectionHead(n_genes, cfg.projection_dim, cfg.dropout)
         self.temperature = cfg.temperature
-        self.loss = bleep_loss if cfg.loss == "bleep" else mclstexp_loss
+        if cfg.loss == "siglip":
+            self.siglip = SiglipLoss()
+            self.loss = lambda image_emb, spot_emb, _temperature: self.siglip(image_emb, spot_emb)
+        else:
+            self.loss = bleep_loss if cfg.loss == "bleep" else mclstexp_loss
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) preprocessed images → (B, C) pooled backbone features."""

@@ -148,8 +148,9 @@ METHODS: dict[str, Method] = {
         Method(
             "mclstexp",
             "mclSTExp (Min et al. 2024) trained as itself by `train_mclstexp` (its DenseNet-121 "
-            "image encoder and identity-target CLIP loss, its spot-level Transformer over the spots of a batch with array "
-            "row/column embeddings) on CoMTIP's training spots and budget; prediction: the top-k "
+            "image encoder and identity-target CLIP loss, its spot-level Transformer over the "
+            "spots of a batch with array row/column embeddings) on CoMTIP's training spots and "
+            "budget; prediction: the top-k "
             "training spots by cosine of spot to image embedding, weighted by 1 / L1 distance²",
             "comtip.predict.methods:mclstexp",
             encoder="mclstexp",
