@@ -138,6 +138,7 @@ def embedding_checkpoint(wildcards):
     """The checkpoint embed_spots reads for {encoder}: the ablation's own, CoMTIP's otherwise."""
     return registry.pretrained_checkpoint(wildcards.encoder)
 
+
 from comtip.baselines.bleep_config import BleepConfig  # noqa: E402
 from comtip.training.config import TrainConfig  # noqa: E402
 
