@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -226,3 +227,20 @@ def test_cohort_overlay_merges_into_the_paper_backbone_and_a_cohort_schedule(tmp
     )  # fmt: skip
     assert dry.returncode == 0, dry.stdout[-3000:] + dry.stderr[-3000:]
     assert "extended by additional config" in dry.stdout + dry.stderr and "rule pretrain" in dry.stdout
+
+
+def test_a_dry_run_of_the_tiny_config_pretrains_each_ablation_its_methods_read(tmp_path):
+    """.test/config/ reads ridge_comtip_no_mfm and zeroshot_comtip_name_only: rule pretrain runs
+    for comtip and those two variants (and no other), each embedded from its own checkpoint."""
+    from _helpers.workflow import snakemake, write_tiny_run_folder
+    from conftest import dry_run_jobs
+
+    root = write_tiny_run_folder(tmp_path / "run")
+    jobs = dry_run_jobs(snakemake(root, "-n").stdout)
+    pretrained = sorted(re.search(r"model=(\w+)", block).group(1) for rule, block in jobs if rule == "pretrain")
+    assert pretrained == ["comtip", "comtip_name_only", "comtip_no_mfm"]
+    embedded = {re.search(r"encoder=(\w+)", block).group(1) for rule, block in jobs if rule == "embed_spots"}
+    assert {"comtip", "random", "comtip_no_mfm", "comtip_name_only"} <= embedded
+    for variant in ("comtip_no_mfm", "comtip_name_only"):
+        block = next(b for rule, b in jobs if rule == "embed_spots" and f"encoder={variant}," in b)
+        assert f"results/models/pretrain/{variant}.pt" in block

@@ -137,3 +137,46 @@ def test_mean_pooling_is_the_masked_mean_of_the_gene_tokens_outputs():
     assert not torch.allclose(cls.encode_from_tokens(tokens, pad)[0], got[0])
     with pytest.raises(ValueError, match="text_pooling"):
         _cfg(text_pooling="max")
+
+
+def _sentences(names_a, names_b, values_a, values_b):
+    """Two one-sentence batches over the vocabulary ``names_a + names_b``."""
+    ids_a, ids_b = torch.tensor([[0, 1, 2]]), torch.tensor([[3, 4, 5]])
+    bins = lambda v: (v * 3).long().clamp(max=15)  # noqa: E731
+    pad = torch.zeros(1, 3, dtype=torch.bool)
+    va, vb = torch.tensor([values_a]), torch.tensor([values_b])
+    return (ids_a, va, bins(va), pad), (ids_b, vb, bins(vb), pad)
+
+
+@pytest.mark.parametrize("gene_tokens", ["value_only", "name_only"])
+def test_gene_token_ablations_ignore_the_dropped_side(gene_tokens):
+    torch.manual_seed(0)
+    enc = GeneTextEncoder(_cfg(gene_tokens=gene_tokens, dropout=0.0), ["A1", "B2", "C3", "XX", "YY", "ZZ"]).eval()
+    with torch.no_grad():
+        # the same values on other genes: identical under value_only, different under name_only
+        a, b = _sentences(None, None, [0.5, 1.0, 2.0], [0.5, 1.0, 2.0])
+        same_values = torch.allclose(enc(*a), enc(*b))
+        # the same genes with other values: identical under name_only, different under value_only
+        c, _ = _sentences(None, None, [3.0, 0.1, 4.0], [0.0, 0.0, 0.0])
+        same_genes = torch.allclose(enc(*a), enc(*c))
+    assert same_values == (gene_tokens == "value_only")
+    assert same_genes == (gene_tokens == "name_only")
+
+
+def test_default_gene_tokens_is_the_model_built_without_the_key():
+    vocabulary = ["A1", "B2", "C3", "XX", "YY", "ZZ"]
+    torch.manual_seed(0)
+    default = GeneTextEncoder(_cfg(), vocabulary).eval()
+    torch.manual_seed(0)
+    explicit = GeneTextEncoder(_cfg(gene_tokens="both"), vocabulary).eval()
+    assert default.state_dict().keys() == explicit.state_dict().keys()
+    assert all(torch.equal(default.state_dict()[k], explicit.state_dict()[k]) for k in default.state_dict())
+    a, _ = _sentences(None, None, [0.5, 1.0, 2.0], [0.0, 0.0, 0.0])
+    with torch.no_grad():
+        tokens = default.token_embeddings(*a[:3])
+        names = default.name_norm(default.names())[a[0]]
+        expected = names + default.value_mlp(a[1].float().unsqueeze(-1)) + default.bin_embed(a[2])
+        assert torch.equal(tokens, expected)
+        assert torch.equal(default(*a), explicit(*a))
+    with pytest.raises(ValueError, match="gene_tokens"):
+        _cfg(gene_tokens="neither")

@@ -50,11 +50,54 @@ def test_every_method_resolves_to_a_function_of_the_rule_it_names():
         "bleep",
         "mclstexp",
         "zeroshot",
+        *(f"ridge_{v}" for v in registry.ABLATIONS),
+        *(f"zeroshot_{v}" for v in registry.ABLATIONS),
     )
     assert [m.name for m in registry.METHODS.values() if m.rule == "predict_finetuned"] == [
         "finetune_linear",
         "finetune_full",
     ]
+
+
+@pytest.mark.parametrize("variant", list(registry.ABLATIONS))
+def test_each_ablation_is_an_embed_spots_encoder_whose_methods_read_its_own_files(variant):
+    assert registry.ENCODER_RULES[variant] == "embed_spots" and variant in registry.PRETRAIN_MODELS
+    assert registry.pretrained_checkpoint(variant) == f"results/models/pretrain/{variant}.pt"
+    ridge = registry.method_inputs(f"ridge_{variant}", "s1", "results/models/pretrain/comtip.pt")
+    assert ridge["test_embedding"] == f"results/embeddings/{variant}/s1.npz"
+    assert ridge["ridge_probe"] == f"results/models/ridge/{variant}.npz"
+    zeroshot = registry.method_inputs(f"zeroshot_{variant}", "s1", "results/models/pretrain/comtip.pt")
+    assert zeroshot["test_embedding"] == f"results/embeddings/{variant}/s1.npz"
+    assert zeroshot["checkpoint"] == f"results/models/pretrain/{variant}.pt"
+    assert registry.encoders_of([f"ridge_{variant}", "zeroshot"]) == ["comtip", variant]
+
+
+def test_comtip_and_random_keep_comtips_checkpoint():
+    assert registry.pretrained_checkpoint("comtip") == "results/models/pretrain/comtip.pt"
+    assert registry.pretrained_checkpoint("random") == "results/models/pretrain/comtip.pt"
+    assert registry.method_inputs("zeroshot", "s1", "results/models/pretrain/comtip.pt")["checkpoint"] == (
+        "results/models/pretrain/comtip.pt"
+    )
+
+
+def test_a_variants_model_config_is_the_base_config_with_its_override():
+    from comtip.model.config import ModelConfig
+
+    base = ModelConfig(name_encoder="hash", text_layers=3).to_dict()
+    assert registry.variant_model_config(base, "comtip") == base
+    for variant, override in registry.ABLATIONS.items():
+        if variant == "comtip_hash":
+            continue
+        config = registry.variant_model_config(base, variant)
+        assert config == {**base, **override}, variant
+        assert ModelConfig.from_dict(config).to_dict() == config
+    assert base["mfm"] is True  # the base is not modified
+    with pytest.raises(ValueError, match="CoMTIP itself"):
+        registry.variant_model_config(base, "comtip_hash")
+    with pytest.raises(ValueError, match="CoMTIP itself"):
+        registry.variant_model_config({**base, "name_encoder": "minilm"}, "comtip_minilm")
+    with pytest.raises(ValueError, match="unknown pretrained model"):
+        registry.variant_model_config(base, "comtip_nothing")
 
 
 def test_method_inputs_name_the_files_of_the_methods_encoder():
@@ -101,7 +144,8 @@ def test_encoders_of_lists_the_encoders_the_methods_read_in_registry_order():
 def test_every_encoder_is_written_by_one_rule_and_bleeps_is_not_embed_spots():
     rules = {name: block for _, name, block in rule_blocks()}
     assert set(registry.ENCODER_RULES.values()) <= set(rules)
-    assert registry.ENCODER_RULES["bleep"] == "embed_bleep" and registry.COMTIP_ENCODERS == ("comtip", "random")
+    assert registry.ENCODER_RULES["bleep"] == "embed_bleep"
+    assert registry.COMTIP_ENCODERS == ("comtip", "random", *registry.ABLATIONS)
     assert "registry.COMTIP_ENCODERS" in rules["embed_spots"]  # embed_spots never matches embeddings/bleep/
     assert "results/embeddings/bleep/{sample}.npz" in rules["embed_bleep"]
     assert registry.ENCODER_RULES["mclstexp"] == "embed_mclstexp"

@@ -118,12 +118,26 @@ def demo_sample_dir(wildcards, output):
 
 # -- pretraining ---------------------------------------------------------------------------------
 
+from comtip.model.config import ModelConfig  # noqa: E402
 from comtip.training.config import model_config_from_yaml  # noqa: E402
 
-# One pretrained model for now; the {model} wildcard leaves room for variants.
+# CoMTIP, the model every later stage reads; its ablations (registry.ABLATIONS) are pretrained
+# by the same rule under their own {model} name when a method reads them.
 PRETRAIN_MODEL = "comtip"
 # Checked now, so a wrong `model` key stops the run before any job, naming the key.
 MODEL_CONFIG = model_config_from_yaml(config["model"], gene_bins=config["genes"]["n_bins"]).to_dict()
+
+
+def pretrain_model_config(wildcards):
+    """The model config of pretrained model {model}: the configured one, with the ablation's
+    override for a variant (registry.variant_model_config); checked like MODEL_CONFIG."""
+    return ModelConfig.from_dict(registry.variant_model_config(MODEL_CONFIG, wildcards.model)).to_dict()
+
+
+def embedding_checkpoint(wildcards):
+    """The checkpoint embed_spots reads for {encoder}: the ablation's own, CoMTIP's otherwise."""
+    return registry.pretrained_checkpoint(wildcards.encoder)
+
 
 from comtip.baselines.bleep_config import BleepConfig  # noqa: E402
 from comtip.training.config import TrainConfig  # noqa: E402

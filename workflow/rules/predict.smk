@@ -1,8 +1,9 @@
 rule embed_spots:
     """Frozen image features, image and sentence embeddings of one sample, from the pretrained
-    encoder (comtip) or a seeded random initialisation of the same architecture (random)."""
+    encoder (comtip, or an ablation from its own checkpoint) or a seeded random initialisation of
+    CoMTIP's architecture (random)."""
     input:
-        checkpoint=f"results/models/pretrain/{PRETRAIN_MODEL}.pt",
+        checkpoint=embedding_checkpoint,
         patches="results/{sample}/spot_patches.npy",
         sentences="results/{sample}/gene_sentences.npz",
     output:

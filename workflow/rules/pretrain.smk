@@ -1,5 +1,6 @@
 rule pretrain:
-    """CoMTIP pretraining on the training samples: image and gene-sentence encoders aligned;
+    """CoMTIP pretraining on the training samples (model comtip, or one of its ablations,
+    registry.ABLATIONS, with the same data, budget and seed): image and gene-sentence encoders aligned;
     the validation samples' alignment is measured every epoch (metrics.tsv), never trained on.
 
     Resumable: a killed run continues from results/models/pretrain/{model}.resume/ when rerun
@@ -18,6 +19,8 @@ rule pretrain:
         "logs/pretrain/{model}.log",
     benchmark:
         "logs/benchmark/pretrain/{model}.tsv"
+    wildcard_constraints:
+        model="|".join(registry.PRETRAIN_MODELS),
     conda:
         "../../envs/torch.yaml"
     threads: 8
@@ -28,7 +31,7 @@ rule pretrain:
     params:
         samples=samples_with_split("train"),
         val_samples=samples_with_split("val"),
-        model=MODEL_CONFIG,
+        model=pretrain_model_config,
         pretrain=config["pretrain"],
         seed=config["seed"],
     script:

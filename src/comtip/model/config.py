@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 NAME_ENCODERS = ("hash", "minilm")
+# What a gene token is made of: name + value (CoMTIP), or one of them (the token ablations).
+GENE_TOKENS = ("both", "value_only", "name_only")
 TEXT_POOLINGS = ("cls", "mean")
 CONTRASTIVE_LOSSES = ("infonce", "siglip")
 # How training sentences are cut (pretraining options; the cuts are model.sentence_cuts).
@@ -51,6 +53,9 @@ class ModelConfig:
     text_heads: int = 4
     text_ff: int = 256
     text_pooling: str = "cls"  # "cls" (CLS slot) | "mean" (mean of the gene tokens' outputs)
+    # "both" = name + value embeddings; "value_only" drops the name embedding (a token no longer
+    # knows its gene), "name_only" drops the value embedding (value MLP and bin embedding)
+    gene_tokens: str = "both"
     dropout: float = 0.1
     n_bins: int = 16
     # Pair-aware Adversarial Training
@@ -119,6 +124,7 @@ class ModelConfig:
             ),
             ("text_ff", self.text_ff >= 1, "must be >= 1"),
             ("text_pooling", self.text_pooling in TEXT_POOLINGS, f"must be one of {TEXT_POOLINGS}"),
+            ("gene_tokens", self.gene_tokens in GENE_TOKENS, f"must be one of {GENE_TOKENS}"),
             ("dropout", 0.0 <= self.dropout < 1.0, "must be in [0, 1)"),
             ("n_bins", self.n_bins >= 2, "must be >= 2 (bin 0 is zero expression)"),
             ("paat_epsilon", self.paat_epsilon >= 0.0, "must be >= 0"),

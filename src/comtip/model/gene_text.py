@@ -1,6 +1,7 @@
 """Gene-Text Encoder: a gene sentence (genes with their values) → one embedding.
 
-A token is ``name embedding(gene) + value MLP(value) + bin embedding(value bin)``. The name
+A token is ``name embedding(gene) + value MLP(value) + bin embedding(value bin)`` (``model.gene_tokens``
+ablates one side: ``value_only`` drops the name part, ``name_only`` the value parts). The name
 embedding is computed from the gene *symbol text*, never from a per-gene lookup table, so a gene
 not seen in pretraining (held-out genes, another panel) still gets an embedding:
 
@@ -144,6 +145,7 @@ class GeneTextEncoder(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.proj = nn.Linear(dim, cfg.embed_dim)
         self.pooling = cfg.text_pooling
+        self.gene_tokens = cfg.gene_tokens
         self.vocabulary: list[str] = []
         self.set_vocabulary(vocabulary)
 
@@ -155,8 +157,12 @@ class GeneTextEncoder(nn.Module):
     def token_embeddings(self, gene_ids: torch.Tensor, values: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
         """(B, L) ids, values, bins → (B, L, text_dim) token embeddings (pad positions included:
         they must hold a valid gene id, 0 in gene_sentences.npz, and are masked later)."""
-        name = self.name_norm(self.names())[gene_ids.long()]
         value = self.value_mlp(values.float().unsqueeze(-1))
+        if self.gene_tokens == "value_only":  # ablation: the token does not know its gene
+            return value + self.bin_embed(bins.long())
+        name = self.name_norm(self.names())[gene_ids.long()]
+        if self.gene_tokens == "name_only":  # ablation: the token does not know its value
+            return name
         return name + value + self.bin_embed(bins.long())
 
     def encode_from_tokens(self, tokens: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:

@@ -117,7 +117,7 @@ def load_encoder(checkpoint: str | Path, encoder: str, seed: int) -> tuple[CoMTI
     if encoder == "random":
         torch.manual_seed(seed)
         model = CoMTIP(ModelConfig.architecture(info["model_config"]), info["vocabulary"]).eval()
-    elif encoder != "comtip":
+    elif encoder not in COMTIP_ENCODERS:  # comtip or an ablation: the checkpoint as trained
         raise ValueError(f"encoder must be one of {COMTIP_ENCODERS}, got {encoder!r}")
     return model, info
 

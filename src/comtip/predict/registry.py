@@ -22,14 +22,39 @@ from comtip.finetune.config import MODES as FINETUNE_MODES
 # (results/embeddings/{encoder}/{sample}.npz): the pretrained CoMTIP and a seeded random
 # initialisation of it (embed_spots), and BLEEP and mclSTExp trained as themselves (train_bleep,
 # embed_bleep; train_mclstexp, embed_mclstexp).
+# CoMTIP's ablations (issue 13): each a CoMTIP pretrained by rule pretrain (model={variant}) on
+# the same data, budget and seed with one `model:` key overridden (variant_model_config), embedded
+# by embed_spots from its own checkpoint. comtip_minilm and comtip_hash are both declared: the one
+# equal to the configured name encoder is the same model as comtip (a duplicate run, refused by
+# variant_model_config so that it is never trained twice under two names).
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "comtip_no_mfm": {"mfm": False},
+    "comtip_no_paat": {"paat": False},
+    "comtip_value_only": {"gene_tokens": "value_only"},
+    "comtip_name_only": {"gene_tokens": "name_only"},
+    "comtip_minilm": {"name_encoder": "minilm"},
+    "comtip_hash": {"name_encoder": "hash"},
+}
+ABLATION_SUMMARIES = {
+    "comtip_no_mfm": "without Masked Feature Modeling",
+    "comtip_no_paat": "without Pair-aware Adversarial Training",
+    "comtip_value_only": "value-only gene tokens (no name embedding)",
+    "comtip_name_only": "name-only gene tokens (no value embedding)",
+    "comtip_minilm": "the MiniLM gene-name encoder",
+    "comtip_hash": "the hashed n-gram gene-name encoder",
+}
 ENCODER_RULES = {
     "comtip": "embed_spots",
     "random": "embed_spots",
+    **{variant: "embed_spots" for variant in ABLATIONS},
     "bleep": "embed_bleep",
     "mclstexp": "embed_mclstexp",
 }
 ENCODERS = tuple(ENCODER_RULES)
 COMTIP_ENCODERS = tuple(e for e, rule in ENCODER_RULES.items() if rule == "embed_spots")
+# The pretrained CoMTIP models (rule pretrain's {model}): CoMTIP and its ablations.
+PRETRAIN_MODELS = ("comtip", *ABLATIONS)
+PRETRAINED_CHECKPOINT = "results/models/pretrain/{model}.pt"
 
 # What a method reads besides the training and test gene sentences (which every method reads) and
 # the test sample's spots.h5ad (whose spots every prediction file copies):
@@ -95,6 +120,18 @@ def _ridge(encoder: str, what: str) -> Method:
     )
 
 
+def _zeroshot(encoder: str, what: str) -> Method:
+    return Method(
+        "zeroshot" if encoder == "comtip" else f"zeroshot_{encoder}",
+        f'{what} zero-shot: the image embedding scored against "gene at value v" prompts, '
+        "weighted by the training value prior",
+        "comtip.predict.methods:zeroshot",
+        encoder=encoder,
+        needs=(TEST_EMBEDDING, PRETRAINED),
+        settings=("zeroshot_grid", "zeroshot_grid_kind", "zeroshot_prior", "zeroshot_temperature"),
+    )
+
+
 def _finetune(mode: str, what: str) -> Method:
     return Method(
         f"finetune_{mode}",
@@ -157,15 +194,9 @@ METHODS: dict[str, Method] = {
             needs=(TEST_EMBEDDING, TRAIN_EMBEDDINGS),
             settings=("mclstexp_top_k",),
         ),
-        Method(
-            "zeroshot",
-            'CoMTIP zero-shot: the image embedding scored against "gene at value v" prompts, '
-            "weighted by the training value prior",
-            "comtip.predict.methods:zeroshot",
-            encoder="comtip",
-            needs=(TEST_EMBEDDING, PRETRAINED),
-            settings=("zeroshot_grid", "zeroshot_grid_kind", "zeroshot_prior", "zeroshot_temperature"),
-        ),
+        _zeroshot("comtip", "CoMTIP"),
+        *(_ridge(v, f"CoMTIP {what}") for v, what in ABLATION_SUMMARIES.items()),
+        *(_zeroshot(v, f"CoMTIP {what}") for v, what in ABLATION_SUMMARIES.items()),
         _finetune("linear", "linear probe"),
         _finetune("full", "full fine-tune"),
     )
@@ -201,9 +232,33 @@ def method_inputs(name: str, sample: str, pretrained: str) -> dict[str, str]:
         inputs["train_embeddings"] = TRAINING_EMBEDDINGS.format(encoder=entry.encoder)
     if RIDGE_PROBE in entry.needs:
         inputs["ridge_probe"] = RIDGE_PROBES.format(encoder=entry.encoder)
-    if PRETRAINED in entry.needs:
-        inputs["checkpoint"] = pretrained
+    if PRETRAINED in entry.needs:  # the method's own encoder's checkpoint for an ablation
+        inputs["checkpoint"] = pretrained_checkpoint(entry.encoder) if entry.encoder in ABLATIONS else pretrained
     return inputs
+
+
+def pretrained_checkpoint(encoder: str) -> str:
+    """The checkpoint an ``embed_spots`` encoder is computed from: its own for an ablation,
+    CoMTIP's for ``comtip`` and ``random`` (a seeded random initialisation of its architecture)."""
+    return PRETRAINED_CHECKPOINT.format(model=encoder if encoder in ABLATIONS else "comtip")
+
+
+def variant_model_config(base: Mapping[str, Any], model: str) -> dict[str, Any]:
+    """The ``model:`` config that pretrained model ``model`` is trained with: ``base`` (the
+    configured one, as ModelConfig.to_dict gives it) for ``comtip``, with the ablation's override
+    for a variant. A variant whose override changes nothing (``comtip_hash`` when the name encoder
+    is already hash) is refused: it would be CoMTIP trained again under another name."""
+    if model == "comtip":
+        return dict(base)
+    if model not in ABLATIONS:
+        raise ValueError(f"unknown pretrained model {model!r}; known: {', '.join(PRETRAIN_MODELS)}")
+    override = ABLATIONS[model]
+    if all(base.get(k) == v for k, v in override.items()):
+        raise ValueError(
+            f"{model} is CoMTIP itself with this config ({override} is already the configured `model:`); "
+            "use ridge_comtip / zeroshot instead"
+        )
+    return {**base, **override}
 
 
 def method_table(methods: Mapping[str, Method] = METHODS) -> str:

@@ -122,7 +122,10 @@ class Trainer:
         self.metrics = MetricsLog(self.folder / "metrics.tsv", self.step) if procs.is_main else None
         self.ddp = (
             DistributedDataParallel(
-                self.model, device_ids=[procs.device.index] if procs.device.type == "cuda" else None
+                self.model,
+                device_ids=[procs.device.index] if procs.device.type == "cuda" else None,
+                # a token ablation leaves the dropped side's parameters without gradients
+                find_unused_parameters=model_cfg.gene_tokens != "both",
             )
             if procs.world_size > 1
             else None
