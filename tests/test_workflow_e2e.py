@@ -115,7 +115,7 @@ def test_every_method_predicts_every_test_spot(demo_run):
         "mclstexp",
         "zeroshot",
         "ridge_comtip_no_mfm",
-        "zeroshot_comtip_name_only",
+        "zeroshot_comtip_no_mfm",
         "finetune_linear",
     )
     for method in methods:
@@ -127,13 +127,12 @@ def test_every_method_predicts_every_test_spot(demo_run):
     metrics = pd.read_csv(demo_run / "results" / "evaluation" / "metrics.tsv", sep="\t")
     assert len(metrics) == len(methods) * len(panel)  # one test slide x the methods x panel genes
     assert set(metrics["sample"]) == {"tiny_b"} and set(metrics["method"]) == set(methods)
-    # the ablations (own pretraining, own checkpoint) have their rows too; name_only's zero-shot
-    # may be constant per gene (its prompts cannot tell values apart): NaN Pearson, not an error
-    for method in ("ridge_comtip_no_mfm", "zeroshot_comtip_name_only"):
+    # the ablation's methods (own pretraining, own checkpoint) have their rows too
+    for method in ("ridge_comtip_no_mfm", "zeroshot_comtip_no_mfm"):
         assert (metrics["method"] == method).sum() == len(panel), method
         assert np.isfinite(metrics.loc[metrics["method"] == method, "mse"]).all(), method
     checkpoints = demo_run / "results" / "models" / "pretrain"
-    assert {p.name for p in checkpoints.glob("*.pt")} >= {"comtip.pt", "comtip_no_mfm.pt", "comtip_name_only.pt"}
+    assert {p.name for p in checkpoints.glob("*.pt")} >= {"comtip.pt", "comtip_no_mfm.pt"}
 
 
 def test_bleep_is_trained_as_itself_with_pretrainings_budget_and_predicts_otherwise(demo_run):
@@ -262,7 +261,7 @@ def test_batch_mixing_scores_the_expression_and_every_encoder_of_the_methods(dem
     "demo" everywhere), on the training and test slides' spots."""
     results = demo_run / "results"
     table = pd.read_csv(results / "evaluation" / "batch_mixing.tsv", sep="\t")
-    representations = ["expression", "comtip", "random", "comtip_no_mfm", "comtip_name_only", "bleep", "mclstexp"]
+    representations = ["expression", "comtip", "random", "comtip_no_mfm", "bleep", "mclstexp"]
     assert list(table["representation"]) == [r for r in representations for _ in ("sample", "patient")]
     assert list(table["label"]) == ["sample", "patient"] * len(representations)
     n_spots = sum(min(500, len(np.load(results / s / "gene_sentences.npz")["barcodes"])) for s in ("tiny_a", "tiny_b"))
