@@ -165,6 +165,26 @@ def test_bleep_is_trained_as_itself_with_pretrainings_budget_and_predicts_otherw
     assert len(rows) == len(sentences["panel_genes"]) and np.isfinite(rows["mse"]).all()
 
 
+def test_training_cost_lists_every_trained_model_with_its_budget(demo_run):
+    """evaluation/training_cost.tsv: one row per model the tiny config's methods train, steps and
+    spots from the checkpoints, time from the jobs' benchmark files; mclSTExp's max_steps override
+    shows as a different budget."""
+    import torch
+
+    results = demo_run / "results"
+    table = pd.read_csv(results / "evaluation" / "training_cost.tsv", sep="\t").set_index("model")
+    assert list(table.index) == ["comtip", "comtip_no_mfm", "bleep", "mclstexp", "finetune_linear"]
+    comtip = torch.load(results / "models" / "pretrain" / "comtip.pt", weights_only=True)
+    assert table.loc["comtip", "steps"] == comtip["step"]
+    assert table.loc["comtip", "training_spots"] == sum(comtip["data"]["spots"])
+    assert (table["wall_s"] > 0).all() and (table["parameters"] > 0).all()
+    assert table.loc["comtip_no_mfm", "same_budget_as_comtip"] == "yes"
+    assert table.loc["bleep", "same_budget_as_comtip"] == "yes"
+    assert table.loc["mclstexp", "same_budget_as_comtip"].startswith("no: ")
+    assert f"steps 4 vs {comtip['step']}" in table.loc["mclstexp", "same_budget_as_comtip"]
+    assert "zeroshot" in table.loc["comtip", "methods"].split(",")
+
+
 def test_the_ridge_probe_is_fitted_once_per_encoder_and_is_hests_probe(demo_run):
     """Rule fit_ridge: one probe per encoder from the training samples (here tiny_a), the one the
     ridge_* predictions apply; equal to the in-memory HEST fit run to convergence."""

@@ -1,5 +1,6 @@
 """Sample sheet, wildcard constraints and input functions shared by the rules."""
 
+import dataclasses
 import os
 import re
 import zlib
@@ -38,6 +39,8 @@ def all_outputs(wildcards):
         files += ["results/evaluation/summary.tsv", "results/evaluation/summary_pearson.png"]
     if BATCH_MIXING:
         files += ["results/evaluation/batch_mixing.tsv", "results/evaluation/batch_mixing.png"]
+    if TEST_SAMPLES:
+        files.append("results/evaluation/training_cost.tsv")
     files += [f"results/predictions/{s}/virtual_visium.h5ad" for s in PREDICT_SAMPLES]
     return files
 
@@ -303,3 +306,16 @@ def batch_mixing_labels():
     if not BATCH_MIXING:
         return {}
     return sample_labels(SAMPLES, BATCH_MIXING_SAMPLES, sheet_path=config["samples"])
+
+
+# Every model trained for the configured methods, with its checkpoint, metrics and benchmark file
+# (rule training_cost).
+TRAINED_MODELS = [dataclasses.asdict(m) for m in registry.trained_models(METHODS)]
+
+
+def training_cost_inputs(wildcards):
+    inputs = {}
+    for model in TRAINED_MODELS:
+        for role in ("checkpoint", "metrics", "benchmark"):
+            inputs[f"{role}_{model['name']}"] = model[role]
+    return inputs

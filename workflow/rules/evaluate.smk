@@ -98,3 +98,28 @@ rule batch_mixing:
         seed=config["seed"],
     script:
         "../scripts/batch_mixing.py"
+
+
+rule training_cost:
+    """Steps, epochs, batch size, training spots, parameters, wall time and peak memory of every
+    trained model the methods read, and whether each had CoMTIP's data and budget."""
+    input:
+        unpack(training_cost_inputs),
+    output:
+        table=report(
+            "results/evaluation/training_cost.tsv", caption="../report/training_cost.rst", category="Evaluation"
+        ),
+    log:
+        "logs/training_cost/training_cost.log",
+    benchmark:
+        "logs/benchmark/training_cost/training_cost.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=30,
+    params:
+        models=TRAINED_MODELS,
+    script:
+        "../scripts/training_cost.py"

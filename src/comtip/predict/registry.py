@@ -243,6 +243,74 @@ def pretrained_checkpoint(encoder: str) -> str:
     return PRETRAINED_CHECKPOINT.format(model=encoder if encoder in ABLATIONS else "comtip")
 
 
+@dataclass(frozen=True)
+class TrainedModel:
+    """A model the workflow trains for the configured methods: its rule's checkpoint, metrics and
+    Snakemake benchmark file, and the methods that read it (rule ``training_cost``)."""
+
+    name: str
+    rule: str
+    checkpoint: str
+    metrics: str
+    benchmark: str
+    methods: tuple[str, ...]
+
+
+def trained_models(methods: Iterable[str]) -> list[TrainedModel]:
+    """The models trained for ``methods``: CoMTIP always (the workflow's default target), each
+    ablation, BLEEP and mclSTExp whose embeddings a method reads, and each fine-tuned head. A
+    model's methods are those whose encoder it is, those that read its checkpoint (zero-shot) and,
+    for ``comtip``, the fine-tuned heads built on it; ``random`` is an untrained initialisation."""
+    methods = [method(name) for name in methods]
+    pretrained = [
+        m
+        for m in PRETRAIN_MODELS
+        if m == "comtip" or any(x.encoder == m for x in methods)  # an ablation only when read
+    ]
+    models = []
+    for name in pretrained:
+        readers = tuple(
+            x.name for x in methods if x.encoder == name or (name == "comtip" and x.rule == "predict_finetuned")
+        )
+        models.append(
+            TrainedModel(
+                name,
+                "pretrain",
+                PRETRAINED_CHECKPOINT.format(model=name),
+                f"results/models/pretrain/{name}.metrics.tsv",
+                f"logs/benchmark/pretrain/{name}.tsv",
+                readers,
+            )
+        )
+    for name in ("bleep", "mclstexp"):
+        readers = tuple(x.name for x in methods if x.encoder == name)
+        if readers:
+            models.append(
+                TrainedModel(
+                    name,
+                    f"train_{name}",
+                    f"results/models/{name}/{name}.pt",
+                    f"results/models/{name}/{name}.metrics.tsv",
+                    f"logs/benchmark/train_{name}/{name}.tsv",
+                    readers,
+                )
+            )
+    for x in methods:
+        if x.rule == "predict_finetuned":
+            mode = x.name.removeprefix("finetune_")
+            models.append(
+                TrainedModel(
+                    x.name,
+                    "finetune",
+                    f"results/models/finetune/{mode}.pt",
+                    f"results/models/finetune/{mode}.metrics.tsv",
+                    f"logs/benchmark/finetune/{mode}.tsv",
+                    (x.name,),
+                )
+            )
+    return models
+
+
 def variant_model_config(base: Mapping[str, Any], model: str) -> dict[str, Any]:
     """The ``model:`` config that pretrained model ``model`` is trained with: ``base`` (the
     configured one, as ModelConfig.to_dict gives it) for ``comtip``, with the ablation's override
