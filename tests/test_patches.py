@@ -196,3 +196,152 @@ def test_a_slide_far_coarser_than_the_patches_is_refused(spots, slide_path, tmp_
     assert not list(out.iterdir())
     patches, _ = run(spots, slide_path, out, mpp=0.1, max_upsample=6.0)  # the limit is a setting
     assert len(patches) == len(BARCODES)
+
+
+# -- band extraction: each needed tile read once, patches identical to per-patch reads -----------
+
+
+def write_jpeg_tiff(path: Path, levels: list[np.ndarray]) -> Path:
+    """A JPEG-tiled (Q90, 128 px tiles) pyramid as consecutive pages, as scanners write them."""
+    import tifffile
+
+    with tifffile.TiffWriter(path) as tw:
+        for i, level in enumerate(levels):
+            ppcm = 1e4 / (SLIDE_MPP * 2**i)
+            tw.write(
+                level, tile=(128, 128), compression="jpeg", compressionargs={"level": 90}, photometric="rgb",
+                resolution=(ppcm, ppcm), resolutionunit="CENTIMETER", subfiletype=0 if i == 0 else 1,
+            )  # fmt: skip
+    return path
+
+
+@pytest.fixture(scope="module")
+def jpeg_tiff(tmp_path_factory: pytest.TempPathFactory, source: np.ndarray) -> Path:
+    return write_jpeg_tiff(tmp_path_factory.mktemp("jpeg") / "slide.tif", pyramid(source))
+
+
+@pytest.fixture(scope="module")
+def png_path(tmp_path_factory: pytest.TempPathFactory, source: np.ndarray) -> Path:
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("png") / "slide.png"
+    Image.fromarray(source).save(path)
+    return path
+
+
+def random_centers(n: int, seed: int = 0) -> np.ndarray:
+    """Spots anywhere on the 1000 x 760 slide, corners included (boxes cross every edge)."""
+    rng = np.random.default_rng(seed)
+    corners = np.array([[0.0, 0.0], [999.9, 759.9], [3.3, 758.0], [997.0, 1.5]])
+    return np.vstack([corners, rng.uniform([0, 0], [1000, 760], (n, 2))])
+
+
+def open_with(reader: str, path: Path):
+    from comtip.io import readers
+
+    return {"openslide": readers.OpenSlideSlide, "tifffile": readers.TiffFileSlide, "pillow": readers.PillowSlide}[
+        reader
+    ](path)
+
+
+def band_patches(slide, centers: np.ndarray, size_px: int, mpp: float, **kwargs):
+    """Patches (by index) cut band by band, the band pass's stats and the plans."""
+    from comtip.data.patch_bands import plan_patches, write_by_bands
+
+    index = patch_geometry(centers, size_px=size_px, mpp=mpp, slide_mpp=SLIDE_MPP, slide_dimensions=slide.dimensions)
+    side = size_px * mpp / SLIDE_MPP
+    plans = plan_patches(slide, index["x0"].to_numpy(), index["y0"].to_numpy(), side, size_px)
+    out: dict[int, np.ndarray] = {}
+    stats = write_by_bands(slide, plans, size_px, out.__setitem__, **{"threads": 2, **kwargs})
+    return out, stats, index, plans
+
+
+@pytest.mark.parametrize(
+    ("size_px", "mpp"),
+    [(32, 1.0), (40, 0.5), (24, 0.9)],
+    ids=["aligned level 1", "aligned level 0", "resampled"],
+)
+@pytest.mark.parametrize(
+    ("slide_file", "reader"),
+    [("slide_path", "openslide"), ("jpeg_tiff", "tifffile"), ("jpeg_tiff", "openslide"), ("png_path", "pillow")],
+    ids=["zlib-openslide", "jpeg-tifffile", "jpeg-openslide", "png-pillow"],
+)
+@pytest.mark.parametrize("band_bytes", [400_000, 2**26], ids=["one tile row per band", "one band"])
+def test_band_patches_equal_per_patch_reads(request, slide_file, reader, size_px, mpp, band_bytes):
+    centers = random_centers(80)
+    with open_with(reader, request.getfixturevalue(slide_file)) as slide:
+        patches, stats, index, _ = band_patches(slide, centers, size_px, mpp, band_bytes=band_bytes, chunk_size=7)
+        assert sorted(patches) == list(range(len(centers)))
+        assert index["crosses_edge"].sum() >= 4
+        for i, row in index.iterrows():
+            expected = slide.read_region_scaled(row.x0, row.y0, row.x1 - row.x0, row.y1 - row.y0, size_px, size_px)
+            np.testing.assert_array_equal(patches[i], expected, err_msg=f"patch {i}")
+    if band_bytes == 400_000:  # a band of 1 or 2 tile rows: several bands, tiles carried over
+        assert stats.band_rows <= 2 and stats.bands > 1
+
+
+def distinct_tiles(plans, slide, tile: int) -> set[tuple[int, int]]:
+    """The level tiles that the plans' regions overlap (counted independently of the band code)."""
+    level = plans[0].level
+    lw, lh = slide.level_dimensions[level]
+    d = slide.level_downsamples[level]
+    tiles = set()
+    for p in plans:
+        x, y = round(p.x / d), round(p.y / d)
+        for ty in range(max(y, 0) // tile, (min(y + p.h, lh) - 1) // tile + 1):
+            for tx in range(max(x, 0) // tile, (min(x + p.w, lw) - 1) // tile + 1):
+                tiles.add((ty, tx))
+    return tiles
+
+
+def test_each_needed_tile_is_decoded_once_and_the_band_bounds_memory(jpeg_tiff, monkeypatch):
+    """With the reader's tile cache cut to one tile, per-patch reads decode shared tiles again and
+    again; the band pass decodes exactly the distinct tiles that the patches need, and holds at
+    most a band plus the rows a patch spans."""
+    from comtip.io import readers
+
+    decoded: list[tuple[int, int]] = []
+    original = readers.TiffFileSlide._decode_tile
+
+    def counting(self, level: int, index: int) -> np.ndarray:
+        decoded.append((level, index))
+        return original(self, level, index)
+
+    monkeypatch.setattr(readers, "TILE_CACHE_BYTES", 1)
+    monkeypatch.setattr(readers.TiffFileSlide, "_decode_tile", counting)
+    centers = random_centers(20)[4:]  # sparse: most tiles of the slide are needed by no patch
+    with readers.TiffFileSlide(jpeg_tiff) as slide:
+        decoded.clear()  # the reader decodes one tile per level at open
+        _, stats, _, plans = band_patches(slide, centers, 40, 0.5, band_bytes=400_000)
+        needed = distinct_tiles(plans, slide, 128)
+        assert len(decoded) == len(set(decoded)) == len(needed) == stats.tiles_read
+        assert len(needed) < 48  # of 8 x 6 tiles of level 0
+        tile_row_bytes = 8 * 128 * 128 * 3  # 8 tiles across level 0
+        assert stats.max_held_bytes <= (stats.band_rows + 1 + 40 // 128 + 1) * tile_row_bytes
+        decoded.clear()
+        for p in plans:
+            slide.read_region(p.x, p.y, p.w, p.h, p.level)
+        assert len(decoded) > len(needed)  # what the band pass saves
+
+
+def test_random_row_order_gives_each_spot_the_same_patch(slide_path, tmp_path):
+    centers, barcodes = random_centers(40, seed=1), [f"S{i:03d}-1" for i in range(44)]
+    perm = np.random.default_rng(2).permutation(len(barcodes))
+    sorted_spots = write_spots(tmp_path / "a.h5ad", centers, barcodes)
+    shuffled = write_spots(tmp_path / "b.h5ad", centers[perm], [barcodes[i] for i in perm])
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    first, _ = run(sorted_spots, slide_path, tmp_path / "a", size_px=24, mpp=0.9)
+    second, index = run(shuffled, slide_path, tmp_path / "b", size_px=24, mpp=0.9)
+    assert index["barcode"].tolist() == [barcodes[i] for i in perm]
+    np.testing.assert_array_equal(second, np.asarray(first)[perm])
+
+
+def test_levels_without_a_chunk_grid_fall_back_to_per_patch_reads(spots, slide_path, tmp_path, monkeypatch):
+    (tmp_path / "bands").mkdir(), (tmp_path / "per_patch").mkdir()
+    bands, _ = run(spots, slide_path, tmp_path / "bands", size_px=24, mpp=0.9)
+    monkeypatch.setattr("comtip.io.readers.OpenSlideSlide.band_grid", lambda self, level: None)
+    called = []
+    monkeypatch.setattr("comtip.data.patches.write_by_bands", lambda *a, **k: called.append(1))
+    per_patch, _ = run(spots, slide_path, tmp_path / "per_patch", size_px=24, mpp=0.9)
+    assert not called
+    np.testing.assert_array_equal(bands, per_patch)

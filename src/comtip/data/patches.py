@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from comtip._core.atomic import atomic_paths
 from comtip._core.errors import PipelineInputError
+from comtip.data.patch_bands import plan_patches, write_by_bands
 from comtip.io.readers import open_slide
 from comtip.io.slide import Slide, check_positive
 
@@ -190,26 +191,39 @@ def _write_patches(
 ) -> None:
     """Create the ``.npy`` and let the workers write each patch at its row's offset.
 
-    Patches are read in :func:`spatial_order` and written in place with ``os.pwrite``, so the
-    output keeps the h5ad row order while no more than one patch per worker is in memory;
-    ``chunk_size`` spots are handed to the workers at a time.
+    Patches are cut band by band (:func:`comtip.data.patch_bands.write_by_bands`: each needed tile
+    decoded once), or read one by one in :func:`spatial_order` where the level cannot be read by
+    tile-aligned chunks, and written in place with ``os.pwrite``, so the output keeps the h5ad row
+    order while memory holds one band of tiles and the patches being cut (``chunk_size`` spots
+    are handed to the workers at a time).
     """
     shape = (len(index), size_px, size_px, 3)
     header = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8, shape=shape)
     offset, patch_bytes = header.offset, size_px * size_px * 3
     del header
     x0, y0 = index["x0"].to_numpy(), index["y0"].to_numpy()
-    order = _visit_order(slide, index, side, size_px)
     fd = os.open(out, os.O_WRONLY)
     try:
 
-        def write(i: int) -> None:
-            patch = slide.read_region_scaled(x0[i], y0[i], side, side, size_px, size_px)
+        def write(i: int, patch: np.ndarray) -> None:
             _pwrite_all(fd, np.ascontiguousarray(patch), offset + int(i) * patch_bytes)
+
+        plans = plan_patches(slide, x0, y0, side, size_px)
+        if slide.band_grid(plans[0].level) is not None:
+            stats = write_by_bands(slide, plans, size_px, write, threads=threads, chunk_size=chunk_size)
+            log.info(
+                "%d tiles of %d x %d px read once, in %d band(s) of %d tile row(s); at most %.0f MB of tiles held",
+                stats.tiles_read, *stats.tile_size, stats.bands, stats.band_rows, stats.max_held_bytes / 2**20,
+            )  # fmt: skip
+            return
+        order = _visit_order(slide, index, side, size_px)
+
+        def read_and_write(i: int) -> None:
+            write(i, slide.read_region_scaled(x0[i], y0[i], side, side, size_px, size_px))
 
         with ThreadPoolExecutor(max_workers=threads) as pool:
             for start in range(0, len(order), chunk_size):
-                list(pool.map(write, order[start : start + chunk_size]))  # re-raises a worker's error
+                list(pool.map(read_and_write, order[start : start + chunk_size]))  # re-raises a worker's error
     finally:
         os.close(fd)
 

@@ -66,6 +66,16 @@ class OpenSlideSlide(Slide):
             return np.array(image.convert("RGB"))
         return _composite_on_white(rgba)
 
+    def band_grid(self, level: int) -> tuple[int, int] | None:
+        """The level's tile size; None at a non-integer downsample, where openslide would place
+        the level at fractional offsets (so chunk reads could differ from other reads)."""
+        d = self.level_downsamples[level]
+        if d != round(d):
+            return None
+        props = self._osr.properties
+        size = [props.get(f"openslide.level[{level}].tile-{dim}") for dim in ("width", "height")]
+        return (int(size[0]), int(size[1])) if all(size) else (256, 256)
+
     def close(self) -> None:
         self._osr.close()
 
@@ -179,6 +189,11 @@ class TiffFileSlide(Slide):
                 x1, y1 = min(lx + w, tx0 + lv.tile_w), min(ly + h, ty0 + lv.tile_h)
                 out[y0 - ly : y1 - ly, x0 - lx : x1 - lx] = tile[y0 - ty0 : y1 - ty0, x0 - tx0 : x1 - tx0]
         return out
+
+    def band_grid(self, level: int) -> tuple[int, int]:
+        """The level's TIFF tiles: a tile-aligned chunk decodes each of its tiles once."""
+        lv = self._levels[level]
+        return (lv.tile_w, lv.tile_h)
 
     def close(self) -> None:
         self._tile.cache_clear()

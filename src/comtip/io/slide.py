@@ -115,6 +115,17 @@ class Slide(abc.ABC):
     def _read(self, x: int, y: int, w: int, h: int, level: int) -> np.ndarray:
         """The region, for a valid level and size, at any position (padding is the reader's job)."""
 
+    def band_grid(self, level: int) -> tuple[int, int] | None:
+        """Tile (width, height) of ``level`` for reads by tile-aligned chunks, or None.
+
+        A chunk at level pixel ``(lx, ly)`` is read as ``read_region(round(lx * d), round(ly * d),
+        ...)``; the reader must then return exactly the level's pixels from ``(lx, ly)``, so that
+        pixels cut from chunks equal those of any other read. The default (a reader that rounds
+        ``x / d`` to the level grid) answers 256 px; readers override it with their tile size, or
+        None when their level coordinates are not exact.
+        """
+        return (256, 256)
+
     # -- scaled reads ------------------------------------------------------------------------
 
     def best_level(self, downsample: float) -> int:
