@@ -1,10 +1,12 @@
 """Spot patches: one RGB image per spot, centred on it, at a fixed µm/px.
 
 The patch of a spot is the level-0 box of side ``size_px * mpp / slide_mpp`` centred on the spot,
-resampled to ``size_px`` x ``size_px`` from the best pyramid level. Patches are read in spatial
-order (so that slide tiles are decoded once) and each is written at its place in an ``.npy``
-array (memory-mappable at training time) in the row order of ``spots.h5ad``, so memory stays
-bounded whatever the number of spots or the size of the slide.
+resampled to ``size_px`` x ``size_px`` from the best pyramid level. Where the reader gives the
+level a tile grid (``Slide.band_grid``), patches are cut band by band from tiles each read once
+(:mod:`comtip.data.patch_bands`); otherwise they are read one by one in spatial order. Either way
+each patch equals ``Slide.read_region_scaled``'s and is written at its place in an ``.npy`` array
+(memory-mappable at training time) in the row order of ``spots.h5ad``, so memory stays bounded
+whatever the number of spots or the size of the slide.
 """
 
 from __future__ import annotations
