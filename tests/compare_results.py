@@ -3,7 +3,8 @@
 Used by the reproducibility tests (same config and seed → same outputs, whether run twice
 locally, resumed after a kill, or run through SLURM). What may differ between identical runs is
 excluded explicitly, nothing else: the per-run provenance records, the wall-clock columns of
-training metrics (throughput, data-wait fraction), and the run folder's own absolute path where a
+training metrics (throughput, data-wait fraction) and of the training-cost table (wall time, CPU
+time, peak memory of the jobs), and the run folder's own absolute path where a
 checkpoint records where its inputs were.
 """
 
@@ -17,6 +18,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from comtip.evaluation.training_cost import JOB_COST_COLUMNS
 from comtip.training.metrics import TIMING_COLUMNS
 
 EXCLUDED_DIRS = ("provenance",)
@@ -67,7 +69,9 @@ def _assert_same_file(x: Path, y: Path, rel: str, roots: tuple[str, str]) -> Non
             roots,
         )
     elif suffix == ".tsv":
-        fx, fy = (pd.read_csv(p, sep="\t").drop(columns=list(TIMING_COLUMNS), errors="ignore") for p in (x, y))
+        fx, fy = (
+            pd.read_csv(p, sep="\t").drop(columns=[*TIMING_COLUMNS, *JOB_COST_COLUMNS], errors="ignore") for p in (x, y)
+        )
         pd.testing.assert_frame_equal(fx, fy, check_exact=True, obj=rel)
     elif suffix == ".parquet":
         pd.testing.assert_frame_equal(pd.read_parquet(x), pd.read_parquet(y), check_exact=True, obj=rel)

@@ -42,6 +42,8 @@ COLUMNS = [
     "max_rss_mb",
     "same_budget_as_comtip",
 ]
+# Measured by the job's benchmark file: they differ between identical runs (the other columns do not).
+JOB_COST_COLUMNS = ("wall_s", "cpu_s", "max_rss_mb")
 # Buffers that a state dict holds beside the learned weights (torch.nn.BatchNorm*).
 _NOT_PARAMETERS = ("running_mean", "running_var", "num_batches_tracked")
 BUDGET_KEYS = ("training_samples", "training_spots", "image_size", "batch_size", "steps")
