@@ -36,11 +36,13 @@ def all_outputs(wildcards):
             f"results/{sample}/gene_sentences.npz",
         ]
     if TEST_SAMPLES:
-        files += ["results/evaluation/summary.tsv", "results/evaluation/summary_pearson.png"]
+        files += [
+            "results/evaluation/summary.tsv",
+            "results/evaluation/summary_pearson.png",
+            "results/evaluation/training_cost.tsv",
+        ]
     if BATCH_MIXING:
         files += ["results/evaluation/batch_mixing.tsv", "results/evaluation/batch_mixing.png"]
-    if TEST_SAMPLES:
-        files.append("results/evaluation/training_cost.tsv")
     files += [f"results/predictions/{s}/virtual_visium.h5ad" for s in PREDICT_SAMPLES]
     return files
 
