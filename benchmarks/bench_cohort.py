@@ -50,6 +50,10 @@ from _markdown import head_commit, write_section  # noqa: E402  (benchmarks/ is 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Cohort scale: every CPU stage through Snakemake"
 PLOT = "benchmarks/results/cohort_scale.png"
+# every size measured so far, one row per (samples, rule), and one row per run: each invocation
+# replaces its own sizes' rows and keeps the others, so sizes run on different days share a table
+RESULTS = "benchmarks/results/cohort_scale.tsv"
+RUNS = "benchmarks/results/cohort_runs.tsv"
 MODEL = {
     "image_size": 32,
     "vision_kwargs": {"depth": 2},
@@ -169,13 +173,15 @@ def plot(results: pd.DataFrame, out_png: Path) -> None:
     for rule, table in results.groupby("rule"):
         table = table.sort_values("samples")
         axes[0].plot(table["samples"], table["peak_rss_mb"] / 1024, marker="o", label=rule)
-        axes[1].plot(table["samples"], table["max_seconds"], marker="o", label=rule)
+        axes[1].plot(table["samples"], table["max_cpu_seconds"], marker="o", label=rule)
     axes[0].axhline(4, color="grey", linestyle=":", linewidth=1)
     axes[0].set_ylabel("peak RSS of one job (GB; target 4)")
-    axes[1].set_ylabel("slowest job of the rule (s)")
+    axes[1].set_ylabel("most CPU time of one job (s)")
     for ax in axes:
         ax.set_xlabel("samples in the cohort")
         ax.set_xscale("log")
+        ax.set_xticks(sorted(results["samples"].unique()), [str(n) for n in sorted(results["samples"].unique())])
+        ax.minorticks_off()
     axes[1].set_yscale("log")
     axes[1].legend(fontsize=6, ncol=2)
     fig.tight_layout()
@@ -184,8 +190,19 @@ def plot(results: pd.DataFrame, out_png: Path) -> None:
     plt.close(fig)
 
 
-def markdown(results: pd.DataFrame, args: argparse.Namespace, walls: dict[int, float], disk: dict[int, int]) -> str:
-    commit = head_commit(REPO)
+def merge_rows(path: Path, new: pd.DataFrame) -> pd.DataFrame:
+    """``new``'s rows replace the rows of the same cohort sizes in the TSV at ``path``; the rest stay."""
+    if path.exists():
+        old = pd.read_csv(path, sep="\t")
+        new = pd.concat([old[~old["samples"].isin(new["samples"])], new], ignore_index=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = new.sort_values([c for c in ("samples", "rule") if c in new.columns]).reset_index(drop=True)
+    new.to_csv(path, sep="\t", index=False)
+    return new
+
+
+def markdown(results: pd.DataFrame, runs: pd.DataFrame, args: argparse.Namespace) -> str:
+    """The section: every size in ``results`` (this run's and earlier runs' kept in ``RESULTS``)."""
     lines = [
         SECTION,
         "",
@@ -195,14 +212,15 @@ def markdown(results: pd.DataFrame, args: argparse.Namespace, walls: dict[int, f
         f"{args.val} validation samples, the rest training; "
         f"{args.base} distinct simulated samples, each cohort sample one of them under its own name), "
         "the shipped config except a tiny model and 5 pretraining steps, through Snakemake to "
-        f"`evaluation/metrics.tsv` with `--cores 2`. Per rule: its jobs, the largest peak RSS and the slowest "
-        "wall time of one job and the most CPU time of one job (Snakemake's `benchmark:` files; CPU time is the "
-        "steadier figure when other work shares the machine). Commit "
-        f"{commit}, {platform.node()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}. Command:",
+        f"`evaluation/metrics.tsv` with `--cores {args.cores}`. Per rule: its jobs, the largest peak RSS and the "
+        "slowest wall time of one job and the most CPU time of one job (Snakemake's `benchmark:` files; CPU time "
+        "is the steadier figure when other work shares the machine). Each size grows the previous size's run "
+        'folder, so its first samples\' per-sample jobs are reused ("+N reused"); every cohort-wide rule runs '
+        f"again on all samples. The figures of every size are kept in `{RESULTS}` (one run per size, see the "
+        "list below for each run's commit and date). Command (one run folder, the sizes one after the other):",
         "",
         "    .venv/bin/python benchmarks/bench_cohort.py --samples "
-        f"{' '.join(map(str, args.samples))} --base {args.base} --test {args.test} --val {args.val} "
-        "--markdown BENCHMARKS.md",
+        f"{' '.join(map(str, sorted(results['samples'].unique())))} --dir /tmp/cohort --markdown BENCHMARKS.md",
         "",
         f"![peak RSS and time per rule against cohort size]({PLOT})",
         "",
@@ -215,11 +233,13 @@ def markdown(results: pd.DataFrame, args: argparse.Namespace, walls: dict[int, f
             f"{row.peak_rss_mb:.0f} | {row.max_seconds:.1f} | {row.max_cpu_seconds:.1f} | {row.total_seconds:.0f} |"
         )
     lines.append("")
-    for n, wall in walls.items():
-        over = results[(results["samples"] == n) & (results["peak_rss_mb"] > 4096)]["rule"].tolist()
+    for run in runs.sort_values("samples").itertuples():
+        over = results[(results["samples"] == run.samples) & (results["peak_rss_mb"] > 4096)]["rule"].tolist()
         lines.append(
-            f"- {n} samples: whole run {wall / 60:.1f} min; results/ {disk[n] / 2**30:.1f} GB on disk; "
-            f"rules above 4 GB: {', '.join(over) if over else 'none'}."
+            f"- {run.samples} samples (commit {run.commit}, {run.machine}, {run.date}): "
+            f"whole run {run.wall_min:.1f} min"
+            f"{' (' + run.note + ')' if isinstance(run.note, str) and run.note else ''}; results/ "
+            f"{run.disk_gb:.1f} GB on disk; rules above 4 GB: {', '.join(over) if over else 'none'}."
         )
     return "\n".join(lines) + "\n"
 
@@ -237,12 +257,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val", type=int, default=2, help="validation samples (fixed as the cohort grows)")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/comtip-bench-cohort"))
     parser.add_argument("--markdown", type=Path, help="write the table as a section of this file")
+    parser.add_argument(
+        "--since",
+        type=float,
+        help="epoch seconds: resume a stopped run of the smallest size given; its jobs finished since then count "
+        "as run at that size (and --rerun-incomplete redoes the jobs the stop cut short)",
+    )
     args = parser.parse_args(argv)
 
     bases = simulate(args.dir / "base", args.base, args)
     root = args.dir / "run"
-    results, walls, seen, disk = [], {}, set(), {}
+    results = []
     for n in sorted(args.samples):
+        resumed = args.since is not None and n == min(args.samples)
         check_disk(root, n)
         write_run(root, n, bases, args.test, args.val, args.mpp)
         started = time.time()
@@ -253,18 +280,19 @@ def main(argv: list[str] | None = None) -> int:
             "--rerun-triggers",
             "mtime",
             "input",
+            *(["--rerun-incomplete"] if args.since else []),
             "--",
             "results/evaluation/metrics.tsv",
             *(f"results/S{i:03d}/tiles.parquet" for i in range(n)),
         ]
         env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
         run = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        walls[n] = time.time() - started
+        wall = time.time() - started
         if run.returncode:
             sys.stderr.write(run.stderr[-5000:])
             raise SystemExit(f"snakemake failed at {n} samples (log above; run folder {root})")
         jobs = benchmark_table(root)
-        fresh = jobs["mtime"] >= started
+        fresh = jobs["mtime"] >= (args.since if resumed else started)
         for rule, table in jobs.groupby("rule"):
             ran = table[fresh.loc[table.index]]
             measured = ran if len(ran) else table  # a rule none of whose jobs ran: its earlier figures
@@ -280,14 +308,28 @@ def main(argv: list[str] | None = None) -> int:
                     "total_seconds": ran["seconds"].sum(),
                 }
             )
-        disk[n] = folder_bytes(root / "results")
         shutil.copytree(root / "logs" / "benchmark", args.dir / f"benchmark_{n}", dirs_exist_ok=True)
-        seen.add(n)
         table = pd.DataFrame(results)
-        print(table[table["samples"] == n].to_string(index=False), f"\nwall {walls[n] / 60:.1f} min", flush=True)
+        print(table[table["samples"] == n].to_string(index=False), f"\nwall {wall / 60:.1f} min", flush=True)
+        run_row = {
+            "samples": n,
+            "commit": head_commit(REPO),
+            "date": time.strftime("%Y-%m-%d"),
+            "machine": f"{platform.node()}, {os.cpu_count()} cores",
+            "wall_min": round(wall / 60, 1),
+            "disk_gb": round(folder_bytes(root / "results") / 2**30, 1),
+            "note": (
+                f"resumed: the run started {time.strftime('%Y-%m-%d %H:%M', time.gmtime(args.since))} UTC was "
+                "stopped; this is the resumed invocation's wall only"
+            )
+            if resumed
+            else "",
+        }
         if args.markdown:
-            plot(table, REPO / PLOT)
-            write_section(args.markdown, SECTION, markdown(table, args, walls, disk))
+            every = merge_rows(REPO / RESULTS, table[table["samples"] == n])
+            runs = merge_rows(REPO / RUNS, pd.DataFrame([run_row]))
+            plot(every, REPO / PLOT)
+            write_section(args.markdown, SECTION, markdown(every, runs, args))
     return 0
 
 

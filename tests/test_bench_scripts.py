@@ -160,7 +160,7 @@ def test_cohort_benchmark_reads_snakemakes_benchmark_files_and_writes_its_table(
     """bench_cohort's table from Snakemake's benchmark files (a long run must not die at its end)."""
     import argparse
 
-    from bench_cohort import benchmark_table, check_disk, markdown
+    from bench_cohort import benchmark_table, check_disk, markdown, merge_rows
 
     header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
     for rule, name, s, rss, cpu in [("ingest", "S000", 4.0, 500.0, 3.0), ("ingest", "S001", 6.0, 520.0, 3.5),
@@ -178,11 +178,27 @@ def test_cohort_benchmark_reads_snakemakes_benchmark_files_and_writes_its_table(
          for r, t in jobs.groupby("rule")]
     )  # fmt: skip
     args = argparse.Namespace(
-        samples=[25], base=4, tissue_mm=6.5, genes=18000, mean_counts=5000, mpp=2.0, test=4, val=2
+        samples=[25], base=4, tissue_mm=6.5, genes=18000, mean_counts=5000, mpp=2.0, test=4, val=2, cores=2
     )
-    text = markdown(results, args, {25: 600.0}, {25: 3 * 2**30})
+    # an earlier invocation measured 25 and 50 samples; this one re-measures 25: its rows replace
+    # the old 25 rows, the 50 rows stay
+    tsv = tmp_path / "cohort_scale.tsv"
+    old = results.assign(peak_rss_mb=9999.0)
+    merge_rows(tsv, pd.concat([old, old.assign(samples=50, peak_rss_mb=5000.0)]))
+    every = merge_rows(tsv, results)
+    assert sorted(every["samples"]) == [25, 25, 50, 50]
+    assert every.loc[every["samples"] == 25, "peak_rss_mb"].max() == 560.0
+    runs = pd.DataFrame(
+        [{"samples": 25, "commit": "abc1234", "machine": "vm, 2 cores", "date": "2026-12-04", "wall_min": 10.0,
+          "disk_gb": 3.0, "note": ""},
+         {"samples": 50, "commit": "abc1234", "machine": "vm, 2 cores", "date": "2026-12-03", "wall_min": 20.0,
+          "disk_gb": 6.0, "note": "resumed"}]
+    )  # fmt: skip
+    text = markdown(every, runs, args)
     assert "| 25 | ingest | 2 | 520 | 6.0 | 3.5 | 10 |" in text
-    assert "results/ 3.0 GB on disk; rules above 4 GB: none" in text
+    assert "--samples 25 50 --dir" in text
+    assert "25 samples (commit abc1234, vm, 2 cores, 2026-12-04): whole run 10.0 min; results/ 3.0 GB" in text
+    assert "whole run 20.0 min (resumed); results/ 6.0 GB on disk; rules above 4 GB: ingest, select_genes." in text
 
     import shutil as _shutil
     from collections import namedtuple
