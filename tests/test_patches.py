@@ -324,6 +324,55 @@ def test_each_needed_tile_is_decoded_once_and_the_band_bounds_memory(jpeg_tiff, 
         assert len(decoded) > len(needed)  # what the band pass saves
 
 
+def test_openslide_band_reads_decode_through_tifffile_where_its_pixels_are_openslides(jpeg_tiff, slide_path):
+    """openslide's cost grows with the pixels it returns, tifffile's with the tiles it decodes: a
+    TIFF that both read identically is read band by band through tifffile, with openslide's
+    pixels (compared here with openslide's own per-patch reads)."""
+    centers = random_centers(30)
+    for path in (jpeg_tiff, slide_path):  # JPEG and zlib tiles
+        with open_with("openslide", path) as slide:
+            level = 0
+            assert slide.band_source(level).reader == "tifffile"
+            patches, stats, index, _ = band_patches(slide, centers, 40, 0.5)
+            assert stats.decoder == "tifffile"
+            for i, row in index.iterrows():
+                expected = slide.read_region_scaled(row.x0, row.y0, row.x1 - row.x0, row.y1 - row.y0, 40, 40)
+                np.testing.assert_array_equal(patches[i], expected, err_msg=f"{path.name} patch {i}")
+
+
+def test_openslide_band_reads_stay_on_openslide_where_tifffile_decodes_differently(jpeg_tiff, monkeypatch):
+    """One pixel of difference in the comparison region keeps band reads on openslide."""
+    from comtip.io import readers
+
+    original = readers.TiffFileSlide._read
+
+    def off_by_one(self, x, y, w, h, level):
+        pixels = original(self, x, y, w, h, level).copy()
+        pixels[h // 2, w // 2, 0] ^= 1
+        return pixels
+
+    monkeypatch.setattr(readers.TiffFileSlide, "_read", off_by_one)
+    with open_with("openslide", jpeg_tiff) as slide:
+        assert slide.band_source(0) is slide
+        patches, stats, index, _ = band_patches(slide, random_centers(10), 40, 0.5)
+        assert stats.decoder == "openslide"
+        row = index.iloc[5]
+        expected = slide.read_region_scaled(row.x0, row.y0, row.x1 - row.x0, row.y1 - row.y0, 40, 40)
+        np.testing.assert_array_equal(patches[5], expected)
+
+
+def test_openslide_band_reads_stay_on_openslide_where_tifffile_cannot_open_the_file(slide_path, monkeypatch):
+    from comtip.io import readers
+
+    def refuse(self, path):
+        raise readers._Refused("no codec")
+
+    monkeypatch.setattr(readers.TiffFileSlide, "__init__", refuse)
+    with open_with("openslide", slide_path) as slide:
+        assert slide.band_source(0) is slide
+        assert band_patches(slide, random_centers(5), 40, 0.5)[1].decoder == "openslide"
+
+
 def test_random_row_order_gives_each_spot_the_same_patch(slide_path, tmp_path):
     centers, barcodes = random_centers(40, seed=1), [f"S{i:03d}-1" for i in range(44)]
     perm = np.random.default_rng(2).permutation(len(barcodes))

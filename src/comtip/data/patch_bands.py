@@ -40,6 +40,7 @@ class BandStats:
     max_held_bytes: int = 0
     band_rows: int = 0  # tile rows per band
     tile_size: tuple[int, int] = (0, 0)
+    decoder: str = ""  # the reader the tiles were read through (Slide.band_source)
 
 
 def plan_patches(slide: Slide, x0: np.ndarray, y0: np.ndarray, side: float, size_px: int) -> list[LevelRead]:
@@ -82,14 +83,15 @@ def write_by_bands(
     # the first tile row that any patch of this band or a later one needs: rows above are dropped
     tops = np.where(inside, r0, np.iinfo(np.int64).max)[order]
     keep_from = np.minimum.accumulate(tops[::-1])[::-1]
-    stats = BandStats(bands=len(bands), band_rows=band_rows, tile_size=(tw, th))
+    source = slide.band_source(level)
+    stats = BandStats(bands=len(bands), band_rows=band_rows, tile_size=(tw, th), decoder=source.reader)
     held: dict[tuple[int, int], np.ndarray] = {}
 
     def read_run(run: tuple[int, int, int]) -> list[tuple[tuple[int, int], np.ndarray]]:
         row, col, n = run
         x, y = col * tw, row * th
         width, height = min(n * tw, lw - x), min(th, lh - y)
-        pixels = slide.read_region(round(x * d), round(y * d), width, height, level)
+        pixels = source.read_region(round(x * d), round(y * d), width, height, level)
         return [((row, col + k), pixels[:, k * tw : (k + 1) * tw]) for k in range(n)]
 
     def cut(i: int) -> None:

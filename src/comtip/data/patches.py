@@ -214,8 +214,10 @@ def _write_patches(
         if slide.band_grid(plans[0].level) is not None:
             stats = write_by_bands(slide, plans, size_px, write, threads=threads, chunk_size=chunk_size)
             log.info(
-                "%d tiles of %d x %d px read once, in %d band(s) of %d tile row(s); at most %.0f MB of tiles held",
-                stats.tiles_read, *stats.tile_size, stats.bands, stats.band_rows, stats.max_held_bytes / 2**20,
+                "%d tiles of %d x %d px read once (through %s), in %d band(s) of %d tile row(s); at most %.0f MB "
+                "of tiles held",
+                stats.tiles_read, *stats.tile_size, stats.decoder, stats.bands, stats.band_rows,
+                stats.max_held_bytes / 2**20,
             )  # fmt: skip
             return
         order = _visit_order(slide, index, side, size_px)

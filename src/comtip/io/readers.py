@@ -58,6 +58,8 @@ class OpenSlideSlide(Slide):
             [float(d) for d in self._osr.level_downsamples],
             mpp,
         )
+        self._twin: TiffFileSlide | None | bool = None  # opened by the first band_source call
+        self._band_sources: dict[int, Slide] = {}
 
     def _read(self, x: int, y: int, w: int, h: int, level: int) -> np.ndarray:
         image = self._osr.read_region((x, y), level, (w, h))
@@ -76,7 +78,55 @@ class OpenSlideSlide(Slide):
         size = [props.get(f"openslide.level[{level}].tile-{dim}") for dim in ("width", "height")]
         return (int(size[0]), int(size[1])) if all(size) else (256, 256)
 
+    def band_source(self, level: int) -> Slide:
+        """A tifffile reader of the same file for band reads, where it decodes ``level``'s tiles to
+        exactly openslide's pixels; else this slide.
+
+        openslide's cost grows with the pixels it returns (it composites every region through
+        premultiplied ARGB), tifffile's with the tiles it decodes: on JPEG tiles band reads through
+        tifffile take a fraction of the time (BENCHMARKS.md, "Patch extraction"). Used only at a
+        level that both readers see with the same size and tile grid, and only once a region of
+        that level has been read by both and compared equal, pixel for pixel.
+        """
+        if level not in self._band_sources:
+            self._band_sources[level] = self._tifffile_twin(level) or self
+        return self._band_sources[level]
+
+    def _tifffile_twin(self, level: int) -> Slide | None:
+        if self._twin is None:
+            try:
+                self._twin = TiffFileSlide(self.path)
+            except Exception as err:  # noqa: BLE001 - not a TIFF tifffile decodes: openslide serves
+                log.debug("%s: band reads through openslide (tifffile: %s)", self.path, err)
+                self._twin = False
+        twin = self._twin
+        if twin is False or level >= len(twin.level_dimensions):
+            return None
+        if twin.level_dimensions[level] != self.level_dimensions[level] or twin.band_grid(level) != self.band_grid(
+            level
+        ):
+            return None
+        tw, th = twin.band_grid(level)
+        lw, lh = self.level_dimensions[level]
+        d = self.level_downsamples[level]
+        # a 2 x 2-tile region in the middle of the level and the level's first tile
+        for lx, ly, w, h in (
+            ((lw // 2) // tw * tw, (lh // 2) // th * th, 2 * tw, 2 * th),
+            (0, 0, tw, th),
+        ):
+            x, y = round(lx * d), round(ly * d)
+            if not np.array_equal(twin.read_region(x, y, w, h, level), self.read_region(x, y, w, h, level)):
+                log.info(
+                    "%s level %d: tifffile's pixels differ from openslide's; band reads through openslide",
+                    self.path,
+                    level,
+                )
+                return None
+        return twin
+
     def close(self) -> None:
+        if self._twin:
+            self._twin.close()
         self._osr.close()
 
 

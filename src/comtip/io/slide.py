@@ -126,6 +126,11 @@ class Slide(abc.ABC):
         """
         return (256, 256)
 
+    def band_source(self, level: int) -> Slide:
+        """The slide that band reads of ``level`` (tile-aligned chunks, :meth:`band_grid`) go
+        through: this one, unless a reader has a faster decoder that gives the same pixels."""
+        return self
+
     # -- scaled reads ------------------------------------------------------------------------
 
     def best_level(self, downsample: float) -> int:
