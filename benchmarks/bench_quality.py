@@ -38,6 +38,8 @@ import pandas as pd
 import yaml
 
 from _markdown import head_commit, write_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from comtip.evaluation.metrics import gene_sets_from_panel
+from comtip.evaluation.paired import fold_paired_differences, paired_reference
 
 REPO = Path(__file__).resolve().parents[1]
 HER2ST = REPO.parent / "shared" / "data" / "her2st"
@@ -135,10 +137,17 @@ def n_spots(run_dir: Path, samples: list[str]) -> int:
     return sum(len(np.load(run_dir / "results" / s / "gene_sentences.npz")["barcodes"]) for s in samples)
 
 
-def run_fold(out: Path, test: str, config: dict, cores: int, reuse: bool, command: str) -> dict:
-    """Run (or, with ``reuse``, take) one fold; its summary, the smoothed-query row and its record."""
+def run_fold(
+    out: Path, test: str, config: dict, cores: int, reuse: bool, command: str, seed: int | None = None
+) -> dict:
+    """Run (or, with ``reuse``, take) one fold; its summary, the smoothed-query row and its record.
+
+    With ``seed`` the fold runs with that seed in ``OUT/seed_{seed}/test_{test}``; without, with the
+    config's seed in ``OUT/test_{test}``."""
     split = loso_split(test)
-    run_dir = out / f"test_{test}"
+    run_dir = out / f"test_{test}" if seed is None else out / f"seed_{seed}" / f"test_{test}"
+    if seed is not None:
+        config = {**config, "seed": seed}
     record = run_dir / "bench_time.json"
     if reuse and record.exists() and (run_dir / "results" / "evaluation" / "summary.tsv").exists():
         info = json.loads(record.read_text())
@@ -159,8 +168,13 @@ def run_fold(out: Path, test: str, config: dict, cores: int, reuse: bool, comman
     train = [s for s, role in split.items() if role == "train"]
     val = next(s for s, role in split.items() if role == "val")
     panel = pd.read_csv(run_dir / "results" / "genes" / "gene_panel.tsv", sep="\t")
+    metrics = pd.read_csv(run_dir / "bench_extra" / "metrics.tsv", sep="\t")
+    metrics = metrics[metrics["sample"] == test]
     return {
         "test": test,
+        "seed": fold_config["seed"],
+        "pearson": {m: t.set_index("gene")["pearson"] for m, t in metrics.groupby("method")},
+        "gene_sets": gene_sets_from_panel(panel),
         "val": val,
         "train": train,
         "minutes": info["minutes"],
@@ -198,11 +212,21 @@ def _fmt(x: float) -> str:
     return "nan" if not np.isfinite(x) else f"{x:.3f}"
 
 
-def loso_markdown(folds: list[dict], not_run: list[str], command: str) -> str:
+def loso_markdown(folds: list[dict], not_run: list[str], command: str, *, n_boot: int = 2000) -> str:
+    """The section: one row block per run (a fold with one seed), the mean over folds (each fold
+    the mean of its seeds), and the paired differences pooled over folds and seeds."""
     methods = list(folds[0]["table"].index)
     cols = list(folds[0]["table"].columns)
     total = sum(f["minutes"] for f in folds)
-    configs = {_config_line(f["config"]) for f in folds}
+    tests = list(dict.fromkeys(f["test"] for f in folds))
+    runs_of = {t: [f for f in folds if f["test"] == t] for t in tests}
+    fold_tables = {
+        t: pd.concat([f["table"] for f in runs]).groupby(level=0, sort=False).mean() for t, runs in runs_of.items()
+    }
+    seeds = sorted({f.get("seed", f["config"].get("seed")) for f in folds})
+    configs = {
+        _config_line({**f["config"], "seed": "per run"}) if len(seeds) > 1 else _config_line(f["config"]) for f in folds
+    }
     config_text = (
         f"Every fold ran with the same settings: {configs.pop()}"
         if len(configs) == 1
@@ -231,43 +255,45 @@ def loso_markdown(folds: list[dict], not_run: list[str], command: str) -> str:
         "",
         "```bash",
     ]
-    for cmd, tests in commands.items():
-        lines.append(f"{cmd}  # ran fold(s) {', '.join(tests)}")
+    for cmd, ran in commands.items():
+        lines.append(f"{cmd}  # ran fold(s) {', '.join(ran)}")
     lines += [
         f"{command}  # assembled these tables",
         "```",
         "",
-        f"Folds run (test section): {', '.join(f['test'] for f in folds)}"
+        f"Folds run (test section): {', '.join(tests)}; seeds {', '.join(map(str, seeds))} "
+        f"({len(folds)} runs)"
         + (f"; **not run: {', '.join(not_run)}**" if not_run else " (all)")
         + ". Code: HEAD at each fold's start "
-        + ", ".join(f"{f['test']} {f['git']}" for f in folds)
+        + ", ".join(f"{_run_name(f, seeds)} {f['git']}" for f in folds)
         + (
             " (+dirty: the checkout had uncommitted changes to tracked files)"
             if any(f["git"].endswith("+dirty") for f in folds)
             else ""
         )
         + f". Wall time on {folds[0]['cores']} cores (other work may have run beside it): "
-        + ", ".join(f"{f['test']} {f['minutes']:.1f} min" for f in folds)
+        + ", ".join(f"{_run_name(f, seeds)} {f['minutes']:.1f} min" for f in folds)
         + f" (total {total:.1f} min).",
         "",
         "Per fold: mean Pearson r per gene set (over the test slide's genes), MSE over all panel genes (log1p CP10k).",
         "",
-        "| test | val | train (spots) | method | " + " | ".join(cols) + " |",
-        "|---|---|---|---|" + "---:|" * len(cols),
+        "| test | seed | val | train (spots) | method | " + " | ".join(cols) + " |",
+        "|---|---|---|---|---|" + "---:|" * len(cols),
     ]
     for f in folds:
         for m in methods:
             row = f["table"].loc[m]
             lines.append(
-                f"| {f['test']} ({f['test_spots']}) | {f['val']} | {'+'.join(f['train'])} "
-                f"({f['train_spots']}) | {m} | " + " | ".join(_fmt(row[c]) for c in cols) + " |"
+                f"| {f['test']} ({f['test_spots']}) | {f.get('seed', f['config'].get('seed'))} | {f['val']} | "
+                f"{'+'.join(f['train'])} ({f['train_spots']}) | {m} | " + " | ".join(_fmt(row[c]) for c in cols) + " |"
             )
-    stack = pd.concat({f["test"]: f["table"] for f in folds}, names=["test", "method"])
+    stack = pd.concat(fold_tables, names=["test", "method"])
     mean = stack.groupby(level="method", sort=False).mean()
     std = stack.groupby(level="method", sort=False).std(ddof=0)
+    seed_text = f" (each fold the mean of its {len(seeds)} seeds)" if len(seeds) > 1 else ""
     lines += [
         "",
-        f"Mean over the {len(folds)} folds run (± std over folds, ddof 0):",
+        f"Mean over the {len(tests)} folds run{seed_text} (± std over folds, ddof 0):",
         "",
         "| method | " + " | ".join(cols) + " |",
         "|---|" + "---:|" * len(cols),
@@ -281,7 +307,19 @@ def loso_markdown(folds: list[dict], not_run: list[str], command: str) -> str:
             )
             + " |"
         )
-    lines += ["", "Computed from the tables above (not hand-picked):", ""]
+    if len(seeds) > 1:
+        spread = {
+            m: np.mean([np.std([f["table"].loc[m, "all"] for f in runs]) for runs in runs_of.values()]) for m in methods
+        }
+        lines += [
+            "",
+            "Seed spread — the std over seeds of a fold's mean Pearson (`all`), averaged over folds: "
+            + ", ".join(f"`{m}` {_fmt(v)}" for m, v in spread.items())
+            + ".",
+        ]
+    lines += paired_lines(folds, methods, n_boot)
+    lines += ["", "Computed from the tables above (not hand-picked; a fold's value is the mean of its seeds):", ""]
+    folds = [{"test": t, "table": fold_tables[t]} for t in tests]
     for gene_set in ("all", "top50_heg"):
         best = [f"{f['test']}: {f['table'][gene_set].idxmax()} ({f['table'][gene_set].max():.3f})" for f in folds]
         lines.append(f"- Best method by mean Pearson on `{gene_set}`, per fold — " + "; ".join(best) + ".")
@@ -321,6 +359,41 @@ def loso_markdown(folds: list[dict], not_run: list[str], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _run_name(fold: dict, seeds: list) -> str:
+    return fold["test"] if len(seeds) < 2 else f"{fold['test']}/seed {fold.get('seed', fold['config'].get('seed'))}"
+
+
+def paired_lines(runs: list[dict], methods: list[str], n_boot: int) -> list[str]:
+    """The paired table CoMTIP − X over every run (``fold_paired_differences``), as markdown."""
+    if not all("pearson" in r for r in runs):
+        return []
+    reference = paired_reference("auto", [m for m in methods if m != SMOOTH])
+    if reference is None:
+        return []
+    table = fold_paired_differences(
+        [(r["test"], r["pearson"], r["gene_sets"]) for r in runs], reference, n_boot=n_boot, seed=0
+    )
+    lines = [
+        "",
+        f"Paired differences `{reference}` − X (Pearson per gene on the fold's test slide; `evaluate.paired_reference` "
+        f"auto), pooled over folds and seeds: a fold counts once (the mean of its seeds), the 95 % interval "
+        f"resamples folds and, within each run, the set's genes ({n_boot} resamples); `p` = fraction of "
+        "resamples with a difference ≤ 0; `folds` = folds whose own mean difference is > 0. One test slide per "
+        "fold, so the per-slide and pooled-over-spots Pearson are the same number within a fold; across folds "
+        "the panels and models differ, so nothing is pooled over spots of different folds.",
+        "",
+        f"| X | gene set | `{reference}` | X | difference [95 % CI] | p | folds |",
+        "|---|---|---:|---:|---|---:|---:|",
+    ]
+    for row in table.itertuples():
+        lines.append(
+            f"| {row.method} | {row.gene_set} | {_fmt(row.reference_value)} | {_fmt(row.method_value)} | "
+            f"{row.difference:+.3f} [{row.ci_low:+.3f}, {row.ci_high:+.3f}] | {row.p_not_better:.3f} | "
+            f"{row.folds_better}/{row.n_folds} |"
+        )
+    return lines
+
+
 def apply_overrides(config: dict, overrides: list[str]) -> dict:
     """``["pretrain.epochs=30", ...]`` applied to a copy of ``config`` (values parsed as YAML)."""
     config = yaml.safe_load(yaml.safe_dump(config))
@@ -352,6 +425,13 @@ def main() -> int:
         help="loso: the folds to run, by test section (default: all)",
     )
     parser.add_argument("--reuse", action="store_true", help="loso: keep folds already run in --out")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        help="loso: run every fold with each of these seeds (OUT/seed_S/test_C*); default: the config's seed, "
+        "OUT/test_C*",
+    )
     parser.add_argument("--markdown", type=Path, help="loso: write the tables into this file (BENCHMARKS.md)")
     parser.add_argument(
         "--set",
@@ -371,7 +451,11 @@ def main() -> int:
         if args.cohort != "her2st":
             parser.error("--folds loso is for her2st")
         command = "python benchmarks/bench_quality.py " + shlex.join(sys.argv[1:])
-        folds = [run_fold(args.out, t, config, args.cores, args.reuse, command) for t in args.test_sections]
+        folds = [
+            run_fold(args.out, t, config, args.cores, args.reuse, command, seed)
+            for seed in (args.seeds or [None])
+            for t in args.test_sections
+        ]
         not_run = [s for s in HER2ST_SECTIONS if s not in args.test_sections]
         text = loso_markdown(folds, not_run, command)
         print(text)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -208,3 +209,28 @@ def test_cohort_benchmark_reads_snakemakes_benchmark_files_and_writes_its_table(
     check_disk(tmp_path / "run", 8)  # 8 samples x 1 GB (nothing run yet) x 1.2 fits in 10 GB
     with pytest.raises(SystemExit, match="25 samples need ~30 GB more"):
         check_disk(tmp_path / "run", 25)
+
+
+def test_loso_markdown_with_seeds_means_each_folds_seeds_and_pools_the_paired_table():
+    rng = np.random.default_rng(0)
+    genes = [f"g{i}" for i in range(60)]
+    runs = []
+    for test in ("C2", "C3"):
+        for seed in (0, 1):
+            fold = _fold(test, "abc1234")
+            shift = 0.01 * seed
+            fold["table"] = fold["table"] + shift
+            fold["seed"], fold["config"] = seed, {**fold["config"], "seed": seed}
+            r_random = pd.Series(rng.uniform(0.0, 0.2, 60), index=genes)
+            fold["pearson"] = {"finetune_linear": r_random + 0.1, "ridge_random": r_random}
+            fold["gene_sets"] = {"all": genes, "top50_heg": genes[:50]}
+            runs.append(fold)
+    text = loso_markdown(runs, ["C4", "C5"], "cmd", n_boot=200)
+    assert "Folds run (test section): C2, C3; seeds 0, 1 (4 runs)" in text
+    assert "| C2 (187) | 1 | C5 | C3+C4 (364) | finetune_linear | 0.210 |" in text
+    assert "Mean over the 2 folds run (each fold the mean of its 2 seeds)" in text
+    assert "| finetune_linear | 0.205 ± 0.000 |" in text  # (0.2 + 0.21) / 2 in both folds
+    assert "Seed spread" in text and "`finetune_linear` 0.005" in text
+    # the reference (the first CoMTIP method: finetune_linear here) is 0.1 above ridge_random on
+    # every gene of every run
+    assert "| ridge_random | all |" in text and "+0.100 [+0.100, +0.100] | 0.000 | 2/2 |" in text

@@ -84,3 +84,33 @@ def test_the_interval_is_seeded_and_one_test_slide_resamples_genes_only():
     # with one slide the two Pearsons are the same numbers
     kinds = first.set_index(["gene_set", "pearson"])["difference"]
     assert kinds.loc[("all", "per_slide")] == pytest.approx(kinds.loc[("all", "pooled")], abs=1e-9)
+
+
+def test_fold_pooled_differences_weigh_folds_equally_and_resample_folds_and_genes():
+    """Two folds; fold A ran two seeds, fold B one; each run its own genes. The point estimate is
+    the mean over folds of the mean over the fold's runs of the mean gene difference, by hand."""
+    from comtip.evaluation.paired import fold_paired_differences
+
+    def run(fold, genes, ref, other, heldout):
+        pearson = {"comtip": pd.Series(ref, index=genes), "x": pd.Series(other, index=genes)}
+        return fold, pearson, {"all": genes, "heldout": heldout}
+
+    runs = [
+        run("A", ["g1", "g2"], [0.5, 0.3], [0.1, 0.1], ["g1"]),  # differences 0.4, 0.2 -> 0.3
+        run("A", ["g1", "g2"], [0.2, 0.2], [0.1, 0.1], ["g2"]),  # 0.1, 0.1 -> 0.1; fold A: 0.2
+        run("B", ["g3", "g4", "g5"], [0.0, 0.1, np.nan], [0.1, 0.2, 0.3], ["g3"]),  # -0.1, -0.1, nan -> -0.1
+    ]
+    table = fold_paired_differences(runs, "comtip", n_boot=500, seed=1).set_index("gene_set")
+    assert list(table["method"]) == ["x", "x"]
+    row = table.loc["all"]
+    assert row["difference"] == pytest.approx((0.2 + -0.1) / 2)
+    assert row["reference_value"] == pytest.approx(((0.4 + 0.2) / 2 + 0.05) / 2)
+    assert row["method_value"] == pytest.approx((0.1 + 0.2) / 2)  # g5 counts here: only the reference lacks it
+    assert (row["n_folds"], row["n_runs"], row["folds_better"]) == (2, 3, 1)
+    # fold draws AA / AB / BA / BB: the interval spans B's -0.1 to A's genes' best (0.3)
+    assert -0.1 - 1e-9 <= row["ci_low"] < row["difference"] < row["ci_high"] <= 0.3 + 1e-9
+    assert 0.2 < row["p_not_better"] < 0.8
+    held = table.loc["heldout"]  # A: (0.4 + 0.1) / 2 = 0.25; B: -0.1
+    assert held["difference"] == pytest.approx((0.25 - 0.1) / 2)
+    one_sided = fold_paired_differences(runs[:2], "comtip", n_boot=200).set_index("gene_set").loc["all"]
+    assert one_sided["p_not_better"] == 0 and one_sided["ci_low"] > 0

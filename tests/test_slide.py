@@ -11,7 +11,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from _helpers.slides import DOWNSAMPLES, HEIGHT, WIDTH, position_image, pyramid, write_generic_tiff
+from _helpers.slides import DOWNSAMPLES, HEIGHT, WIDTH, position_image, pyramid, write_generic_tiff, write_jpeg_ome_tiff
 from comtip._core.errors import PipelineInputError
 from comtip.io.readers import open_slide
 from comtip.io.slide import RESAMPLE, resolve_mpp
@@ -291,22 +291,10 @@ def test_her2st_jpeg_opens_with_pillow_without_mpp():
         assert region.shape == (64, 64, 3) and region.std() > 0
 
 
-def _write_jpeg_ome_tiff(path: Path, levels: list[np.ndarray], mpp: float) -> Path:
-    """A JPEG-compressed pyramidal OME-TIFF, as QuPath and bfconvert write them (levels in SubIFDs)."""
-    with tifffile.TiffWriter(path, ome=True) as tw:
-        tw.write(
-            levels[0], subifds=len(levels) - 1, tile=(128, 128), compression="jpeg", photometric="rgb",
-            metadata={"axes": "YXS", "PhysicalSizeX": mpp, "PhysicalSizeY": mpp, "PhysicalSizeXUnit": "µm"},
-        )  # fmt: skip
-        for level in levels[1:]:
-            tw.write(level, subfiletype=1, tile=(128, 128), compression="jpeg", photometric="rgb")
-    return path
-
-
 def test_jpeg_ome_tiff_opens_with_its_pyramid_and_ome_mpp(tmp_path, source):
     """With imagecodecs (a dependency), tifffile decodes the JPEG tiles: all levels and the OME
     µm/px, not OpenSlide's level 0 without µm/px."""
-    path = _write_jpeg_ome_tiff(tmp_path / "jpeg.ome.tif", pyramid(source), mpp=0.25)
+    path = write_jpeg_ome_tiff(tmp_path / "jpeg.ome.tif", pyramid(source), mpp=0.25)
     with open_slide(path) as slide:
         assert slide.reader == "tifffile"
         assert len(slide.level_dimensions) == 3 and slide.metadata_mpp == pytest.approx(0.25)
@@ -320,7 +308,7 @@ def test_a_reader_refusing_for_its_codec_is_a_warning_naming_the_fallback(tmp_pa
 
     import tifffile as tf
 
-    path = _write_jpeg_ome_tiff(tmp_path / "jpeg.ome.tif", pyramid(source), mpp=0.25)
+    path = write_jpeg_ome_tiff(tmp_path / "jpeg.ome.tif", pyramid(source), mpp=0.25)
 
     def no_jpeg(*args, **kwargs):
         raise tf.TiffFileError("imagecodecs not installed (simulated)")

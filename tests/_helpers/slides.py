@@ -32,3 +32,18 @@ def write_generic_tiff(path: Path, levels: list[np.ndarray], mpp: float) -> Path
                 resolution=(ppcm, ppcm), resolutionunit="CENTIMETER", subfiletype=0 if i == 0 else 1,
             )  # fmt: skip
     return path
+
+
+def write_jpeg_ome_tiff(path: Path, levels: list[np.ndarray], mpp: float, *, tile: int = 128) -> Path:
+    """A JPEG-compressed (quality 90) pyramidal OME-TIFF, as QuPath and bfconvert write them:
+    the levels in SubIFDs, µm/px in the OME-XML (PhysicalSizeX/Y)."""
+    options = {"tile": (tile, tile), "compression": "jpeg", "compressionargs": {"level": 90}, "photometric": "rgb"}
+    with tifffile.TiffWriter(path, ome=True) as tw:
+        tw.write(
+            levels[0], subifds=len(levels) - 1, **options,
+            metadata={"axes": "YXS", "PhysicalSizeX": mpp, "PhysicalSizeY": mpp, "PhysicalSizeXUnit": "µm",
+                      "PhysicalSizeYUnit": "µm"},
+        )  # fmt: skip
+        for level in levels[1:]:
+            tw.write(level, subfiletype=1, **options)
+    return path

@@ -205,3 +205,97 @@ def paired_differences(
                     }
                 )
     return pd.DataFrame(rows, columns=list(PAIRED_COLUMNS))
+
+
+FOLD_PAIRED_COLUMNS = (
+    "reference",
+    "method",
+    "gene_set",
+    "n_folds",
+    "n_runs",
+    "reference_value",
+    "method_value",
+    "difference",
+    "ci_low",
+    "ci_high",
+    "p_not_better",
+    "folds_better",
+    "n_boot",
+)
+
+
+def fold_paired_differences(
+    runs: Sequence[tuple[str, Mapping[str, pd.Series], Mapping[str, Sequence[str]]]],
+    reference: str,
+    *,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Paired differences ``reference`` − X pooled over cross-validation folds and seeds.
+
+    ``runs`` holds one ``(fold, pearson, gene_sets)`` per run (a fold trained with one seed):
+    ``pearson[method]`` is the Pearson r per gene (a Series indexed by gene) on the fold's test
+    slide, ``gene_sets`` that run's sets (each fold chooses its own panel, and the held-out genes
+    depend on the seed, so sets differ between runs). The statistic of a gene set is the mean over
+    folds of the mean over the fold's runs of the mean over the set's genes of the difference —
+    every fold counts once, however many seeds it ran with. The bootstrap resamples folds (with
+    replacement; the unit of replication) and, within each run, the set's genes (with
+    replacement), ``n_boot`` times with a fixed seed; ``ci_low``/``ci_high`` are the 2.5 and 97.5
+    percentiles, ``p_not_better`` the fraction of resamples with a difference ≤ 0, and
+    ``folds_better`` the folds whose own mean difference is > 0.
+    """
+    if not runs:
+        raise ValueError("no runs to compare")
+    folds = list(dict.fromkeys(fold for fold, _, _ in runs))
+    by_fold = {f: [i for i, (fold, _, _) in enumerate(runs) if fold == f] for f in folds}
+    methods = [m for m in runs[0][1] if m != reference]
+    if any(reference not in pearson for _, pearson, _ in runs):
+        raise KeyError(f"reference method {reference!r} is missing from a run")
+    set_names = [s for s in runs[0][2] if all(s in sets for _, _, sets in runs)]
+    rng = np.random.default_rng(seed)
+    fold_draws = rng.integers(0, len(folds), size=(n_boot, len(folds)))
+    rows = []
+    for set_name in set_names:
+        genes = [list(sets[set_name]) for _, _, sets in runs]
+        gene_draws = [rng.integers(0, len(g), size=(n_boot, len(g))) for g in genes]
+        for method in methods:
+            if not all(method in pearson for _, pearson, _ in runs):
+                continue
+            ref = [pearson[reference].reindex(g).to_numpy(np.float64) for (_, pearson, _), g in zip(runs, genes)]
+            other = [pearson[method].reindex(g).to_numpy(np.float64) for (_, pearson, _), g in zip(runs, genes)]
+            diff = [a - b for a, b in zip(ref, other, strict=True)]
+
+            groups = [by_fold[f] for f in folds]
+            per_fold = _fold_means(diff, groups)
+            boot = np.array(
+                [
+                    _nanmean(
+                        _fold_means([d[g[b]] for d, g in zip(diff, gene_draws, strict=True)], groups)[fold_draws[b]]
+                    )
+                    for b in range(n_boot)
+                ]
+            )
+            low, high, p_not_better = _interval(boot)
+            rows.append(
+                {
+                    "reference": reference,
+                    "method": method,
+                    "gene_set": set_name,
+                    "n_folds": len(folds),
+                    "n_runs": len(runs),
+                    "reference_value": _nanmean(_fold_means(ref, groups)),
+                    "method_value": _nanmean(_fold_means(other, groups)),
+                    "difference": _nanmean(per_fold),
+                    "ci_low": low,
+                    "ci_high": high,
+                    "p_not_better": p_not_better,
+                    "folds_better": int((per_fold > 0).sum()),
+                    "n_boot": n_boot,
+                }
+            )
+    return pd.DataFrame(rows, columns=list(FOLD_PAIRED_COLUMNS))
+
+
+def _fold_means(values: Sequence[np.ndarray], groups: Sequence[Sequence[int]]) -> np.ndarray:
+    """Per fold: the mean over its runs (``groups[k]`` indexes ``values``) of each run's gene mean."""
+    return np.array([_nanmean(np.array([_nanmean(values[i]) for i in group])) for group in groups])
