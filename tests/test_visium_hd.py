@@ -243,14 +243,16 @@ def test_scalefactors_that_do_not_match_the_bins_are_refused(hd, tmp_path):
         ingest_sample(outs, hd["slide"], tmp_path / "spots.h5ad", sample="hd1", bin_size_um=8)
 
 
-def test_a_bin_size_the_run_lacks_or_a_bin_size_for_visium_is_refused(hd, tmp_path):
+def test_a_missing_bin_size_a_bin_size_for_visium_or_a_bin_folder_as_outs_is_refused(hd, tmp_path):
     with pytest.raises(PipelineInputError, match=r"square_002um: this Visium HD run has no 2 µm bins"):
         ingest_sample(hd["outs"], hd["slide"], tmp_path / "a.h5ad", sample="hd1", bin_size_um=2)
     visium = tmp_path / "visium_outs"
     visium.mkdir()
     with pytest.raises(PipelineInputError, match=r"\[sample v\] .*visium_outs: the sample sheet sets bin_size_um 8"):
         ingest_sample(visium, hd["slide"], tmp_path / "b.h5ad", sample="v", bin_size_um=8)
-    assert not (tmp_path / "a.h5ad").exists() and not (tmp_path / "b.h5ad").exists()
+    with pytest.raises(PipelineInputError, match=r"square_016um: this is one bin folder of a Visium HD run"):
+        ingest_sample(_bin_dir(hd, 16), hd["slide"], tmp_path / "c.h5ad", sample="hd1")
+    assert not any((tmp_path / name).exists() for name in ("a.h5ad", "b.h5ad", "c.h5ad"))
 
 
 # -- sheet and config -----------------------------------------------------------------------------

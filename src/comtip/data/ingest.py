@@ -12,7 +12,7 @@ from scipy.spatial import cKDTree
 from comtip._core.atomic import atomic_path
 from comtip._core.errors import PipelineInputError
 from comtip.data.ingest_hd import hd_spots, read_hd_run
-from comtip.io.layout import HD_DEFAULT_BIN_SIZE_UM, is_visium_hd
+from comtip.io.layout import HD_DEFAULT_BIN_SIZE_UM, HD_POSITIONS, is_visium_hd
 from comtip.io.readers import open_slide
 from comtip.io.slide import resolve_mpp
 from comtip.io.spaceranger import read_spaceranger
@@ -66,6 +66,13 @@ def ingest_sample(
             raise PipelineInputError(
                 f"the sample sheet sets bin_size_um {bin_size_um}, but this is not a Visium HD run "
                 "(no binned_outputs/ folder); leave bin_size_um empty for Visium",
+                sample=sample,
+                path=outs_dir,
+            )
+        if (Path(outs_dir) / HD_POSITIONS).is_file():
+            raise PipelineInputError(
+                "this is one bin folder of a Visium HD run (spatial/tissue_positions.parquet): give the run's "
+                "outs/ folder, the one holding binned_outputs/, as spaceranger_dir and the bin size as bin_size_um",
                 sample=sample,
                 path=outs_dir,
             )
