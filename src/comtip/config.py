@@ -77,7 +77,19 @@ def validate_config(config: dict, schema_path: str | Path) -> dict:
     if errors:
         lines = [f"config key '{_where(e)}': {e.message}" for e in errors]
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines))
+    _check_pseudospots(config.get("ingest", {}))
     return config
+
+
+def _check_pseudospots(ingest: dict) -> None:
+    diameter, pitch = ingest.get("hd_pseudospot_um"), ingest.get("hd_pseudospot_pitch_um")
+    if pitch is not None and diameter is None:
+        raise ConfigError("config key 'ingest.hd_pseudospot_pitch_um': set, but ingest.hd_pseudospot_um is null")
+    if pitch is not None and pitch < diameter:
+        raise ConfigError(
+            f"config key 'ingest.hd_pseudospot_pitch_um': {pitch} is smaller than ingest.hd_pseudospot_um "
+            f"{diameter} (pseudo-spot discs would overlap and a bin would count twice)"
+        )
 
 
 def _refuse_renamed(config: dict) -> None:
@@ -105,12 +117,14 @@ def _row_to_record(row: pd.Series) -> dict:
         elif value is None or (isinstance(value, float) and math.isnan(value)):
             continue
         record[key] = value
-    for key in ("mpp", "spot_diameter_um", "spot_pitch_um"):
+    for key in ("mpp", "spot_diameter_um", "spot_pitch_um", "bin_size_um"):
         if key in record:
             try:
                 record[key] = float(record[key])
             except ValueError:
                 pass  # left as a string: the schema names the column and the sample
+    if isinstance(record.get("bin_size_um"), float) and record["bin_size_um"].is_integer():
+        record["bin_size_um"] = int(record["bin_size_um"])
     return record
 
 

@@ -69,9 +69,16 @@ def _sheet_value(sample, column):
 
 
 def spaceranger_inputs(wildcards):
-    """The outs/ files ingest reads (h5 or mtx matrix, v1 or v2 positions, scale factors)."""
-    files = spaceranger_files(SAMPLES.loc[wildcards.sample, "spaceranger_dir"])
+    """The outs/ files ingest reads (h5 or mtx matrix, v1 or v2 positions, scale factors; for
+    Visium HD those of the sheet's bin size)."""
+    files = spaceranger_files(SAMPLES.loc[wildcards.sample, "spaceranger_dir"], sample_bin_size_um(wildcards))
     return {role: str(path) for role, path in files.items()}
+
+
+def sample_bin_size_um(wildcards):
+    """Visium HD bin size from the sample sheet, or None (16 µm for an HD run)."""
+    value = _sheet_value(wildcards.sample, "bin_size_um")
+    return None if value is None else int(value)
 
 
 def tiling_inputs(wildcards):

@@ -1,5 +1,5 @@
 rule ingest:
-    """In-tissue spots of a Space Ranger run: raw counts, full-res (x, y), µm/px, QC metrics."""
+    """In-tissue spots (Visium HD: bins or pseudo-spots): raw counts, full-res (x, y), µm/px, QC metrics."""
     input:
         unpack(spaceranger_inputs),
         slide=slide_path,
@@ -23,5 +23,8 @@ rule ingest:
         mpp_source=sample_mpp_source,
         mpp_tolerance=config["ingest"]["mpp_tolerance"],
         min_counts=config["ingest"]["min_counts"],
+        bin_size_um=sample_bin_size_um,
+        hd_pseudospot_um=config["ingest"]["hd_pseudospot_um"],
+        hd_pseudospot_pitch_um=config["ingest"]["hd_pseudospot_pitch_um"],
     script:
         "../scripts/ingest.py"

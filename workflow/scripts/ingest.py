@@ -15,4 +15,7 @@ with rule_logging(snakemake.log[0]):
         mpp_source=snakemake.params.mpp_source,
         mpp_tolerance=snakemake.params.mpp_tolerance,
         min_counts=snakemake.params.min_counts,
+        bin_size_um=snakemake.params.bin_size_um,
+        hd_pseudospot_um=snakemake.params.hd_pseudospot_um,
+        hd_pseudospot_pitch_um=snakemake.params.hd_pseudospot_pitch_um,
     )

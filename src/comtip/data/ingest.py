@@ -11,6 +11,8 @@ from scipy.spatial import cKDTree
 
 from comtip._core.atomic import atomic_path
 from comtip._core.errors import PipelineInputError
+from comtip.data.ingest_hd import hd_spots, read_hd_run
+from comtip.io.layout import HD_DEFAULT_BIN_SIZE_UM, HD_POSITIONS, is_visium_hd
 from comtip.io.readers import open_slide
 from comtip.io.slide import resolve_mpp
 from comtip.io.spaceranger import read_spaceranger
@@ -30,12 +32,20 @@ def ingest_sample(
     mpp_source: str = "auto",
     mpp_tolerance: float = 0.1,
     min_counts: int = 1,
+    bin_size_um: int | None = None,
+    hd_pseudospot_um: float | None = None,
+    hd_pseudospot_pitch_um: float | None = None,
 ) -> ad.AnnData:
     """Read one sample, attach slide geometry (µm/px, size), check spots lie on the slide, write h5ad.
 
     µm/px comes from the sample sheet (``mpp``), else the slide's metadata and the spot geometry
     (the pitch between neighbouring spots ↔ ``spot_pitch_um``), which must agree within
     ``mpp_tolerance`` unless ``mpp_source`` picks one (:func:`comtip.io.slide.resolve_mpp`).
+
+    A Visium HD run (``outs/binned_outputs/``) is read at ``bin_size_um`` (default 16); its
+    geometry is Space Ranger's ``microns_per_pixel`` and the spot diameter and pitch arguments
+    are not used. Its units are the bins, or pseudo-spots of ``hd_pseudospot_um`` on a grid of
+    ``hd_pseudospot_pitch_um`` (:mod:`comtip.data.pseudospots`).
     """
     if "cytassist_image" in Path(slide_path).name.lower():
         raise PipelineInputError(
@@ -45,9 +55,30 @@ def ingest_sample(
             sample=sample,
             path=slide_path,
         )
-    adata = read_spaceranger(outs_dir, sample=sample, min_counts=min_counts)
-    factors = adata.uns["spatial"][sample]["scalefactors"]
-    pitch_px = spot_pitch_px(adata.obsm["spatial"], adata.obs.get("array_col"), adata.obs.get("array_row"))
+    hd_run, geometry = None, None
+    if is_visium_hd(outs_dir):
+        size = HD_DEFAULT_BIN_SIZE_UM if bin_size_um is None else int(bin_size_um)
+        hd_run = read_hd_run(outs_dir, sample=sample, bin_size_um=size, tolerance=mpp_tolerance)
+        factors, pitch_px = hd_run.factors, hd_run.bin_pitch_px
+        geometry = (hd_run.mpp, f"Space Ranger's microns_per_pixel ({size} µm bins)")
+    else:
+        if bin_size_um is not None:
+            raise PipelineInputError(
+                f"the sample sheet sets bin_size_um {bin_size_um}, but this is not a Visium HD run "
+                "(no binned_outputs/ folder); leave bin_size_um empty for Visium",
+                sample=sample,
+                path=outs_dir,
+            )
+        if (Path(outs_dir) / HD_POSITIONS).is_file():
+            raise PipelineInputError(
+                "this is one bin folder of a Visium HD run (spatial/tissue_positions.parquet): give the run's "
+                "outs/ folder, the one holding binned_outputs/, as spaceranger_dir and the bin size as bin_size_um",
+                sample=sample,
+                path=outs_dir,
+            )
+        adata = read_spaceranger(outs_dir, sample=sample, min_counts=min_counts)
+        factors = adata.uns["spatial"][sample]["scalefactors"]
+        pitch_px = spot_pitch_px(adata.obsm["spatial"], adata.obs.get("array_col"), adata.obs.get("array_row"))
     with open_slide(slide_path, sample=sample) as slide:
         width, height = slide.dimensions
         slide_mpp = slide.metadata_mpp
@@ -62,6 +93,25 @@ def ingest_sample(
             tolerance=mpp_tolerance,
             sample=sample,
             path=slide_path,
+            geometry_mpp=geometry,
+        )
+    if hd_run is None:
+        unit = {
+            "assay": "visium",
+            "spot_shape": "circle",
+            "spot_diameter_px": float(factors["spot_diameter_fullres"]),
+            "spot_diameter_um": float(spot_diameter_um),
+            "spot_pitch_px": float("nan") if pitch_px is None else float(pitch_px),
+            "spot_pitch_um": float(spot_pitch_um),
+        }
+    else:
+        adata, unit = hd_spots(
+            hd_run,
+            sample=sample,
+            mpp=value,
+            pseudospot_um=hd_pseudospot_um,
+            pseudospot_pitch_um=hd_pseudospot_pitch_um,
+            min_counts=min_counts,
         )
     xy = adata.obsm["spatial"]
     outside = (xy[:, 0] < 0) | (xy[:, 0] >= width) | (xy[:, 1] < 0) | (xy[:, 1] >= height)
@@ -79,10 +129,7 @@ def ingest_sample(
         "sample": sample,
         "mpp": float(value),
         "mpp_source": source,
-        "spot_diameter_px": float(factors["spot_diameter_fullres"]),
-        "spot_diameter_um": float(spot_diameter_um),
-        "spot_pitch_px": float("nan") if pitch_px is None else float(pitch_px),
-        "spot_pitch_um": float(spot_pitch_um),
+        **unit,
         "slide_metadata_mpp": float("nan") if slide_mpp is None else float(slide_mpp),
         "slide_path": str(Path(slide_path).absolute()),
         "slide_dimensions": [int(width), int(height)],

@@ -124,11 +124,18 @@ def tile_grid(
 
 
 def draw_overlay(
-    thumb: np.ndarray, mask: np.ndarray, spots_xy: np.ndarray | None, spot_diameter: float, scale: tuple[float, float]
+    thumb: np.ndarray,
+    mask: np.ndarray,
+    spots_xy: np.ndarray | None,
+    spot_diameter: float,
+    scale: tuple[float, float],
+    spot_shape: str = "circle",
 ) -> Image.Image:
-    """Thumbnail with the tissue contour (green) and the spots (blue circles) drawn on it.
+    """Thumbnail with the tissue contour (green) and the spots (blue circles, or squares for
+    Visium HD bins: ``spot_shape``) drawn on it.
 
-    ``spots_xy`` and ``spot_diameter`` are in level-0 px; ``scale`` = level-0 px per thumb px.
+    ``spots_xy`` and ``spot_diameter`` (a square's side) are in level-0 px; ``scale`` = level-0
+    px per thumb px.
     """
     image = Image.fromarray(thumb).convert("RGB")
     mask_img = Image.fromarray(mask.astype(np.uint8) * 255).resize(image.size, Image.Resampling.NEAREST)
@@ -140,9 +147,10 @@ def draw_overlay(
     if spots_xy is not None and len(spots_xy):
         draw = ImageDraw.Draw(image)
         rx, ry = spot_diameter / 2 / scale[0], spot_diameter / 2 / scale[1]
+        shape = draw.rectangle if spot_shape == "square" else draw.ellipse
         for x, y in spots_xy:
             cx, cy = x / scale[0], y / scale[1]
-            draw.ellipse((cx - rx, cy - ry, cx + rx, cy + ry), outline=(30, 60, 230))
+            shape((cx - rx, cy - ry, cx + rx, cy + ry), outline=(30, 60, 230))
     return image
 
 
@@ -166,13 +174,14 @@ def tile_slide(
     µm/px comes from ``spots.h5ad`` (decided at ingest) when given, else from ``mpp`` (sample
     sheet), else from the slide's metadata; H&E-only samples have no spot geometry to fall back on.
     """
-    spots_xy, spot_diameter = None, 0.0
+    spots_xy, spot_diameter, spot_shape = None, 0.0, "circle"
     if spots_h5ad is not None:
         spots = ad.read_h5ad(spots_h5ad, backed="r")
         info = spots.uns["comtip"]
         mpp = float(info["mpp"])
         spots_xy = np.asarray(spots.obsm["spatial"], dtype=np.float64)
         spot_diameter = float(info["spot_diameter_px"])
+        spot_shape = str(info.get("spot_shape", "circle"))
         spots.file.close()
     with open_slide(slide_path, sample=sample) as slide:
         if mpp is None:
@@ -206,7 +215,7 @@ def tile_slide(
         tile_px,
         tile_mpp,
     )
-    overlay = draw_overlay(thumb, mask, spots_xy, spot_diameter, thumb_scale)
+    overlay = draw_overlay(thumb, mask, spots_xy, spot_diameter, thumb_scale, spot_shape)
     meta = PngImagePlugin.PngInfo()
     meta.add_text("downsample_x", repr(mask_scale[0]))
     meta.add_text("downsample_y", repr(mask_scale[1]))

@@ -28,10 +28,13 @@ Modules, by what each makes:
 * :mod:`~comtip.demo.expression`: genes and programs, the spot grid, spot measurement, counts;
 * :mod:`~comtip.demo.render`: the H&E renderer and the pyramidal TIFF slide;
 * :mod:`~comtip.demo.spaceranger`: the Space Ranger ``outs/`` files and ``truth.h5ad``;
-* :mod:`~comtip.demo.simulate`: :func:`simulate_sample` and the ``comtip-simulate`` CLI.
+* :mod:`~comtip.demo.simulate`: :func:`simulate_sample` and the ``comtip-simulate`` CLI;
+* :mod:`~comtip.demo.visium_hd`: :func:`simulate_visium_hd`, a Visium HD run
+  (``outs/binned_outputs/square_008um``, ``square_016um``) on the same tissue and slide.
 """
 
 from comtip.demo.params import SimulationParams
 from comtip.demo.simulate import main, simulate_sample
+from comtip.demo.visium_hd import simulate_visium_hd
 
-__all__ = ["SimulationParams", "main", "simulate_sample"]
+__all__ = ["SimulationParams", "main", "simulate_sample", "simulate_visium_hd"]

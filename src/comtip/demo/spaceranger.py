@@ -26,16 +26,22 @@ from comtip.demo.tissue import _Geometry
 
 
 def _write_spatial_images(
-    spatial: Path, geom: _Geometry, levels: Sequence[np.ndarray], params: SimulationParams
-) -> None:
+    spatial: Path,
+    geom: _Geometry,
+    levels: Sequence[np.ndarray],
+    params: SimulationParams,
+    extra_factors: dict | None = None,
+) -> dict:
     """hires/lowres PNGs resampled from the smallest pyramid level that is still large enough,
-    and the scale factors that map full-resolution pixels onto them."""
+    and the scale factors that map full-resolution pixels onto them (``extra_factors`` added or
+    replacing; Visium HD's keys). Returns the scale factors written."""
     longest = max(geom.width_px, geom.height_px)
     scalefactors = {
         "spot_diameter_fullres": params.spot_diameter_um / params.mpp,
         "fiducial_diameter_fullres": params.fiducial_diameter_um / params.mpp,
         "tissue_hires_scalef": min(1.0, HIRES_MAX_SIDE / longest),
         "tissue_lowres_scalef": min(1.0, LOWRES_MAX_SIDE / longest),
+        **(extra_factors or {}),
     }
     for name, key in (
         ("tissue_hires_image.png", "tissue_hires_scalef"),
@@ -49,6 +55,7 @@ def _write_spatial_images(
             image.save(tmp, format="PNG", compress_level=3)
     with atomic_path(spatial / "scalefactors_json.json") as tmp:
         tmp.write_text(json.dumps(scalefactors, indent=2) + "\n")
+    return scalefactors
 
 
 def _write_positions(path: Path, spots: _Spots, mpp: float) -> None:
@@ -67,9 +74,17 @@ def _write_positions(path: Path, spots: _Spots, mpp: float) -> None:
         table.to_csv(tmp, index=False, float_format="%.3f")
 
 
-def _write_10x_h5(path: Path, counts: np.ndarray, barcodes: np.ndarray, programs: _Programs, sample: str) -> None:
+def _write_10x_h5(
+    path: Path,
+    counts: np.ndarray | sp.spmatrix,
+    barcodes: np.ndarray,
+    programs: _Programs,
+    sample: str,
+    chemistry: str = "Visium Spatial Gene Expression (synthetic)",
+) -> None:
     """10x Genomics feature-barcode matrix HDF5 (v3): CSC genes x barcodes, i.e. CSR of
-    barcodes x genes. ``track_times=False`` keeps the bytes reproducible."""
+    barcodes x genes (``counts`` dense or sparse). ``track_times=False`` keeps the bytes
+    reproducible."""
     matrix = sp.csr_matrix(counts)
     fixed = {"track_times": False}
     packed = {"track_times": False, "compression": "gzip", "shuffle": True}
@@ -78,7 +93,7 @@ def _write_10x_h5(path: Path, counts: np.ndarray, barcodes: np.ndarray, programs
         f.attrs["version"] = np.int64(2)
         f.attrs["software_version"] = "comtip-simulate"
         f.attrs["library_ids"] = np.array([sample.encode()])
-        f.attrs["chemistry_description"] = "Visium Spatial Gene Expression (synthetic)"
+        f.attrs["chemistry_description"] = chemistry
         group = f.create_group("matrix")
         group.create_dataset("barcodes", data=np.array([b.encode() for b in barcodes]), **packed)
         group.create_dataset("data", data=matrix.data.astype(np.int32), **packed)

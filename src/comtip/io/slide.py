@@ -257,6 +257,7 @@ def resolve_mpp(
     tolerance: float = 0.1,
     sample: str | None = None,
     path: str | Path | None = None,
+    geometry_mpp: tuple[float, str] | None = None,
 ) -> tuple[float, str]:
     """µm/px of level 0 and where it came from: sample sheet, slide metadata or spot geometry.
 
@@ -266,7 +267,9 @@ def resolve_mpp(
     slide's metadata and the geometry are both known they must agree within ``tolerance``
     (relative), else a PipelineInputError names both — the slide is then likely not the image
     Space Ranger was given (e.g. the CytAssist camera image instead of the microscope H&E), or
-    its metadata is wrong; the metadata is used when they agree. ``slide_metadata`` or
+    its metadata is wrong; the metadata is used when they agree. ``geometry_mpp`` = (µm/px,
+    how), when given, is the geometry instead of the spots' (Visium HD: Space Ranger's
+    ``microns_per_pixel``). ``slide_metadata`` or
     ``spot_geometry`` takes that source without the check. A given value that is not a positive
     finite number is an error (rather than silently trying the next source). Pass None for an
     absent value.
@@ -282,7 +285,10 @@ def resolve_mpp(
                 "mpp_source is slide_metadata but the slide has no µm/px", sample=sample, path=path
             )
         return slide, "slide_metadata"
-    geometry = _geometry_mpp(spot_diameter_px, spot_diameter_um, spot_pitch_px, spot_pitch_um, sample, path)
+    if geometry_mpp is not None:
+        geometry = (check_positive(geometry_mpp[0], geometry_mpp[1], sample, path), geometry_mpp[1])
+    else:
+        geometry = _geometry_mpp(spot_diameter_px, spot_diameter_um, spot_pitch_px, spot_pitch_um, sample, path)
     if prefer == "spot_geometry":
         if geometry is None:
             raise PipelineInputError(

@@ -175,25 +175,34 @@ def read_spaceranger(outs_dir: str | Path, *, sample: str, min_counts: int = 1) 
         adata.obs[col] = pos[col].to_numpy()
     adata.obsm["spatial"] = pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=np.float64)
 
-    mt = adata.var_names.str.upper().str.startswith("MT-")
-    adata.var["mt"] = mt
+    adata = qc_filter(adata, min_counts=min_counts, sample=sample, path=matrix_file)
+    adata.uns["spatial"] = spatial_uns(outs, factors, sample)
+    return adata
+
+
+def qc_filter(adata: ad.AnnData, *, min_counts: int, sample: str, path: str | Path) -> ad.AnnData:
+    """scanpy's QC metrics (``mt`` = ``MT-`` genes) and the spots with at least ``min_counts``."""
+    adata.var["mt"] = adata.var_names.str.upper().str.startswith("MT-")
     sc.pp.calculate_qc_metrics(adata, qc_vars=["mt"], percent_top=None, log1p=False, inplace=True)
     keep = adata.obs["total_counts"].to_numpy() >= min_counts
     if not keep.any():
-        raise PipelineInputError(f"no in-tissue spot has at least {min_counts} counts", sample=sample, path=matrix_file)
+        raise PipelineInputError(f"no in-tissue spot has at least {min_counts} counts", sample=sample, path=path)
     if not keep.all():
         log.info("[%s] dropping %d spots with fewer than %d counts", sample, int((~keep).sum()), min_counts)
         adata = adata[keep].copy()
+    return adata
 
+
+def spatial_uns(folder: Path, factors: dict, sample: str) -> dict:
+    """``uns["spatial"]`` as ``sc.pl.spatial`` reads it: numeric scale factors, low-res image."""
     images = {}
-    lowres = _lowres_image(outs)
+    lowres = _lowres_image(folder)
     if lowres is not None:
         images["lowres"] = lowres
-    adata.uns["spatial"] = {
+    return {
         sample: {
             "images": images,
             "scalefactors": {k: float(v) for k, v in factors.items() if isinstance(v, int | float)},
-            "metadata": {"source": str(outs.absolute())},
+            "metadata": {"source": str(folder.absolute())},
         }
     }
-    return adata
