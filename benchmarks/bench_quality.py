@@ -14,11 +14,18 @@ her2st (patient C, legacy ST, 100 µm spots, JPEG slides, sections C2-C5 in ../s
   instead of running it again. Besides the pipeline's methods, each fold also scores
   ``retrieval_weighted_comtip`` (called ``mclstexp_comtip`` before) with
   ``evaluate.retrieval_weighted_smooth_query`` on, computed here from the fold's
-  embeddings by the same package function the rule calls. ``--markdown FILE`` writes the tables as
-  the "### her2st (real data), leave-one-section-out" part of "## Prediction quality".
+  embeddings by the same package function the rule calls. ``--seeds 0 1 2`` runs every fold with
+  each seed (``OUT/seed_0/test_C2``...): the tables then show every run, each fold's mean over its
+  seeds, the seed spread, and the paired differences CoMTIP − X pooled over folds and seeds
+  (:func:`comtip.evaluation.paired.fold_paired_differences`: folds resampled, and genes within each
+  run). ``--markdown FILE`` writes the tables as the "### her2st (real data),
+  leave-one-section-out" part of "## Prediction quality".
 
     python benchmarks/bench_quality.py her2st --out /tmp/bench_her2st
     python benchmarks/bench_quality.py her2st --folds loso --out /tmp/bench_loso --markdown BENCHMARKS.md
+    python benchmarks/bench_quality.py her2st --folds loso --seeds 0 1 2 --out /tmp/bench_loso_seeds \
+        --set 'evaluate.methods=[mean, ridge_comtip, ridge_random, zeroshot, finetune_linear, bleep, mclstexp]' \
+        --markdown BENCHMARKS.md
     python benchmarks/bench_quality.py demo --out /tmp/bench_demo
 """
 
@@ -86,6 +93,7 @@ def run_workflow(run_dir: Path, rows: list[str], config: dict, cores: int) -> fl
             str(run_dir),
             "--cores",
             str(cores),
+            "--rerun-incomplete",  # a fold stopped midway resumes where it stopped
         ],
         check=True,
     )

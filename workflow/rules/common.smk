@@ -6,7 +6,7 @@ import re
 import zlib
 
 from comtip.config import load_sample_sheet
-from comtip.io.layout import spaceranger_files
+from comtip.io.layout import is_visium_hd, spaceranger_files
 
 SAMPLES = load_sample_sheet(
     config["samples"],
@@ -79,6 +79,21 @@ def sample_bin_size_um(wildcards):
     """Visium HD bin size from the sample sheet, or None (16 µm for an HD run)."""
     value = _sheet_value(wildcards.sample, "bin_size_um")
     return None if value is None else int(value)
+
+
+def _hd_setting(wildcards, key):
+    """ingest.{key} for a Visium HD sample, None for the others: a Visium sample's ingest does
+    not depend on the HD settings, so changing them reruns only the HD samples."""
+    outs = SAMPLES.loc[wildcards.sample, "spaceranger_dir"]
+    return config["ingest"][key] if outs and is_visium_hd(outs) else None
+
+
+def sample_hd_pseudospot_um(wildcards):
+    return _hd_setting(wildcards, "hd_pseudospot_um")
+
+
+def sample_hd_pseudospot_pitch_um(wildcards):
+    return _hd_setting(wildcards, "hd_pseudospot_pitch_um")
 
 
 def tiling_inputs(wildcards):

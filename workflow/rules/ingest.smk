@@ -24,7 +24,7 @@ rule ingest:
         mpp_tolerance=config["ingest"]["mpp_tolerance"],
         min_counts=config["ingest"]["min_counts"],
         bin_size_um=sample_bin_size_um,
-        hd_pseudospot_um=config["ingest"]["hd_pseudospot_um"],
-        hd_pseudospot_pitch_um=config["ingest"]["hd_pseudospot_pitch_um"],
+        hd_pseudospot_um=sample_hd_pseudospot_um,
+        hd_pseudospot_pitch_um=sample_hd_pseudospot_pitch_um,
     script:
         "../scripts/ingest.py"
