@@ -277,3 +277,29 @@ def test_the_schema_lists_the_presets_for_the_model_and_the_weights_files(tmp_pa
         validate_config({"samples": "s.tsv", "foundation_models": {"unii": "/x"}}, CONFIG_SCHEMA)
     with pytest.raises(ConfigError, match="model.vision_preset"):
         validate_config({"samples": "s.tsv", "model": {"vision_preset": "uni3"}}, CONFIG_SCHEMA)
+
+
+def test_a_dry_run_embeds_with_the_configured_file_and_refuses_a_method_without_one(tmp_path):
+    """ridge_phikon in evaluate.methods: embed_foundation runs for every sample from the file of
+    foundation_models.phikon, fit_ridge and predict_baseline follow; without the file configured
+    the parse stops naming the key, before any job."""
+    from _helpers.workflow import snakemake, write_tiny_run_folder
+    from conftest import dry_run_jobs
+
+    root = write_tiny_run_folder(tmp_path / "run")
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"not read by a dry run")
+    config_file = root / "config" / "config.yaml"
+    config = yaml.safe_load(config_file.read_text())
+    config["evaluate"]["methods"] = ["mean", "ridge_phikon"]
+    config_file.write_text(yaml.safe_dump(config))
+    refused = snakemake(root, "-n", check=False)
+    assert refused.returncode != 0 and "'foundation_models.phikon': not set" in refused.stdout + refused.stderr
+    config["foundation_models"] = {"phikon": str(weights)}
+    config_file.write_text(yaml.safe_dump(config))
+    jobs = dry_run_jobs(snakemake(root, "-n").stdout)
+    embedded = [block for rule, block in jobs if rule == "embed_foundation"]
+    assert embedded and all("encoder=phikon" in b and str(weights) in b for b in embedded)
+    assert any(rule == "fit_ridge" and "encoder=phikon" in b for rule, b in jobs)
+    assert any(rule == "predict_baseline" and "method=ridge_phikon" in b for rule, b in jobs)
+    assert not any(rule == "embed_spots" and "encoder=phikon" in b for rule, b in jobs)
