@@ -24,8 +24,9 @@ from comtip.predict import registry
 from conftest import CONFIG_SCHEMA
 
 # ViT-g (1.1 B parameters) and ViT-H (0.6 B): measured on the 2-core test machine, one ViT-g takes
-# 35 s to build, 13 s to save and 13 s to load in fp32 (> 60 s before the forward pass), so these
-# four run only when asked for.
+# 35 s to build, 13 s to save and 13 s to load in fp32, and this test took 98 s (uni2_h), 63 s
+# (virchow2), 93 s (h_optimus_0) and 99 s (gigapath) with COMTIP_TEST_LARGE_PRESETS=1 (all
+# passed), so these five run only when asked for.
 LARGE = {"uni2_h", "h_optimus_0", "h_optimus_1", "virchow2", "gigapath"}
 RUN_LARGE = os.environ.get("COMTIP_TEST_LARGE_PRESETS") == "1"
 SCHEMA = yaml.safe_load(CONFIG_SCHEMA.read_text())

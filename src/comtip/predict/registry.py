@@ -1,8 +1,10 @@
 """Every prediction method, declared once: its name, what it reads, the rule that runs it and the
 function that computes it.
 
-Standard library only (and the torch-free fine-tuning config): the workflow reads this registry
-when Snakemake parses it (wildcard constraints, input functions), so it must not import torch.
+Standard library only (and the torch-free fine-tuning config and foundation-model presets,
+``comtip.model.presets``, each of which is a ``ridge_<preset>`` method): the workflow reads this
+registry when Snakemake parses it (wildcard constraints, input functions), so it must not import
+torch.
 The functions are named by dotted path and imported when a prediction runs. Adding a method =
 one :class:`Method` entry here plus its function; ``workflow/schemas/config.schema.yaml`` lists
 the same names for ``evaluate.methods`` and ``docs/evaluation.md`` holds :func:`method_table`,
@@ -237,7 +239,7 @@ def foundation_weights(methods: Iterable[str], configured: Mapping[str, Any] | N
     ``foundation_models`` (preset → local file); a ConfigError naming the key when a method's
     model has no file configured or the file does not exist. Checked when the workflow is
     parsed, so that no job starts."""
-    configured = dict(configured or {})
+    methods, configured = list(methods), dict(configured or {})
     files = {}
     for encoder in encoders_of(methods):
         if encoder not in FOUNDATION_ENCODERS:
