@@ -290,16 +290,17 @@ def prediction_files():
 
 
 def evaluation_inputs(wildcards):
+    """Predictions, truth and the spots' coordinates (Moran's I) of the test slides."""
     return {
         "predictions": list(prediction_files().values()),
         "truth": [f"results/{s}/gene_sentences.npz" for s in TEST_SAMPLES],
+        "spots": [f"results/{s}/spots.h5ad" for s in TEST_SAMPLES],
     }
 
 
 def figure_inputs(wildcards):
     return {
         **evaluation_inputs(wildcards),
-        "spots": [f"results/{s}/spots.h5ad" for s in TEST_SAMPLES],
         "finetune_metrics": [f"results/models/finetune/{m}.metrics.tsv" for m in FINETUNE_MODES],
     }
 
