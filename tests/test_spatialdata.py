@@ -138,6 +138,27 @@ def test_a_spots_circle_and_its_image_pixels_are_the_slides_pixels_there(tmp_pat
                 np.testing.assert_array_equal(pixel, direct)
 
 
+def test_a_spots_patch_centre_is_the_zarr_image_under_its_circle(tmp_path, slide_path, inputs):
+    """extract_patches at the slide's µm/px copies level-0 pixels: the patch's centre pixel is the
+    image element's pixel under the spot's circle centre (up to the patch's half-pixel grid snap)."""
+    from comtip.data.patches import extract_patches
+
+    half = 16
+    npy, parquet = tmp_path / "spot_patches.npy", tmp_path / "spot_patches.parquet"
+    extract_patches(
+        inputs["spots_h5ad"], slide_path, npy, parquet, size_px=2 * half, mpp=SLIDE_MPP, threads=1, sample="S1"
+    )
+    patches, index = np.load(npy), pd.read_parquet(parquet)
+    sdata = export(tmp_path, slide_path, inputs)
+    image, circles = levels_of(sdata.images["he"])[0], sdata.shapes["spots"]
+    for i, barcode in enumerate(index["barcode"]):
+        centre = circles.geometry.loc[barcode]
+        x, y = round(centre.x - half) + half, round(centre.y - half) + half  # the pixel the patch centres on
+        assert abs(x + 0.5 - centre.x) <= 1 and abs(y + 0.5 - centre.y) <= 1
+        col, row = to_pixel(image, x + 0.5, y + 0.5)
+        np.testing.assert_array_equal(image.values[:, row, col], patches[i, half, half])
+
+
 def test_a_slide_with_no_level_small_enough_gets_its_thumbnail(tmp_path, slide_path, inputs):
     sdata = export(tmp_path, slide_path, inputs, image_max_px=200)
     (level,) = levels_of(sdata.images["he"])
