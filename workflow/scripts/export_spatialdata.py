@@ -15,4 +15,5 @@ with rule_logging(snakemake.log[0]):
         predictions=dict(zip(snakemake.params.methods, inp.get("predictions", []), strict=True)),
         virtual_visium=inp.get("virtual_visium"),
         image_max_px=snakemake.params.image_max_px,
+        threads=snakemake.threads,
     )

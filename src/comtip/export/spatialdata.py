@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import anndata as ad
+import dask
 import dask.array as da
 import geopandas as gpd
 import numpy as np
@@ -255,12 +256,14 @@ def write_spatialdata(
     predictions: Mapping[str, str | Path] | None = None,
     virtual_visium: str | Path | None = None,
     image_max_px: int = DEFAULT_IMAGE_MAX_PX,
+    threads: int = 2,
 ) -> sd.SpatialData:
     """Write ``out_zarr`` for one sample (see the module docstring for its elements).
 
     A measured sample passes ``spots_h5ad`` and ``sentences_npz`` (and, for a test sample, its
     ``predictions``: method → predictions h5ad); an H&E-only slide passes ``virtual_visium``.
-    The store is written beside ``out_zarr`` and renamed onto it only when complete.
+    The store is written beside ``out_zarr`` (by ``threads`` dask threads) and renamed onto it
+    only when complete.
     """
     if (spots_h5ad is None) == (virtual_visium is None):
         raise ValueError("pass either spots_h5ad (with sentences_npz) or virtual_visium")
@@ -299,6 +302,6 @@ def write_spatialdata(
         shapes={region: shapes},
         tables={TABLE: table},
     )
-    with atomic_dir(out_zarr) as tmp:
+    with atomic_dir(out_zarr) as tmp, dask.config.set(scheduler="threads", num_workers=threads):
         sdata.write(tmp)
     return sdata
