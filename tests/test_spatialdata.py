@@ -190,6 +190,23 @@ def test_the_table_annotates_the_spots_with_counts_truth_and_every_method(tmp_pa
     assert (col, row) == (20, 10) and mask.values[row, col] == 1
 
 
+def test_visium_hd_bins_are_squares_of_the_bin_side(tmp_path, slide_path, inputs):
+    spots = ad.read_h5ad(inputs["spots_h5ad"])
+    spots.uns["comtip"] |= {"spot_shape": "square", "spot_diameter_um": 8.0, "spot_diameter_px": 16.0}
+    spots.write_h5ad(inputs["spots_h5ad"])
+    squares = export(tmp_path, slide_path, inputs).shapes["spots"]
+    np.testing.assert_allclose(squares.geometry.bounds.to_numpy(), np.column_stack([CENTERS - 8, CENTERS + 8]))
+
+
+def test_a_spot_diameter_that_contradicts_the_mpp_is_refused(tmp_path, slide_path, inputs):
+    spots = ad.read_h5ad(inputs["spots_h5ad"])
+    spots.uns["comtip"]["spot_diameter_px"] = 55.0  # 55 µm at 0.5 µm/px is 110 px
+    spots.write_h5ad(inputs["spots_h5ad"])
+    with pytest.raises(PipelineInputError, match=r"\[sample S1\] .*spots\.h5ad: spot diameter 55.0 µm / 0.5 µm/px"):
+        export(tmp_path, slide_path, inputs)
+    _no_store_left(tmp_path / "out")
+
+
 def test_an_he_only_slide_gets_its_tiles_as_squares_with_the_virtual_visium_prediction(tmp_path, slide_path, inputs):
     from comtip.predict.slides import predict_slide
 
