@@ -37,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -96,23 +96,33 @@ def _tiles(width: int, height: int, downsample: int, noise: np.ndarray) -> Itera
 
 def synthetic_slide(path: Path, width: int, height: int) -> Path:
     """Write (once) a pyramidal tiled TIFF that openslide reads as generic-tiff with µm/px."""
-    import tifffile
 
     if path.exists():
         return path
     noise = np.random.default_rng(0).normal(0, 6, (TILE, TILE, 3))
+
+    def level(ds: int) -> dict:
+        w, h = -(-width // ds), -(-height // ds)
+        return {"data": _tiles(w, h, ds, noise), "shape": (h, w, 3), "dtype": np.uint8}
+
+    return _write_pyramid(path, level, "zlib", 1)
+
+
+def _write_pyramid(path: Path, level: Callable[[int], dict], compression: str, quality: int) -> Path:
+    """A pyramidal tiled TIFF of LEVEL_DOWNSAMPLES (``level(ds)``: tifffile's ``data`` and, for
+    tile iterators, ``shape``/``dtype``) with µm/px in centimeter resolution tags, as openslide's
+    generic-tiff reads them; written to a temporary name, then renamed."""
+    import tifffile
+
     tmp = path.with_suffix(".partial.tif")
     with tifffile.TiffWriter(tmp, bigtiff=True) as tw:
         for i, ds in enumerate(LEVEL_DOWNSAMPLES):
-            w, h = -(-width // ds), -(-height // ds)
             tw.write(
-                _tiles(w, h, ds, noise),
-                shape=(h, w, 3),
-                dtype=np.uint8,
+                **level(ds),
                 tile=(TILE, TILE),
                 photometric="rgb",
-                compression="zlib",
-                compressionargs={"level": 1},
+                compression=compression,
+                compressionargs={"level": quality},
                 resolution=(1e4 / (SLIDE_MPP * ds), 1e4 / (SLIDE_MPP * ds)),
                 resolutionunit="CENTIMETER",
                 subfiletype=0 if i == 0 else 1,
@@ -157,7 +167,6 @@ def her2st_inputs(outs: Path, work: Path) -> tuple[Path, Path]:
 def jpeg_pyramid_from(jpeg: Path, source_mpp: float, path: Path) -> Path:
     """Write (once) ``jpeg`` resampled to SLIDE_MPP as a JPEG-tiled (Q90) pyramidal TIFF, levels
     1/4/16/64 with 256 px tiles and the µm/px in its resolution tags."""
-    import tifffile
     from PIL import Image
 
     if path.exists():
@@ -167,23 +176,7 @@ def jpeg_pyramid_from(jpeg: Path, source_mpp: float, path: Path) -> Path:
         image = image.convert("RGB")
         factor = source_mpp / SLIDE_MPP
         base = image.resize((round(image.width * factor), round(image.height * factor)), Image.Resampling.BICUBIC)
-    tmp = path.with_suffix(".partial.tif")
-    with tifffile.TiffWriter(tmp, bigtiff=True) as tw:
-        for i, ds in enumerate(LEVEL_DOWNSAMPLES):
-            level = base if ds == 1 else base.reduce(ds)
-            tw.write(
-                np.asarray(level),
-                tile=(TILE, TILE),
-                photometric="rgb",
-                compression="jpeg",
-                compressionargs={"level": 90},
-                resolution=(1e4 / (SLIDE_MPP * ds), 1e4 / (SLIDE_MPP * ds)),
-                resolutionunit="CENTIMETER",
-                subfiletype=0 if i == 0 else 1,
-                maxworkers=2,
-            )
-    tmp.rename(path)
-    return path
+    return _write_pyramid(path, lambda ds: {"data": np.asarray(base if ds == 1 else base.reduce(ds))}, "jpeg", 90)
 
 
 def her2st_jpeg_pyramid_inputs(outs: Path, work: Path, n_spots: int) -> tuple[Path, Path]:

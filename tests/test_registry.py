@@ -52,6 +52,7 @@ def test_every_method_resolves_to_a_function_of_the_rule_it_names():
         "zeroshot",
         *(f"ridge_{v}" for v in registry.ABLATIONS),
         *(f"zeroshot_{v}" for v in registry.ABLATIONS),
+        *(f"ridge_{p}" for p in registry.FOUNDATION_PRESETS),
     )
     assert [m.name for m in registry.METHODS.values() if m.rule == "predict_finetuned"] == [
         "finetune_linear",

@@ -23,6 +23,7 @@ GPU_RULES = {
     "finetune",
     "embed_spots",
     "embed_bleep",
+    "embed_foundation",
     "embed_mclstexp",
     "predict_finetuned",
     "predict_slide",

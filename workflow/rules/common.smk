@@ -239,6 +239,16 @@ wildcard_constraints:
     encoder="|".join(registry.ENCODERS),
 
 
+# The local weights file of each foundation model the methods read (config key
+# foundation_models); checked now, so a ridge_<preset> without its file stops the run naming the key.
+FOUNDATION_WEIGHTS = registry.foundation_weights(METHODS, config["foundation_models"])
+
+
+def foundation_weights_file(wildcards):
+    """The weights file embed_foundation reads for {encoder} (config key foundation_models)."""
+    return registry.foundation_weights([f"ridge_{wildcards.encoder}"], config["foundation_models"])[wildcards.encoder]
+
+
 def finetune_params(wildcards):
     return {**config["finetune"], "mode": wildcards.mode, "seed": config["seed"]}
 

@@ -186,3 +186,30 @@ rule predict_slide:
         method=f"finetune_{config['evaluate']['slide_model']}",
     script:
         "../scripts/predict_slide.py"
+
+
+rule embed_foundation:
+    """Frozen features of one sample by a pathology foundation model (comtip.model.presets), from
+    the local weights file that config key foundation_models.{encoder} names; the ridge_{encoder}
+    method's probe is fitted on them."""
+    input:
+        weights=foundation_weights_file,
+        patches="results/{sample}/spot_patches.npy",
+        sentences="results/{sample}/gene_sentences.npz",
+    output:
+        embeddings="results/embeddings/{encoder}/{sample}.npz",
+    log:
+        "logs/embed_foundation/{encoder}/{sample}.log",
+    benchmark:
+        "logs/benchmark/embed_foundation/{encoder}/{sample}.tsv"
+    wildcard_constraints:
+        encoder="|".join(registry.FOUNDATION_ENCODERS),
+    conda:
+        "../../envs/torch.yaml"
+    threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=120,
+        gpu=1,
+    script:
+        "../scripts/embed_foundation.py"

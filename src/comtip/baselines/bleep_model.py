@@ -31,6 +31,7 @@ from comtip._core.errors import ConfigError
 from comtip.baselines.bleep_config import COMTIP_VIT, BleepConfig
 from comtip.baselines.mclstexp_config import MclstexpConfig
 from comtip.model.config import ModelConfig
+from comtip.model.foundation import timm_create_kwargs
 from comtip.model.losses import siglip
 from comtip.model.vision import load_vit_weights
 
@@ -112,7 +113,7 @@ def build_image_encoder(
     """The timm backbone (pooled features, no classifier); random init unless weights are given.
     ``section`` (``bleep`` or ``mclstexp``, whose image encoder is BLEEP's) names the config keys."""
     if cfg.image_encoder == COMTIP_VIT:
-        kwargs = {"img_size": image_size, "num_classes": 0, **model_cfg.vision_kwargs}
+        kwargs = {"img_size": image_size, "num_classes": 0, **timm_create_kwargs(model_cfg.vision_kwargs)}
         encoder = timm.create_model(model_cfg.vision_model, pretrained=False, **kwargs)
         name = f"{COMTIP_VIT} ({model_cfg.vision_model})"
         if cfg.pretrained_weights is not None:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from comtip.model import ModelConfig, preprocess_images
+from comtip.model.foundation import timm_create_kwargs
 from comtip.model.vision import resolve_normalisation, vit_normalisation
 
 FORMAT_VERSION = 1
@@ -52,8 +53,7 @@ def build_vit(model_config: dict[str, Any]) -> nn.Module:
     """The pretrained model's ViT architecture, uninitialised weights (a checkpoint fills them):
     built without ``pretrained_weights``, which may name a file absent where predictions run."""
     cfg = ModelConfig.architecture(model_config)
-    vit = timm.create_model(
-        cfg.vision_model, pretrained=False, img_size=cfg.image_size, num_classes=0, **cfg.vision_kwargs
-    )
+    kwargs = timm_create_kwargs(cfg.vision_kwargs)
+    vit = timm.create_model(cfg.vision_model, pretrained=False, img_size=cfg.image_size, num_classes=0, **kwargs)
     resolve_normalisation(cfg, vit)  # the checkpoint's normalisation, recorded on the ViT
     return vit

@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from comtip.model.presets import PRESETS, apply_vision_preset
+
 NAME_ENCODERS = ("hash", "minilm")
 # What a gene token is made of: name + value (CoMTIP), or one of them (the token ablations).
 GENE_TOKENS = ("both", "value_only", "name_only")
@@ -33,7 +35,11 @@ class ModelConfig:
     vision_model: str = "vit_tiny_patch16_224"
     image_size: int = 112
     vision_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
-    pretrained_weights: str | None = None  # local .pt/.pth/.safetensors; None = random init
+    pretrained_weights: str | None = None  # local .pt/.pth/.bin/.safetensors; None = random init
+    # A pathology foundation model (comtip.model.presets: uni, phikon, ...): sets vision_model,
+    # vision_kwargs, image_size and image_mean/std where they are not given (from_dict), and
+    # pretrained_weights is then read in that model's published key layout. None = as before.
+    vision_preset: str | None = None
     # Per-channel image normalisation (of RGB in [0, 1]); None = the backbone's own, from timm's
     # pretrained_cfg (0.5/0.5 for the augreg ViTs, ImageNet's for others). Resolved when the
     # model is built and stored in its checkpoint, so every later stage uses the same values.
@@ -99,7 +105,14 @@ class ModelConfig:
         if self.image_std is not None:
             self.image_std = tuple(float(v) for v in self.image_std)
         reserved = sorted({"img_size", "num_classes", "pretrained"} & set(self.vision_kwargs))
+        recipe = PRESETS.get(self.vision_preset) if self.vision_preset is not None else None
         checks = [
+            ("vision_preset", self.vision_preset is None or recipe is not None, f"must be one of {tuple(PRESETS)}"),
+            (
+                "vision_model",
+                recipe is None or self.vision_model == recipe.vision_model,
+                f"conflicts with vision_preset {self.vision_preset!r} (build the config with from_dict)",
+            ),
             ("vision_kwargs", not reserved, f"must not set {reserved}: use image_size / pretrained_weights"),
             ("image_size", self.image_size >= 8, "must be >= 8"),
             ("image_mean", (self.image_mean is None) == (self.image_std is None), "and image_std: set both or neither"),
@@ -153,13 +166,15 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> ModelConfig:
-        """Build from a plain dict (YAML); unknown keys raise ValueError naming them."""
+        """Build from a plain dict (YAML); unknown keys raise ValueError naming them. A
+        ``vision_preset`` fills the keys it sets that ``d`` leaves out
+        (:func:`comtip.model.presets.apply_vision_preset`): an explicit value wins."""
         d = dict(d or {})
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown model config key(s) {unknown}; known keys: {sorted(known)}")
-        return cls(**d)
+        return cls(**apply_vision_preset(d))
 
     @classmethod
     def architecture(cls, d: dict[str, Any]) -> ModelConfig:

@@ -32,6 +32,8 @@ from torch import nn
 
 from comtip._core.errors import ConfigError
 from comtip.model.config import ModelConfig
+from comtip.model.foundation import load_foundation_weights, timm_create_kwargs
+from comtip.model.presets import PRESETS
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +159,7 @@ class VisionEncoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        kwargs = {"img_size": cfg.image_size, "num_classes": 0, **cfg.vision_kwargs}
+        kwargs = {"img_size": cfg.image_size, "num_classes": 0, **timm_create_kwargs(cfg.vision_kwargs)}
         self.vit = timm.create_model(cfg.vision_model, pretrained=False, **kwargs)
         if not isinstance(self.vit, VisionTransformer):
             raise ValueError(
@@ -166,7 +168,9 @@ class VisionEncoder(nn.Module):
             )
         if self.vit.pos_embed is None or getattr(self.vit, "dynamic_img_size", False):
             raise ValueError(f"vision_model {cfg.vision_model!r} needs a fixed absolute pos_embed for MFM")
-        if cfg.pretrained_weights is not None:
+        if cfg.pretrained_weights is not None and cfg.vision_preset is not None:
+            load_foundation_weights(self.vit, cfg.pretrained_weights, PRESETS[cfg.vision_preset])
+        elif cfg.pretrained_weights is not None:
             load_vit_weights(self.vit, cfg.pretrained_weights)
         else:
             log.info("vision encoder %s: no pretrained_weights given, random initialisation", cfg.vision_model)

@@ -1,8 +1,10 @@
 """Every prediction method, declared once: its name, what it reads, the rule that runs it and the
 function that computes it.
 
-Standard library only (and the torch-free fine-tuning config): the workflow reads this registry
-when Snakemake parses it (wildcard constraints, input functions), so it must not import torch.
+Standard library only (and the torch-free fine-tuning config and foundation-model presets,
+``comtip.model.presets``, each of which is a ``ridge_<preset>`` method): the workflow reads this
+registry when Snakemake parses it (wildcard constraints, input functions), so it must not import
+torch.
 The functions are named by dotted path and imported when a prediction runs. Adding a method =
 one :class:`Method` entry here plus its function; ``workflow/schemas/config.schema.yaml`` lists
 the same names for ``evaluate.methods`` and ``docs/evaluation.md`` holds :func:`method_table`,
@@ -14,9 +16,12 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from comtip._core.errors import ConfigError
 from comtip.finetune.config import MODES as FINETUNE_MODES
+from comtip.model.presets import PRESETS as FOUNDATION_PRESETS
 
 # The encoders whose embeddings methods read, and the rule that writes them
 # (results/embeddings/{encoder}/{sample}.npz): the pretrained CoMTIP and a seeded random
@@ -49,9 +54,13 @@ ENCODER_RULES = {
     **{variant: "embed_spots" for variant in ABLATIONS},
     "bleep": "embed_bleep",
     "mclstexp": "embed_mclstexp",
+    # the pathology foundation models (comtip.model.presets), frozen, from their local files
+    # (config key foundation_models), embedded by embed_foundation
+    **{name: "embed_foundation" for name in FOUNDATION_PRESETS},
 }
 ENCODERS = tuple(ENCODER_RULES)
 COMTIP_ENCODERS = tuple(e for e, rule in ENCODER_RULES.items() if rule == "embed_spots")
+FOUNDATION_ENCODERS = tuple(e for e, rule in ENCODER_RULES.items() if rule == "embed_foundation")
 # The pretrained CoMTIP models (rule pretrain's {model}): CoMTIP and its ablations.
 PRETRAIN_MODELS = ("comtip", *ABLATIONS)
 PRETRAINED_CHECKPOINT = "results/models/pretrain/{model}.pt"
@@ -197,6 +206,10 @@ METHODS: dict[str, Method] = {
         _zeroshot("comtip", "CoMTIP"),
         *(_ridge(v, f"CoMTIP {what}") for v, what in ABLATION_SUMMARIES.items()),
         *(_zeroshot(v, f"CoMTIP {what}") for v, what in ABLATION_SUMMARIES.items()),
+        *(
+            _ridge(name, f"{p.title} ({p.source}, local weights from `foundation_models.{name}`)")
+            for name, p in FOUNDATION_PRESETS.items()
+        ),
         _finetune("linear", "linear probe"),
         _finetune("full", "full fine-tune"),
     )
@@ -219,6 +232,32 @@ def encoders_of(methods: Iterable[str]) -> list[str]:
     a ``ValueError`` for an unknown name."""
     used = {method(name).encoder for name in methods}
     return [e for e in ENCODERS if e in used]
+
+
+def foundation_weights(methods: Iterable[str], configured: Mapping[str, Any] | None) -> dict[str, str]:
+    """The weights file of each foundation model the methods ``methods`` read, from config key
+    ``foundation_models`` (preset → local file); a ConfigError naming the key when a method's
+    model has no file configured or the file does not exist. Checked when the workflow is
+    parsed, so that no job starts."""
+    methods, configured = list(methods), dict(configured or {})
+    files = {}
+    for encoder in encoders_of(methods):
+        if encoder not in FOUNDATION_ENCODERS:
+            continue
+        readers = ", ".join(m for m in methods if method(m).encoder == encoder)
+        path = configured.get(encoder)
+        if not path:
+            raise ConfigError(
+                f"config key 'foundation_models.{encoder}': not set, but evaluate.methods has {readers}; "
+                f"set it to the local {FOUNDATION_PRESETS[encoder].weights_file} of "
+                f"{FOUNDATION_PRESETS[encoder].source} (docs/model.md, Foundation-model presets)"
+            )
+        if not Path(path).expanduser().is_file():
+            raise ConfigError(
+                f"config key 'foundation_models.{encoder}': no such file {Path(path).expanduser().absolute()}"
+            )
+        files[encoder] = str(Path(path).expanduser())
+    return files
 
 
 def method_inputs(name: str, sample: str, pretrained: str) -> dict[str, str]:
