@@ -69,6 +69,7 @@ include: "workflow/rules/baselines.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/predict.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/export.smk"
 
 
 # Every per-sample output of the stages implemented so far (a comment, not a docstring: snakefmt

@@ -15,7 +15,7 @@ from conftest import REPO
 PACKAGE = REPO / "src" / "comtip"
 # Each stage may import the stages listed before it (docs/architecture.md); config and demo sit
 # on _core alone.
-ORDER = ("_core", "io", "data", "model", "training", "finetune", "baselines", "predict", "evaluation")
+ORDER = ("_core", "io", "data", "model", "training", "finetune", "baselines", "predict", "evaluation", "export")
 ALLOWED = {stage: set(ORDER[:i]) for i, stage in enumerate(ORDER)} | {"config": {"_core"}, "demo": {"_core"}}
 MAX_LINES = 400
 

@@ -317,6 +317,49 @@ def test_virtual_visium_for_an_he_only_slide_covers_the_tissue(demo_run):
     assert np.isfinite(virtual.X).all() and np.asarray(virtual.X).std(axis=0).max() > 0
 
 
+def test_every_sample_is_exported_as_spatialdata_in_slide_pixels(demo_run):
+    """results/{sample}/spatialdata.zarr: the slide's levels (level 0 included: the tiny slides are
+    under export.image_max_px), spot circles at obsm["spatial"] over the same pixels as the slide,
+    the table with the counts and, on the test slide, every method's predictions."""
+    spatialdata = pytest.importorskip("spatialdata")
+    from spatialdata.transformations import get_transformation
+
+    results = demo_run / "results"
+    methods = list(yaml.safe_load((demo_run / "config" / "config.yaml").read_text())["evaluate"]["methods"])
+    for sample, split in [*SAMPLES.items(), (PREDICT_SAMPLE, "predict")]:
+        sdata = spatialdata.read_zarr(results / sample / "spatialdata.zarr")
+        image = sdata.images["he"]["scale0"]["image"]
+        matrix = get_transformation(image, "global").to_affine_matrix(("x", "y"), ("x", "y"))
+        np.testing.assert_allclose(matrix, np.eye(3))  # level 0, in full-resolution px
+        table = sdata.tables["table"]
+        if split == "predict":
+            virtual = ad.read_h5ad(results / "predictions" / sample / "virtual_visium.h5ad")
+            assert len(sdata.shapes["tiles"]) == virtual.n_obs and list(table.layers) == ["finetune_linear"]
+            np.testing.assert_allclose(table.X, virtual.X)
+            continue
+        spots = ad.read_h5ad(results / sample / "spots.h5ad")
+        circles = sdata.shapes["spots"]
+        assert list(circles.index) == list(spots.obs_names)
+        np.testing.assert_allclose(np.column_stack([circles.geometry.x, circles.geometry.y]), spots.obsm["spatial"])
+        uns = spots.uns["comtip"]
+        np.testing.assert_allclose(circles["radius"], uns["spot_diameter_um"] / uns["mpp"] / 2)
+        with open_slide(uns["slide_path"]) as slide:
+            assert image.shape[1:] == slide.dimensions[::-1]
+            for x, y in spots.obsm["spatial"][:: max(1, spots.n_obs // 10)]:
+                direct = slide.read_region(int(x), int(y), 1, 1)[0, 0]
+                np.testing.assert_array_equal(image.values[:, int(y), int(x)], direct)
+        expected = {"log1p_cp10k", *methods} if split == "test" else {"log1p_cp10k"}
+        assert set(table.layers) == expected, sample
+        np.testing.assert_array_equal(table.X.toarray(), spots[:, list(table.var_names)].X.toarray())
+        for method in expected - {"log1p_cp10k"}:
+            pred = ad.read_h5ad(results / "predictions" / sample / f"{method}.h5ad")
+            np.testing.assert_allclose(table.layers[method], pred.X, rtol=1e-6)
+    metrics = pd.read_csv(results / "evaluation" / "metrics.tsv", sep="\t")
+    learned = metrics[metrics["method"] != "mean"]
+    assert np.isfinite(learned["morans_i_true"]).all() and learned["morans_i_true"].mean() > 0.1
+    assert metrics.loc[metrics["method"] == "mean", "morans_i_pred"].isna().all()  # one value everywhere
+
+
 def test_rerun_has_nothing_to_do(demo_run):
     result = snakemake(demo_run, "-n")
     assert "Nothing to be done" in result.stdout + result.stderr

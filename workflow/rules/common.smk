@@ -44,6 +44,7 @@ def all_outputs(wildcards):
     if BATCH_MIXING:
         files += ["results/evaluation/batch_mixing.tsv", "results/evaluation/batch_mixing.png"]
     files += [f"results/predictions/{s}/virtual_visium.h5ad" for s in PREDICT_SAMPLES]
+    files += [f"results/{s}/spatialdata.zarr" for s in [*ST_SAMPLES, *PREDICT_SAMPLES]]
     return files
 
 
@@ -299,16 +300,17 @@ def prediction_files():
 
 
 def evaluation_inputs(wildcards):
+    """Predictions, truth and the spots' coordinates (Moran's I) of the test slides."""
     return {
         "predictions": list(prediction_files().values()),
         "truth": [f"results/{s}/gene_sentences.npz" for s in TEST_SAMPLES],
+        "spots": [f"results/{s}/spots.h5ad" for s in TEST_SAMPLES],
     }
 
 
 def figure_inputs(wildcards):
     return {
         **evaluation_inputs(wildcards),
-        "spots": [f"results/{s}/spots.h5ad" for s in TEST_SAMPLES],
         "finetune_metrics": [f"results/models/finetune/{m}.metrics.tsv" for m in FINETUNE_MODES],
     }
 
@@ -352,4 +354,26 @@ def training_cost_inputs(wildcards):
     for model in TRAINED_MODELS:
         for role in ("checkpoint", "metrics", "benchmark"):
             inputs[f"{role}_{model['name']}"] = model[role]
+    return inputs
+
+
+# -- exports -------------------------------------------------------------------------------------
+
+
+def spatialdata_methods(wildcards):
+    """The methods whose predictions go into a sample's SpatialData table: all, on test samples."""
+    return list(METHODS) if wildcards.sample in TEST_SAMPLES else []
+
+
+def spatialdata_inputs(wildcards):
+    """The slide and tissue mask; spots, sentences and predictions (test samples) of a measured
+    sample; the virtual Visium prediction of an H&E-only slide."""
+    sample = wildcards.sample
+    inputs = {"slide": slide_path(wildcards), "mask": f"results/{sample}/tissue_mask.png"}
+    if sample in ST_SAMPLES:
+        inputs["spots"] = f"results/{sample}/spots.h5ad"
+        inputs["sentences"] = f"results/{sample}/gene_sentences.npz"
+        inputs["predictions"] = [f"results/predictions/{sample}/{m}.h5ad" for m in spatialdata_methods(wildcards)]
+    else:
+        inputs["virtual_visium"] = f"results/predictions/{sample}/virtual_visium.h5ad"
     return inputs

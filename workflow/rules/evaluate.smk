@@ -2,7 +2,8 @@ rule evaluate:
     """Per test slide × gene × method: Pearson, Spearman, MSE, MAE; summary per method over all
     panel genes, top-50 HEG / HVG (training statistics) and the held-out zero-shot genes, with
     the Pearson per slide and over the pooled test spots; paired differences CoMTIP − each other
-    method with bootstrap 95 % intervals (slides and genes resampled)."""
+    method with bootstrap 95 % intervals (slides and genes resampled); Moran's I of each true and
+    predicted map on the spots' 6-nearest-neighbour graph (squidpy)."""
     input:
         unpack(evaluation_inputs),
         panel="results/genes/gene_panel.tsv",

@@ -14,4 +14,5 @@ with rule_logging(snakemake.log[0]):
         reference=snakemake.params.paired_reference,
         n_boot=snakemake.params.bootstrap,
         seed=snakemake.params.seed,
+        spots_h5ads=dict(zip(snakemake.params.test_samples, snakemake.input.spots, strict=True)),
     )

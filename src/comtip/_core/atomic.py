@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,4 +49,23 @@ def atomic_paths(*paths: str | os.PathLike) -> Iterator[list[Path]]:
         for tmp in tmps:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Like :func:`atomic_path` for an output that is a folder (a ``.zarr`` store): the
+    temporary folder (not created: the writer makes it) is renamed onto ``path`` on success,
+    replacing a previous one, and removed with its contents on error."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise

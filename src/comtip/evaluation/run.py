@@ -32,11 +32,15 @@ def run_evaluation(
     reference: str | None = None,
     n_boot: int = 2000,
     seed: int = 0,
+    spots_h5ads: Mapping[str, str | Path] | None = None,
 ) -> pd.DataFrame:
     """Per slide × gene × method metrics, the per-method summary over the gene sets (with the
     pooled Pearson beside the per-slide one) and, when ``out_paired`` is given, the paired
     differences ``reference`` − every other method (:mod:`comtip.evaluation.paired`; a table
-    with its header only when ``reference`` is None)."""
+    with its header only when ``reference`` is None). With ``spots_h5ads`` (sample →
+    ``spots.h5ad``, whose ``obsm["spatial"]`` rows are the truth's spots), the metrics gain
+    Moran's I of the true and predicted maps (:mod:`comtip.evaluation.spatial`) and the summary
+    ``morans_i_abs_diff_mean``."""
     panel = read_panel(panel_tsv)
     genes = list(panel["gene"])
     truth = {}
@@ -60,6 +64,10 @@ def run_evaluation(
     metrics = evaluate_predictions(truth, preds, genes)
     gene_sets = gene_sets_from_panel(panel)
     summary = summarise(metrics, gene_sets)
+    if spots_h5ads is not None:
+        from comtip.evaluation.spatial import add_morans_i  # squidpy: imported only when used
+
+        metrics, summary = add_morans_i(metrics, summary, truth, preds, spots_h5ads, truth_npzs, genes, gene_sets)
     samples = sorted({s for s, _ in preds})
     methods = sorted({m for _, m in preds})
     stats = {m: np.stack([sufficient_stats(truth[s], preds[(s, m)]) for s in samples]) for m in methods}
