@@ -24,7 +24,7 @@ from comtip.demo.spaceranger import (
     _write_spatial_images,
     _write_truth,
 )
-from comtip.demo.tissue import _cell_type_looks, _geometry, _make_fields, _place_nuclei
+from comtip.demo.tissue import _tissue_scene
 
 # ---------------------------------------------------------------------------------------------
 # Entry points
@@ -43,11 +43,8 @@ def simulate_sample(
     """
     _validate(params, sample, seed)
     out = Path(out_dir)
-    geom = _geometry(params)
-    looks = tuple(_cell_type_looks(params))
+    geom, looks, fields, nuclei = _tissue_scene(params, seed, sample)
     programs = _gene_programs(params, looks)
-    fields = _make_fields(geom, params, seed, sample)
-    nuclei = _place_nuclei(geom, fields, looks, params, seed, sample)
     spots = _measure_spots(geom, fields, nuclei, params, seed, sample)
     if not spots.in_tissue.any():
         raise PipelineInputError(f"no spot centre falls on the tissue (tissue_mm={params.tissue_mm})", sample=sample)

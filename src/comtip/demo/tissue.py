@@ -246,3 +246,14 @@ def _place_nuclei(
     nucleus_od = np.stack([_rgb_to_od(look.nucleus_rgb) for look in looks])
     od = nucleus_od[cell_type] * rng.lognormal(0.0, 0.15, n)[:, None]
     return _Nuclei(x, y, semi_major, semi_minor, angle, od.astype(np.float32), cell_type)
+
+
+def _tissue_scene(
+    params: SimulationParams, seed: int, sample: str
+) -> tuple[_Geometry, tuple[CellTypeLook, ...], _Fields, _Nuclei]:
+    """The slide's geometry, cell-type looks, fields and nuclei: the tissue every simulator of a
+    sample draws from (Visium spots, Visium HD bins)."""
+    geom = _geometry(params)
+    looks = tuple(_cell_type_looks(params))
+    fields = _make_fields(geom, params, seed, sample)
+    return geom, looks, fields, _place_nuclei(geom, fields, looks, params, seed, sample)

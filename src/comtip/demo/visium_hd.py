@@ -32,7 +32,7 @@ from comtip.demo.expression import _expression, _gene_programs, _Spots
 from comtip.demo.params import HIRES_MAX_SIDE, SimulationParams, _rng, _validate
 from comtip.demo.render import _Renderer, _write_slide
 from comtip.demo.spaceranger import _write_10x_h5, _write_spatial_images
-from comtip.demo.tissue import _cell_type, _cell_type_looks, _geometry, _interp_points, _make_fields, _place_nuclei
+from comtip.demo.tissue import _cell_type, _interp_points, _tissue_scene
 
 BASE_BIN_UM = 8
 HD_BIN_SIZES_WRITTEN = (8, 16)
@@ -123,11 +123,8 @@ def simulate_visium_hd(
     if not bin_sizes or any(size % BASE_BIN_UM or size <= 0 for size in bin_sizes):
         raise ValueError(f"bin sizes must be positive multiples of {BASE_BIN_UM} µm, got {bin_sizes}")
     out = Path(out_dir)
-    geom = _geometry(params)
-    looks = tuple(_cell_type_looks(params))
+    geom, looks, fields, nuclei = _tissue_scene(params, seed, sample)
     programs = _gene_programs(params, looks)
-    fields = _make_fields(geom, params, seed, sample)
-    nuclei = _place_nuclei(geom, fields, looks, params, seed, sample)
     base = _base_bins(geom, fields, nuclei, params)
     # _expression's density reference is per spot area: give it the base bin's area.
     bin_params = dataclasses.replace(params, spot_diameter_um=2 * BASE_BIN_UM / math.sqrt(math.pi))

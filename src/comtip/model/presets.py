@@ -16,7 +16,7 @@ timm classes. What could not be checked against the published files here (no net
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -90,6 +90,21 @@ _HOPTIMUS_KWARGS = {
     "dynamic_img_size": False,
 }
 
+_HOPTIMUS_0 = FoundationPreset(
+    "h_optimus_0",
+    "H-optimus-0",
+    "bioptimus/H-optimus-0",
+    "pytorch_model.bin",
+    "timm",
+    "vit_giant_patch14_reg4_dinov2",
+    _HOPTIMUS_KWARGS,
+    224,
+    HOPTIMUS_MEAN,
+    HOPTIMUS_STD,
+    1536,
+    notes="ViT-g/14, SwiGLU, 4 register tokens",
+)
+
 PRESETS: dict[str, FoundationPreset] = {
     p.name: p
     for p in (
@@ -150,32 +165,12 @@ PRESETS: dict[str, FoundationPreset] = {
             unverified="the published file's name, and that its config is a plain Dinov2 (no SwiGLU, no "
             "register tokens) at patch 16",
         ),
-        FoundationPreset(
-            "h_optimus_0",
-            "H-optimus-0",
-            "bioptimus/H-optimus-0",
-            "pytorch_model.bin",
-            "timm",
-            "vit_giant_patch14_reg4_dinov2",
-            _HOPTIMUS_KWARGS,
-            224,
-            HOPTIMUS_MEAN,
-            HOPTIMUS_STD,
-            1536,
-            notes="ViT-g/14, SwiGLU, 4 register tokens",
-        ),
-        FoundationPreset(
-            "h_optimus_1",
-            "H-optimus-1",
-            "bioptimus/H-optimus-1",
-            "pytorch_model.bin",
-            "timm",
-            "vit_giant_patch14_reg4_dinov2",
-            _HOPTIMUS_KWARGS,
-            224,
-            HOPTIMUS_MEAN,
-            HOPTIMUS_STD,
-            1536,
+        _HOPTIMUS_0,
+        replace(
+            _HOPTIMUS_0,
+            name="h_optimus_1",
+            title="H-optimus-1",
+            source="bioptimus/H-optimus-1",
             notes="ViT-g/14, SwiGLU, 4 register tokens (H-optimus-0's architecture)",
         ),
         FoundationPreset(
