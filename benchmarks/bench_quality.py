@@ -19,13 +19,18 @@ her2st (patient C, legacy ST, 100 µm spots, JPEG slides, sections C2-C5 in ../s
   seeds, the seed spread, and the paired differences CoMTIP − X pooled over folds and seeds
   (:func:`comtip.evaluation.paired.fold_paired_differences`: folds resampled, and genes within each
   run). ``--markdown FILE`` writes the tables as the "### her2st (real data),
-  leave-one-section-out" part of "## Prediction quality".
+  leave-one-section-out" part of "## Prediction quality". ``--records DIR`` also writes each fold's
+  tables as one small JSON file (``DIR/seed_S_test_C.json``; the repository keeps them in
+  ``benchmarks/results/her2st_loso``), so a run of many folds and seeds that does not fit one
+  session is committed fold by fold and resumed elsewhere: with ``--reuse`` a fold whose run folder
+  is gone is taken from its record, and a record made with other methods or settings is refused.
+  The section then also has a table of each model's training cost (``training_cost.tsv``).
 
     python benchmarks/bench_quality.py her2st --out /tmp/bench_her2st
     python benchmarks/bench_quality.py her2st --folds loso --out /tmp/bench_loso --markdown BENCHMARKS.md
     python benchmarks/bench_quality.py her2st --folds loso --seeds 0 1 2 --out /tmp/bench_loso_seeds \
         --set 'evaluate.methods=[mean, ridge_comtip, ridge_random, zeroshot, finetune_linear, bleep, mclstexp]' \
-        --markdown BENCHMARKS.md
+        --records benchmarks/results/her2st_loso --markdown BENCHMARKS.md
     python benchmarks/bench_quality.py demo --out /tmp/bench_demo
 """
 
@@ -146,20 +151,35 @@ def n_spots(run_dir: Path, samples: list[str]) -> int:
 
 
 def run_fold(
-    out: Path, test: str, config: dict, cores: int, reuse: bool, command: str, seed: int | None = None
+    out: Path,
+    test: str,
+    config: dict,
+    cores: int,
+    reuse: bool,
+    command: str,
+    seed: int | None = None,
+    records: Path | None = None,
 ) -> dict:
     """Run (or, with ``reuse``, take) one fold; its summary, the smoothed-query row and its record.
 
     With ``seed`` the fold runs with that seed in ``OUT/seed_{seed}/test_{test}``; without, with the
-    config's seed in ``OUT/test_{test}``."""
+    config's seed in ``OUT/test_{test}``. With ``records`` every fold taken from a run folder is
+    also written there as one small JSON file (:func:`fold_record`), and ``reuse`` takes a fold from
+    that file when its run folder is gone (a long run resumed in another checkout)."""
     split = loso_split(test)
     run_dir = out / f"test_{test}" if seed is None else out / f"seed_{seed}" / f"test_{test}"
     if seed is not None:
         config = {**config, "seed": seed}
     record = run_dir / "bench_time.json"
+    saved = None if records is None else records / record_name(test, seed)
     if reuse and record.exists() and (run_dir / "results" / "evaluation" / "summary.tsv").exists():
         info = json.loads(record.read_text())
         print(f"fold test={test}: reusing {run_dir} ({info['minutes']:.1f} min when run)", flush=True)
+    elif reuse and saved is not None and saved.exists():
+        fold = fold_from_record(json.loads(saved.read_text()))
+        check_record_settings(fold, config, saved)
+        print(f"fold test={test}: reusing the record {saved} ({fold['minutes']:.1f} min when run)", flush=True)
+        return fold
     else:
         info = {
             "split": split,
@@ -172,13 +192,15 @@ def run_fold(
         record.write_text(json.dumps(info, indent=1))
         print(f"fold test={test}: {info['minutes']:.1f} min", flush=True)
     fold_config = yaml.safe_load((run_dir / "config" / "config.yaml").read_text())
+    if reuse:
+        check_record_settings({"config": fold_config, "methods": fold_config["evaluate"]["methods"]}, config, run_dir)
     summary = smoothed_mclstexp_summary(run_dir, split, fold_config)
     train = [s for s, role in split.items() if role == "train"]
     val = next(s for s, role in split.items() if role == "val")
     panel = pd.read_csv(run_dir / "results" / "genes" / "gene_panel.tsv", sep="\t")
     metrics = pd.read_csv(run_dir / "bench_extra" / "metrics.tsv", sep="\t")
     metrics = metrics[metrics["sample"] == test]
-    return {
+    fold = {
         "test": test,
         "seed": fold_config["seed"],
         "pearson": {m: t.set_index("gene")["pearson"] for m, t in metrics.groupby("method")},
@@ -195,7 +217,61 @@ def run_fold(
         "train_spots": n_spots(run_dir, train),
         "test_spots": n_spots(run_dir, [test]),
         "table": summary_table(summary),
+        "methods": list(fold_config["evaluate"]["methods"]),
+        "training_cost": training_cost_rows(run_dir),
     }
+    if saved is not None:
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        tmp = saved.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(fold_record(fold), indent=1))
+        tmp.replace(saved)
+    return fold
+
+
+def record_name(test: str, seed: int | None) -> str:
+    """The record file of a fold: ``seed_{seed}_test_{test}.json`` (``test_{test}.json`` without seeds)."""
+    return f"test_{test}.json" if seed is None else f"seed_{seed}_test_{test}.json"
+
+
+def training_cost_rows(run_dir: Path) -> list[dict]:
+    """The fold's ``training_cost.tsv`` as rows (empty when the run has none)."""
+    path = run_dir / "results" / "evaluation" / "training_cost.tsv"
+    if not path.exists():
+        return []
+    return pd.read_csv(path, sep="\t").to_dict(orient="records")
+
+
+def fold_record(fold: dict) -> dict:
+    """A fold as JSON-able data: everything the tables need, nothing of its run folder."""
+    return {
+        **{k: v for k, v in fold.items() if k not in ("pearson", "table")},
+        "pearson": {m: {str(g): float(r) for g, r in series.items()} for m, series in fold["pearson"].items()},
+        "table": json.loads(fold["table"].to_json(orient="split")),
+    }
+
+
+def fold_from_record(record: dict) -> dict:
+    """The inverse of :func:`fold_record`."""
+    table = record["table"]
+    return {
+        **record,
+        "pearson": {m: pd.Series(values, dtype=float) for m, values in record["pearson"].items()},
+        "table": pd.DataFrame(table["data"], index=table["index"], columns=table["columns"], dtype=float),
+    }
+
+
+def check_record_settings(fold: dict, config: dict, where: Path) -> None:
+    """Stop when a reused fold ran with other methods or other settings than asked for now."""
+    asked_methods = list(config["evaluate"]["methods"])
+    ran = fold.get("methods", fold["config"]["evaluate"]["methods"])
+    asked = _config_line({**config, "seed": fold["config"]["seed"]})
+    had = _config_line(fold["config"])
+    if list(ran) != asked_methods or asked != had:
+        raise SystemExit(
+            f"--reuse: {where} ran with other settings than this command asks for "
+            f"(methods {list(ran)} vs {asked_methods}; settings: {had} vs {asked}). "
+            "Delete it to run the fold again, or give the same --set."
+        )
 
 
 def _config_line(config: dict) -> str:
@@ -325,6 +401,7 @@ def loso_markdown(folds: list[dict], not_run: list[str], command: str, *, n_boot
             + ", ".join(f"`{m}` {_fmt(v)}" for m, v in spread.items())
             + ".",
         ]
+    lines += cost_lines(folds)
     lines += paired_lines(folds, methods, n_boot)
     lines += ["", "Computed from the tables above (not hand-picked; a fold's value is the mean of its seeds):", ""]
     folds = [{"test": t, "table": fold_tables[t]} for t in tests]
@@ -369,6 +446,32 @@ def loso_markdown(folds: list[dict], not_run: list[str], command: str, *, n_boot
 
 def _run_name(fold: dict, seeds: list) -> str:
     return fold["test"] if len(seeds) < 2 else f"{fold['test']}/seed {fold.get('seed', fold['config'].get('seed'))}"
+
+
+def cost_lines(runs: list[dict]) -> list[str]:
+    """Training cost per model (each run's ``training_cost.tsv``), as the mean over the runs."""
+    rows = [row for r in runs for row in r.get("training_cost", [])]
+    if not rows:
+        return []
+    table = pd.DataFrame(rows)
+    lines = [
+        "",
+        f"Training cost per model (`results/evaluation/training_cost.tsv` of each run; mean over the {len(runs)} "
+        "runs; wall and CPU seconds of the training job on these 2 cores, with other work beside it):",
+        "",
+        "| model | runs | steps | epochs | batch | image px | parameters | wall (s) | CPU (s) | peak RSS (MB) "
+        "| same budget as CoMTIP |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for model, group in table.groupby("model", sort=False):
+        budget = "; ".join(sorted(set(group["same_budget_as_comtip"].astype(str))))
+        lines.append(
+            f"| {model} | {len(group)} | {group['steps'].mean():.0f} | {group['epochs'].mean():.1f} | "
+            f"{group['batch_size'].mean():.0f} | {group['image_size'].mean():.0f} | "
+            f"{group['parameters'].mean():,.0f} | {group['wall_s'].mean():.0f} | {group['cpu_s'].mean():.0f} | "
+            f"{group['max_rss_mb'].mean():.0f} | {budget} |"
+        )
+    return lines
 
 
 def paired_lines(runs: list[dict], methods: list[str], n_boot: int) -> list[str]:
@@ -442,6 +545,12 @@ def main() -> int:
     )
     parser.add_argument("--markdown", type=Path, help="loso: write the tables into this file (BENCHMARKS.md)")
     parser.add_argument(
+        "--records",
+        type=Path,
+        help="loso: write each fold's tables as a small JSON file into this folder (e.g. "
+        "benchmarks/results/her2st_loso); with --reuse, a fold whose run folder is gone is taken from it",
+    )
+    parser.add_argument(
         "--set",
         nargs="+",
         default=[],
@@ -460,7 +569,7 @@ def main() -> int:
             parser.error("--folds loso is for her2st")
         command = "python benchmarks/bench_quality.py " + shlex.join(sys.argv[1:])
         folds = [
-            run_fold(args.out, t, config, args.cores, args.reuse, command, seed)
+            run_fold(args.out, t, config, args.cores, args.reuse, command, seed, args.records)
             for seed in (args.seeds or [None])
             for t in args.test_sections
         ]

@@ -234,3 +234,58 @@ def test_loso_markdown_with_seeds_means_each_folds_seeds_and_pools_the_paired_ta
     # the reference (the first CoMTIP method: finetune_linear here) is 0.1 above ridge_random on
     # every gene of every run
     assert "| ridge_random | all |" in text and "+0.100 [+0.100, +0.100] | 0.000 | 2/2 |" in text
+
+
+def test_loso_fold_records_round_trip_and_are_reused_only_with_the_same_settings(tmp_path):
+    """A fold written as a record and read back gives the same tables; ``--reuse`` takes it when
+    its run folder is gone, and refuses it when the command asks for other methods or settings."""
+    import json
+
+    from bench_quality import fold_from_record, fold_record, record_name, run_fold
+
+    genes = [f"g{i}" for i in range(60)]
+    rng = np.random.default_rng(1)
+    runs = []
+    for test in ("C2", "C3"):
+        fold = _fold(test, "abc1234")
+        fold["seed"] = 0
+        fold["config"] = {"seed": 0, "evaluate": {"bleep_k": 50, "methods": ["ridge_random", "finetune_linear"]}}
+        fold["methods"] = ["ridge_random", "finetune_linear"]
+        r = pd.Series(rng.uniform(0.0, 0.2, 60), index=genes)
+        r.iloc[3] = np.nan  # a constant gene has no Pearson
+        fold["pearson"] = {"finetune_linear": r + 0.05, "ridge_random": r}
+        fold["gene_sets"] = {"all": genes, "top50_heg": genes[:50]}
+        fold["training_cost"] = [
+            {
+                "model": "comtip",
+                "steps": 120,
+                "epochs": 24.0,
+                "batch_size": 64,
+                "image_size": 64,
+                "parameters": 3_000_000,
+                "wall_s": 90.0,
+                "cpu_s": 170.0,
+                "max_rss_mb": 900.0,
+                "same_budget_as_comtip": "yes",
+            },
+        ]
+        runs.append(fold)
+    records = tmp_path / "records"
+    records.mkdir()
+    for fold in runs:
+        (records / record_name(fold["test"], 0)).write_text(json.dumps(fold_record(fold)))
+    back = [fold_from_record(json.loads((records / record_name(t, 0)).read_text())) for t in ("C2", "C3")]
+    assert loso_markdown(back, ["C4", "C5"], "cmd", n_boot=100) == loso_markdown(runs, ["C4", "C5"], "cmd", n_boot=100)
+    text = loso_markdown(back, ["C4", "C5"], "cmd", n_boot=100)
+    assert "| comtip | 2 | 120 | 24.0 | 64 | 64 | 3,000,000 | 90 | 170 | 900 | yes |" in text
+    assert "+0.050 [+0.050, +0.050]" in text  # the paired table survives the round trip (NaN gene included)
+
+    config = {"seed": 0, "evaluate": {"bleep_k": 50, "methods": ["ridge_random", "finetune_linear"]}}
+    fold = run_fold(tmp_path / "out", "C2", config, 2, True, "cmd", seed=0, records=records)
+    assert fold["table"].equals(runs[0]["table"]) and not (tmp_path / "out").exists()
+    other = {"seed": 0, "evaluate": {"bleep_k": 50, "methods": ["ridge_random"]}}
+    with pytest.raises(SystemExit, match="seed_0_test_C2.json ran with other settings"):
+        run_fold(tmp_path / "out", "C2", other, 2, True, "cmd", seed=0, records=records)
+    other_k = {"seed": 0, "evaluate": {"bleep_k": 10, "methods": ["ridge_random", "finetune_linear"]}}
+    with pytest.raises(SystemExit, match="other settings"):
+        run_fold(tmp_path / "out", "C2", other_k, 2, True, "cmd", seed=0, records=records)
