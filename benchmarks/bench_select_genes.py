@@ -6,6 +6,8 @@ as ingest writes it. ``comtip.data.genes.select_genes`` (default panel settings)
 process per cohort size; wall time and peak RSS (``ru_maxrss`` of the child) are reported, and,
 as the peer in the same run, the same call on another checkout (``--peer-ref``, e.g. the commit
 before streaming) up to ``--peer-max`` samples (the dense peer needs ~1.1 GB per sample).
+``--method svg`` measures the Moran's I panel instead (spots on a Visium hexagon in
+``obsm["spatial"]``; its own section of the markdown file).
 
     .venv/bin/python benchmarks/bench_select_genes.py --samples 2 5 10 25 50 --peer-ref b44d7f0 \
         --peer-max 10 --markdown BENCHMARKS.md
@@ -53,14 +55,17 @@ def write_sample(path: Path, seed: int, n_spots: int, n_genes: int, detected: in
     adata = ad.AnnData(matrix)
     adata.obs_names = [f"s{seed}_{i}" for i in range(n_spots)]
     adata.var_names = [f"GENE{j:05d}" for j in range(n_genes)]
+    side = int(np.ceil(np.sqrt(n_spots)))
+    row, col = np.divmod(np.arange(n_spots), side)
+    adata.obsm["spatial"] = np.stack([177.0 * col + 88.5 * (row % 2), 153.3 * row], 1)  # Visium hexagon, px
     adata.write_h5ad(path)
 
 
-def run_select(checkout: Path, paths: list[Path], out: Path) -> tuple[float, float]:
+def run_select(checkout: Path, paths: list[Path], out: Path, method: str = "hvg_heg") -> tuple[float, float]:
     """(seconds, peak RSS in MB) of ``select_genes`` on ``paths`` in a fresh process."""
     call = (
         "import sys; from comtip.data.genes import select_genes; "
-        f"select_genes(sys.argv[1:], {str(out / 'panel.tsv')!r}, {str(out / 'bins.tsv')!r})"
+        f"select_genes(sys.argv[1:], {str(out / 'panel.tsv')!r}, {str(out / 'bins.tsv')!r}, method={method!r})"
     )
     cmd = [sys.executable, "-c", MEASURE, sys.executable, "-c", call, *map(str, paths)]
     env = {**os.environ, "PYTHONPATH": str(checkout / "src")}
@@ -79,8 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--detected", type=int, default=1500)
     parser.add_argument("--peer-ref", help="git ref of the checkout to compare with (a worktree is made)")
     parser.add_argument("--peer-max", type=int, default=10, help="largest cohort the peer runs on")
+    parser.add_argument("--method", default="hvg_heg", choices=["hvg", "heg", "hvg_heg", "svg"])
     parser.add_argument("--markdown", type=Path, help="write the table as a section of this file")
     args = parser.parse_args(argv)
+    section = SECTION if args.method == "hvg_heg" else f"{SECTION} (genes.method: {args.method})"
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp, checkouts(REPO, args.peer_ref, Path(tmp)) as found:
@@ -96,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 out = root / f"out_{n}_{label.split()[0]}"
                 out.mkdir()
-                seconds, rss = run_select(checkout, paths, out)
+                seconds, rss = run_select(checkout, paths, out, args.method)
                 panels[label] = (
                     pd.read_csv(out / "panel.tsv", sep="\t")["gene"].tolist(),
                     (out / "bins.tsv").read_text(),
@@ -110,14 +117,16 @@ def main(argv: list[str] | None = None) -> int:
 
     commit = head_commit(REPO)
     command = " ".join(
-        ["--samples", *map(str, args.samples)]
+        ["--samples", *map(str, args.samples), "--spots", str(args.spots), "--detected", str(args.detected)]
+        + (["--method", args.method] if args.method != "hvg_heg" else [])
         + ([f"--peer-ref {args.peer_ref} --peer-max {args.peer_max}"] if args.peer_ref else [])
         + (["--markdown", str(args.markdown)] if args.markdown else [])
     )
     lines = [
-        SECTION,
+        section,
         "",
-        f"`select_genes` (default panel settings) on N training samples of {args.spots:,} spots × "
+        f"`select_genes` (default panel settings, `method={args.method}`) on N training samples of "
+        f"{args.spots:,} spots × "
         f"{args.genes:,} genes, ~{args.detected:,} detected genes per spot, sparse counts in `spots.h5ad`; "
         f"fresh process per size, peak RSS of that process. Commit {commit}, {platform.node()}, "
         f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}. Command:",
@@ -140,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.markdown:
-        write_section(args.markdown, SECTION, text)
+        write_section(args.markdown, section, text)
     return 0
 
 

@@ -123,6 +123,48 @@ def test_retrieval_rejects_bad_input():
         bleep_retrieval(REF, REF_VALUES, np.zeros((1, 2)), k=2)
 
 
+def _old_spatial_neighbour_mean(embeddings, xy, radius=1.5):
+    """The hand-written neighbour mean that squidpy's radius graph replaced (cKDTree pairs within
+    radius × median nearest-neighbour distance, itself included), kept as the reference."""
+    from scipy.spatial import cKDTree
+
+    emb = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    tree = cKDTree(xy)
+    pitch = float(np.median(tree.query(xy, k=2)[0][:, 1]))
+    pairs = tree.query_pairs(radius * pitch, output_type="ndarray")
+    total = emb.copy()
+    np.add.at(total, pairs[:, 0], emb[pairs[:, 1]])
+    np.add.at(total, pairs[:, 1], emb[pairs[:, 0]])
+    return total / np.linalg.norm(total, axis=1, keepdims=True)
+
+
+def _visium_hex(n_rows, n_cols, pitch=100.0):
+    """Visium's layout: odd array rows shifted by half a pitch, rows √3/2 pitch apart, in px."""
+    rows, cols = np.meshgrid(np.arange(n_rows), np.arange(n_cols), indexing="ij")
+    return np.stack([pitch * cols.ravel() + pitch / 2 * (rows.ravel() % 2), pitch * np.sqrt(3) / 2 * rows.ravel()], 1)
+
+
+@pytest.mark.parametrize("grid", ["visium_hex", "st_square", "jittered_hex"])
+def test_squidpy_neighbour_mean_equals_the_hand_written_one(grid):
+    from comtip.predict.baselines import spatial_neighbour_mean
+
+    rng = np.random.default_rng(11)
+    if grid == "st_square":  # legacy ST: 33 x 35 array at a 200 µm pitch (here 1 µm = 1.3 px)
+        rows, cols = np.meshgrid(np.arange(12), np.arange(15), indexing="ij")
+        xy = 260.0 * np.stack([cols.ravel(), rows.ravel()], 1) + 1000.0
+    else:
+        xy = _visium_hex(14, 16, pitch=177.3) + 500.0  # Visium at ~0.56 µm/px
+        if grid == "jittered_hex":  # Space Ranger's fitted positions are not an exact lattice
+            xy = xy + rng.normal(scale=3.0, size=xy.shape)
+    keep = rng.random(len(xy)) > 0.1  # holes: spots dropped off tissue
+    xy = xy[keep]
+    emb = rng.normal(size=(len(xy), 8))
+    for radius in (1.5, 1.2, 2.5):
+        np.testing.assert_allclose(
+            spatial_neighbour_mean(emb, xy, radius=radius), _old_spatial_neighbour_mean(emb, xy, radius), rtol=1e-10
+        )
+
+
 def test_spatial_neighbour_mean_follows_hexagonal_and_square_grids():
     from comtip.predict.baselines import spatial_neighbour_mean
 

@@ -15,5 +15,7 @@ with rule_logging(snakemake.log[0]):
         heldout_fraction=genes["heldout_fraction"],
         n_bins=genes["n_bins"],
         min_spots_fraction=genes["min_spots_fraction"],
+        svg_neighbours=genes["svg_neighbours"],
+        svg_combine=genes["svg_combine"],
         seed=snakemake.params.seed,
     )

@@ -28,7 +28,7 @@ from comtip.data.gene_stats import (
 
 log = logging.getLogger(__name__)
 
-PANEL_METHODS = ("hvg", "heg", "hvg_heg")
+PANEL_METHODS = ("hvg", "heg", "hvg_heg", "svg")
 
 
 def normalise(counts) -> np.ndarray:
@@ -76,13 +76,18 @@ def select_genes(
     n_bins: int = 16,
     min_spots_fraction: float = 0.05,
     seed: int = 0,
+    svg_neighbours: int = 6,
+    svg_combine: str = "mean",
 ) -> pd.DataFrame:
     """Choose the panel on training samples only and fix the value-bin edges.
 
     Candidates are genes present in every training sample and expressed in at least
     ``min_spots_fraction`` of training spots. ``hvg`` ranks by Seurat's normalised dispersion
     (scanpy ``flavor="seurat"``), ``heg`` by mean normalised expression, ``hvg_heg``
-    takes alternately from both rankings. ``explicit`` genes come first and must exist. A seeded
+    takes alternately from both rankings, ``svg`` ranks by Moran's I on the training slides
+    (``svg_neighbours``-nearest-neighbour graph per slide, per-slide I combined by
+    ``svg_combine``; :mod:`comtip.data.svg`), the panel table then gaining ``morans_i``,
+    ``morans_i_slides`` and ``morans_i_rank``. ``explicit`` genes come first and must exist. A seeded
     ``heldout_fraction`` of the panel is marked ``heldout`` (never seen in pretraining).
     """
     if not train_h5ads:
@@ -98,7 +103,14 @@ def select_genes(
     candidates = stats[stats["spot_fraction"] >= min_spots_fraction]
     by_dispersion = list(candidates.sort_values("dispersion_rank").index)
     by_mean = list(candidates.sort_values("mean_rank").index)
-    order = {"hvg": [by_dispersion], "heg": [by_mean], "hvg_heg": [by_dispersion, by_mean]}[method]
+    svg, by_morans = None, []
+    if method == "svg":
+        from comtip.data.svg import svg_statistics
+
+        scored = list(dict.fromkeys([*explicit, *candidates.index]))  # explicit genes get their I too
+        svg = svg_statistics(train_h5ads, scored, n_neighbours=svg_neighbours, combine=svg_combine)
+        by_morans = list(svg.loc[list(candidates.index)].sort_values("morans_i_rank").index)
+    order = {"hvg": [by_dispersion], "heg": [by_mean], "hvg_heg": [by_dispersion, by_mean], "svg": [by_morans]}[method]
     panel = list(dict.fromkeys(explicit))
     cursors = [0] * len(order)
     while len(panel) < n_genes and any(c < len(o) for c, o in zip(cursors, order)):
@@ -120,6 +132,9 @@ def select_genes(
     heldout = set(rng.choice(panel, size=n_heldout, replace=False)) if n_heldout else set()
     table = stats.loc[panel, ["gene", "mean", "variance", "dispersion_rank", "mean_rank"]].reset_index(drop=True)
     table.insert(1, "rank", np.arange(1, len(panel) + 1))
+    if svg is not None:
+        for column in ("morans_i", "morans_i_slides", "morans_i_rank"):
+            table[column] = svg.loc[panel, column].to_numpy()
     table["heldout"] = table["gene"].isin(heldout)
 
     edges = _bin_edges(train_h5ads, list(table.loc[~table["heldout"], "gene"]), n_bins)

@@ -6,66 +6,36 @@ speckled map, or a smooth map where the tissue is patchy. Moran's I of each map 
 = neighbouring spots alike (smooth, structured), about 0 = no spatial structure (noise;
 its expectation is -1 / (N - 1)), negative = neighbours unlike (checkerboard).
 
-The graph: squidpy's k-nearest-neighbour spatial graph (``squidpy.gr.spatial_neighbors_knn``,
-the ``coord_type="generic"`` graph of ``spatial_neighbors``, which squidpy 1.8 deprecates in
-its favour) on the spots' level-0 coordinates, with ``k`` = :data:`N_NEIGHBOURS` = 6: on
-Visium's hexagonal lattice these are a spot's six immediate neighbours, and the same ``k`` holds
-for any spacing or resolution (Visium HD bins, pseudo-spots), unlike a radius in px. Weights are
-row-standardised (squidpy's ``transformation=True``), I from the analytic formula
-(``n_perms=None``: no permutations, deterministic). I is NaN for a map constant over the slide's
-spots (undefined; the mean baseline's maps), as the correlations are.
+The graph and the statistic are :mod:`comtip.data.spatial_graph`'s, shared with gene selection's
+``genes.method: svg``: squidpy's k-nearest-neighbour spatial graph on the spots' level-0
+coordinates with ``k`` = :data:`N_NEIGHBOURS` = 6 (on Visium's hexagonal lattice a spot's six
+immediate neighbours; the same ``k`` at any spacing: Visium HD bins, pseudo-spots),
+row-standardised weights, the analytic I (deterministic). I is NaN for a map constant over the
+slide's spots (undefined; the mean baseline's maps), as the correlations are.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
-import squidpy as sq
 
 from comtip._core.errors import PipelineInputError
+from comtip.data.spatial_graph import N_NEIGHBOURS, graph_morans_i, knn_graph
 
-N_NEIGHBOURS = 6
 MORAN_COLUMNS = ("morans_i_true", "morans_i_pred", "morans_i_diff")
 
 
 def _spot_graph(values: np.ndarray, xy: np.ndarray, n_neighbours: int) -> ad.AnnData:
-    xy = np.asarray(xy, dtype=np.float64)
-    if xy.ndim != 2 or xy.shape != (len(values), 2):
-        raise ValueError(f"coordinates of shape {xy.shape} for {len(values)} spots")
-    if len(values) <= n_neighbours:
-        raise ValueError(f"need more than {n_neighbours} spots for a {n_neighbours}-neighbour graph, got {len(values)}")
-    adata = ad.AnnData(X=np.asarray(values, dtype=np.float64), obsm={"spatial": xy})
-    adata.var_names = [f"g{i}" for i in range(adata.n_vars)]  # gene names need not be valid keys
-    sq.gr.spatial_neighbors_knn(adata, n_neighs=n_neighbours)
-    return adata
-
-
-def _morans_i(adata: ad.AnnData, layer: str | None) -> np.ndarray:
-    with warnings.catch_warnings():
-        # "N variables were constant, will return nan for these": the NaN is the documented answer
-        warnings.filterwarnings("ignore", message=".*variables were constant", category=UserWarning)
-        table = sq.gr.spatial_autocorr(
-            adata,
-            mode="moran",
-            genes=list(adata.var_names),
-            layer=layer,
-            transformation=True,
-            n_perms=None,
-            n_jobs=1,
-            copy=True,
-            show_progress_bar=False,
-        )
-    return table.loc[list(adata.var_names), "I"].to_numpy(dtype=np.float64)
+    return knn_graph(np.asarray(values, dtype=np.float64), xy, n_neighbours)
 
 
 def morans_i(values: np.ndarray, xy: np.ndarray, *, n_neighbours: int = N_NEIGHBOURS) -> np.ndarray:
     """Moran's I of each column of ``values`` (N spots, G genes) over the spots at ``xy`` (N, 2)."""
-    return _morans_i(_spot_graph(values, xy, n_neighbours), None)
+    return graph_morans_i(_spot_graph(values, xy, n_neighbours))
 
 
 def moran_table(
@@ -81,14 +51,14 @@ def moran_table(
     adata = _spot_graph(truth, xy, n_neighbours)
     if adata.n_vars != len(genes):
         raise ValueError(f"{adata.n_vars} columns but {len(genes)} gene names")
-    true_i = _morans_i(adata, None)
+    true_i = graph_morans_i(adata)
     tables = []
     for method, pred in preds.items():
         pred = np.asarray(pred, dtype=np.float64)
         if pred.shape != adata.shape:
             raise ValueError(f"method {method!r}: predictions {pred.shape}, truth {adata.shape}")
         adata.layers["pred"] = pred
-        pred_i = _morans_i(adata, "pred")
+        pred_i = graph_morans_i(adata, "pred")
         tables.append(
             pd.DataFrame(
                 {

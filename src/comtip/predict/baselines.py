@@ -16,6 +16,7 @@ import numpy as np
 from scipy.sparse.linalg import lsqr
 
 from comtip._core.rows import Rows, as_rows
+from comtip.data.spatial_graph import RADIUS_PITCHES, neighbour_mean
 from comtip.predict.neighbours import unit_rows, weighted_neighbours
 
 log = logging.getLogger(__name__)
@@ -222,42 +223,17 @@ def _inverse_square_l1(query: np.ndarray, neighbours: np.ndarray, sims: np.ndarr
         return np.where(exact.any(axis=1, keepdims=True), exact.astype(np.float64), 1.0 / distance**2)
 
 
-def spatial_neighbour_mean(embeddings: np.ndarray, xy: np.ndarray, *, radius: float = 1.5) -> np.ndarray:
+def spatial_neighbour_mean(embeddings: np.ndarray, xy: np.ndarray, *, radius: float = RADIUS_PITCHES) -> np.ndarray:
     """Each spot's embedding averaged (equal weights, itself included) with those of the spots of
     the same slide whose centres lie within ``radius`` × the slide's spot pitch, then L2-normalised.
 
-    The pitch is the median distance from a spot to its nearest other spot, so the neighbourhood
-    follows the array without knowing it: with the default 1.5 a Visium spot (hexagonal, pitch
-    100 µm) averages with its 6 touching neighbours, a legacy ST spot (square, pitch 200 µm) with
-    its 8 (diagonals at √2 pitch). A spot with no neighbour in range keeps its own direction.
-    ``embeddings`` (N, D) and ``xy`` (N, 2) are rows of one slide in the same order. Returns
-    (N, D) float64 unit rows. Not part of mclSTExp (see ``docs/evaluation.md``).
+    The neighbours are squidpy's radius graph (``squidpy.gr.spatial_neighbors_radius``, through
+    :func:`comtip.data.spatial_graph.radius_graph`); the pitch is the median distance from a spot
+    to its nearest other spot, so the neighbourhood follows the array without knowing it: with the
+    default 1.5 a Visium spot (hexagonal, pitch 100 µm) averages with its 6 touching neighbours, a
+    legacy ST spot (square, pitch 200 µm) with its 8 (diagonals at √2 pitch). A spot with no
+    neighbour in range keeps its own direction. ``embeddings`` (N, D) and ``xy`` (N, 2) are rows of
+    one slide in the same order. Returns (N, D) float64 unit rows. Not part of mclSTExp (see
+    ``docs/evaluation.md``).
     """
-    from scipy.spatial import cKDTree
-
-    emb = unit_rows(embeddings)
-    xy = np.asarray(xy, dtype=np.float64)
-    if xy.shape != (len(emb), 2):
-        raise ValueError(f"xy must be (N, 2) with N = {len(emb)} embedding rows, got {xy.shape}")
-    if not np.isfinite(xy).all():
-        raise ValueError("spot coordinates must be finite")
-    if radius <= 0:
-        raise ValueError(f"radius must be > 0, got {radius}")
-    if len(emb) < 2:
-        return emb
-    tree = cKDTree(xy)
-    nearest = tree.query(xy, k=2)[0][:, 1]
-    pitch = float(np.median(nearest))
-    if pitch == 0:
-        raise ValueError("spot centres coincide: the median nearest-neighbour distance is 0")
-    pairs = tree.query_pairs(radius * pitch, output_type="ndarray")
-    total = emb.copy()
-    np.add.at(total, pairs[:, 0], emb[pairs[:, 1]])
-    np.add.at(total, pairs[:, 1], emb[pairs[:, 0]])
-    log.info(
-        "spatial neighbour mean: pitch %.4g, radius %.4g, %.2f neighbours per spot on average",
-        pitch,
-        radius * pitch,
-        2 * len(pairs) / len(emb),
-    )
-    return unit_rows(total)
+    return unit_rows(neighbour_mean(unit_rows(embeddings), xy, radius=radius))
