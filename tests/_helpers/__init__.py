@@ -7,6 +7,7 @@ tests/test_layout_of_tests.py checks that. One module per subject:
 - ``pretraining``: tiny pretraining cohorts and the model/training config that fits them
 - ``finetuning``: tiny fine-tuning slides and a random pretrained checkpoint
 - ``workflow``: run folders of the checked-in test config (.test/config/) and Snakemake runs
+- ``chromium``: headless Chromium over the DevTools protocol (the report's landing page)
 """
 
 from __future__ import annotations

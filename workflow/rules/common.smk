@@ -312,6 +312,7 @@ def figure_inputs(wildcards):
     return {
         **evaluation_inputs(wildcards),
         "finetune_metrics": [f"results/models/finetune/{m}.metrics.tsv" for m in FINETUNE_MODES],
+        "slides": [SAMPLES.loc[s, "slide"] for s in TEST_SAMPLES],  # the maps' H&E
     }
 
 

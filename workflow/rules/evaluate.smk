@@ -32,13 +32,16 @@ rule evaluate:
 
 
 rule evaluation_figures:
-    """Bar chart of the summary, spatial maps of truth vs methods, training curves."""
+    """The landing page's headline table (mean Pearson per method and gene set), bar chart of the
+    summary, spatial maps of truth vs methods over the H&E, training curves."""
     input:
         unpack(figure_inputs),
         summary="results/evaluation/summary.tsv",
         panel="results/genes/gene_panel.tsv",
         pretrain_metrics=f"results/models/pretrain/{PRETRAIN_MODEL}.metrics.tsv",
     output:
+        headline=report("results/evaluation/headline.tsv", caption="../report/headline.rst", category="Evaluation"),
+        landing_maps="results/evaluation/landing_maps.html",
         bars=report("results/evaluation/summary_pearson.png", caption="../report/bars.rst", category="Evaluation"),
         curves=report("results/evaluation/training_curves.png", caption="../report/curves.rst", category="Training"),
         maps=report(

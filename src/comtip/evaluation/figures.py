@@ -6,6 +6,8 @@ training statistics (top highly expressed genes of the panel), never by test per
 
 from __future__ import annotations
 
+import base64
+import html
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -16,9 +18,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.collections import EllipseCollection, PolyCollection  # noqa: E402
 
 from comtip._core.atomic import atomic_path  # noqa: E402
 from comtip.data.genes import read_panel  # noqa: E402
+from comtip.io.readers import open_slide  # noqa: E402
 
 
 def summary_bar_chart(summary_tsv: str | Path, out_png: str | Path, slides: Sequence[str]) -> None:
@@ -49,10 +53,43 @@ def summary_bar_chart(summary_tsv: str | Path, out_png: str | Path, slides: Sequ
     plt.close(fig)
 
 
+def headline_table(summary_tsv: str | Path, out_tsv: str | Path) -> pd.DataFrame:
+    """The report's landing-page table: one row per method, its mean Pearson per gene set (columns
+    in summary.tsv's order) and its MSE over all panel genes, 3 decimals; ``n/a`` where undefined
+    (the constant ``mean`` baseline has no correlation)."""
+    summary = pd.read_csv(summary_tsv, sep="\t")
+    methods = list(dict.fromkeys(summary["method"]))
+    sets = list(dict.fromkeys(summary["gene_set"]))
+    table = summary.pivot(index="method", columns="gene_set", values="pearson_mean")
+    table = table.reindex(index=methods, columns=sets)
+    table.columns = [f"Pearson {s}" for s in sets]
+    mse = summary[summary["gene_set"] == "all"].set_index("method")["mse_mean"] if "all" in sets else None
+    if mse is not None:
+        table["MSE all"] = mse.reindex(methods)
+    out = table.map(lambda v: "n/a" if pd.isna(v) else f"{v:.3f}").rename_axis("method").reset_index()
+    with atomic_path(out_tsv) as tmp:
+        out.to_csv(tmp, sep="\t", index=False)
+    return out
+
+
 def genes_to_map(panel_tsv: str | Path, n: int) -> list[str]:
     """The ``n`` most expressed panel genes on the training slides (held-out genes excluded)."""
     panel = read_panel(panel_tsv)
     return list(panel[~panel["heldout"]].sort_values("mean_rank")["gene"].head(n))
+
+
+def he_background(slide_path: str | Path, xy: np.ndarray, margin: float, max_px: int = 1200):
+    """The H&E around the spots: the slide's box holding them (+ ``margin`` level-0 px) read at
+    most ``max_px`` on its longest side, and that box's ``imshow`` extent in level-0 px (left,
+    right, bottom, top: y grows downwards, as in the slide)."""
+    with open_slide(slide_path) as slide:
+        width, height = slide.dimensions
+        x0, y0 = max(0.0, xy[:, 0].min() - margin), max(0.0, xy[:, 1].min() - margin)
+        x1, y1 = min(float(width), xy[:, 0].max() + margin), min(float(height), xy[:, 1].max() + margin)
+        scale = max(1.0, max(x1 - x0, y1 - y0) / max_px)
+        out_w, out_h = max(1, round((x1 - x0) / scale)), max(1, round((y1 - y0) / scale))
+        image = slide.read_region_scaled(x0, y0, x1 - x0, y1 - y0, out_w, out_h)
+    return image, (x0, x1, y1, y0)
 
 
 def spatial_maps(
@@ -62,35 +99,53 @@ def spatial_maps(
     predictions: Mapping[str, str | Path],
     genes: Sequence[str],
     out_png: str | Path,
+    slide_path: str | Path,
 ) -> None:
-    """Truth and every method's prediction for ``genes`` at the spot positions of one slide."""
+    """Truth and every method's prediction for ``genes``, drawn as the spots (their real size and
+    shape) over the slide's H&E, one row per gene, one column per method."""
     spots = ad.read_h5ad(spots_h5ad, backed="r")
-    xy = np.asarray(spots.obsm["spatial"])
+    xy = np.asarray(spots.obsm["spatial"], dtype=float)
+    unit = dict(spots.uns.get("comtip", {}))
+    spots.file.close()
+    diameter = float(unit.get("spot_diameter_px", 0.0)) or 0.5 * float(unit.get("spot_pitch_px", 100.0))
+    square = unit.get("spot_shape") == "square"
+    image, extent = he_background(slide_path, xy, margin=2 * diameter)
     truth = np.load(truth_npz)
     panel = list(truth["panel_genes"])
     columns = {"truth": truth["panel_values"]}
     for method, path in predictions.items():
         columns[method] = np.asarray(ad.read_h5ad(path).X)
-    fig, axes = plt.subplots(len(genes), len(columns), figsize=(2.2 * len(columns), 2.2 * len(genes)), squeeze=False)
-    size = max(2.0, 6000.0 / max(len(xy), 1))
+    aspect = (extent[2] - extent[3]) / max(extent[1] - extent[0], 1.0)
+    side = 2.4
+    size = (max(5.0, side * len(columns)), side * aspect * len(genes) + 0.8)
+    fig, axes = plt.subplots(len(genes), len(columns), figsize=size, squeeze=False)
     for r, gene in enumerate(genes):
         j = panel.index(gene)
         # one colour scale per gene (the truth's 1st-99th percentile), so methods compare by eye
         low, high = np.percentile(columns["truth"][:, j], [1, 99])
         for c, (name, values) in enumerate(columns.items()):
             ax = axes[r, c]
-            ax.scatter(
-                xy[:, 0],
-                xy[:, 1],
-                c=values[:, j],
-                s=size,
-                cmap="viridis",
-                linewidths=0,
-                vmin=low,
-                vmax=max(high, low + 1e-6),
+            ax.imshow(image, extent=extent, interpolation="bilinear")
+            dots = (
+                EllipseCollection(
+                    diameter,
+                    diameter,
+                    0.0,
+                    units="xy",
+                    offsets=xy,
+                    offset_transform=ax.transData,
+                    cmap="viridis",
+                    linewidths=0,
+                    alpha=0.85,
+                )
+                if not square
+                else _squares(xy, diameter)
             )
-            ax.set_aspect("equal")
-            ax.invert_yaxis()
+            dots.set_array(np.asarray(values[:, j], dtype=float))
+            dots.set_clim(low, max(high, low + 1e-6))
+            ax.add_collection(dots)
+            ax.set_xlim(extent[0], extent[1])
+            ax.set_ylim(extent[2], extent[3])
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
@@ -98,7 +153,7 @@ def spatial_maps(
             if c == 0:
                 ax.set_ylabel(gene, fontsize=8)
     fig.suptitle(
-        f"{sample}: truth vs predictions (log1p CP10k), top expressed training genes; "
+        f"{sample}: truth vs predictions over the H&E (log1p CP10k), top expressed training genes\n"
         "colour scale per gene = truth's 1st-99th percentile",
         fontsize=9,
     )
@@ -106,6 +161,30 @@ def spatial_maps(
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+def landing_maps_html(map_pngs: Sequence[str | Path], out_html: str | Path) -> None:
+    """The maps of the report's first page as an HTML fragment, each PNG inlined as a data URI
+    (``workflow/report/workflow.rst`` includes it). Snakemake's ``embeddedimage`` directive
+    would link the file instead (9.27.1 sets the data URI after building the image node), so
+    a report moved away from ``results/`` would lose its maps."""
+    parts = []
+    for png in map_pngs:
+        data = base64.b64encode(Path(png).read_bytes()).decode("ascii")
+        name = html.escape(str(png))
+        parts.append(
+            f'<figure class="comtip-map"><img alt="{name}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{html.escape(Path(png).stem)}</figcaption></figure>"
+        )
+    with atomic_path(out_html) as tmp:
+        Path(tmp).write_text("\n".join(parts) + "\n", encoding="utf-8")
+
+
+def _squares(xy: np.ndarray, side: float) -> PolyCollection:
+    """Visium HD bins: squares of ``side`` level-0 px centred on ``xy``."""
+    h = side / 2
+    corners = np.array([[-h, -h], [h, -h], [h, h], [-h, h]])
+    return PolyCollection(xy[:, None, :] + corners[None], cmap="viridis", linewidths=0, alpha=0.85)
 
 
 def training_curves(
