@@ -329,7 +329,14 @@ def _machine_busy_seconds() -> float:
 
 
 def run_child(mode: str, spots: Path, slide_path: Path, out_dir: Path, args: argparse.Namespace) -> dict:
-    """Run :func:`child` in a fresh interpreter (own peak RSS, cold Python caches)."""
+    """Run :func:`child` in a fresh interpreter (own peak RSS, cold Python caches).
+
+    Before an extraction the previous repeat's outputs are deleted, untimed, as Snakemake deletes
+    a job's outputs before running it: else the extraction's final rename pays for freeing the
+    previous 750 MB ``.npy`` (0.5-1 s of wall time on this VM)."""
+    if mode == "extract":
+        for name in ("spot_patches.npy", "spot_patches.parquet"):
+            (out_dir / name).unlink(missing_ok=True)
     cmd = [
         sys.executable, __file__, "child", mode, str(spots), str(slide_path), str(out_dir),
         "--size-px", str(args.size_px), "--mpp", str(args.mpp), "--threads", str(args.threads),
@@ -384,6 +391,7 @@ def measure(name: str, spots: Path, slide_path: Path, work: Path, args: argparse
         "baseline_rss_mb": extracts[0]["baseline_rss_mb"],
         "ceiling_peak_rss_mb": max(r["peak_rss_mb"] for r in runs["ceiling"]),
         "peers": peers,
+        "others_cores": [r["others_cores"] for rs in runs.values() for r in rs],
     }
 
 
@@ -437,8 +445,9 @@ def section(rows: list[dict], args: argparse.Namespace, command: str) -> str:
 raw decode ceiling: the same regions read one by one at the level `read_region_scaled` uses, in
 the same order with the same threads, without resampling or writing
 (`comtip.data.patches.read_boxes_raw`). Both timings include reading the spots and opening the slide;
-best of {args.repeats} runs, each in a fresh process. Peak RSS is the process's VmHWM (Python with
-numpy/pandas/anndata/openslide imported: ~{baseline:,.0f} MB).
+best of {args.repeats} runs, each in a fresh process; before each extraction the previous run's
+output is deleted, untimed, as Snakemake deletes a job's outputs before running it. Peak RSS is
+the process's VmHWM (Python with numpy/pandas/anndata/openslide imported: ~{baseline:,.0f} MB).
 
 {table(rows, args.size_px)}
 
@@ -469,8 +478,15 @@ extractor decodes band by band (`comtip.data.patch_bands`).
   The VM is shared: a run counts only if other processes used at most {args.quiet_cores} cores
   meanwhile, else it is retried (`*` marks a timing for which {args.attempts} tries never were);
   CPU seconds (user + system) are less sensitive to other load than wall time.
+  Other processes' load during the timed runs of this table: {_load_range(rows)}.
 - Command: `{command}`
 """
+
+
+def _load_range(rows: list[dict]) -> str:
+    """The other processes' CPU use over all timed runs, as "min-max cores (median m)"."""
+    load = np.array([c for r in rows for c in r["others_cores"]])
+    return f"{load.min():.2f}-{load.max():.2f} cores (median {np.median(load):.2f}) of {os.cpu_count()}"
 
 
 def _cpu_model() -> str:

@@ -324,6 +324,23 @@ def test_each_needed_tile_is_decoded_once_and_the_band_bounds_memory(jpeg_tiff, 
         assert len(decoded) > len(needed)  # what the band pass saves
 
 
+def test_tifffile_tile_decoder_gives_the_level_pixels_of_each_tile_edges_cut(jpeg_tiff):
+    """Band reads hold the codec's tile arrays as they come: each is the level's pixels under the
+    tile, cut at the level's edge (TIFF edge tiles are stored padded), read-only."""
+    from comtip.io import readers
+
+    with readers.TiffFileSlide(jpeg_tiff) as slide:
+        for level in (0, 1):
+            decode = slide.tile_decoder(level)
+            (lw, lh), d = slide.level_dimensions[level], slide.level_downsamples[level]
+            for row, col in [(0, 0), (0, (lw - 1) // 128), ((lh - 1) // 128, 0), ((lh - 1) // 128, (lw - 1) // 128)]:
+                tile = decode(row, col)
+                w, h = min(128, lw - col * 128), min(128, lh - row * 128)
+                assert tile.shape == (h, w, 3) and not tile.flags.writeable
+                x, y = round(col * 128 * d), round(row * 128 * d)
+                np.testing.assert_array_equal(tile, slide.read_region(x, y, w, h, level))
+
+
 def test_openslide_band_reads_decode_through_tifffile_where_its_pixels_are_openslides(jpeg_tiff, slide_path):
     """openslide's cost grows with the pixels it returns, tifffile's with the tiles it decodes: a
     TIFF that both read identically is read band by band through tifffile, with openslide's

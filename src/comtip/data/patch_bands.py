@@ -3,11 +3,13 @@
 Reading patches one by one decodes every tile under a patch for each patch that covers it (a
 reader's cache saves some of it); on JPEG slides the decode is most of the time. Here the patches
 are grouped in horizontal bands of the level read (:data:`BAND_BYTES` of tile rows); for a band,
-the tiles that its patches need and that are not yet held are read in parallel (runs of up to
-:data:`RUN_TILES` tiles of a row per ``read_region`` call: the readers release the GIL while
-decoding), then the band's patches are cut from the held tiles, and the tiles no later patch needs
-are dropped. Only tiles that some patch needs are read, each once; memory is the band plus the
-rows that a patch spans, not the slide.
+the tiles that its patches need and that are not yet held are decoded in parallel (the codecs
+release the GIL), then the band's patches are cut from the held tiles, and the tiles no later patch
+needs are dropped. Where the reader decodes tiles itself (:meth:`Slide.tile_decoder`: tifffile,
+also for the TIFFs openslide opens, see :meth:`Slide.band_source`), a held tile is the codec's own
+array, so each pixel is copied once, into its patch; other readers are read by runs of up to
+:data:`RUN_TILES` tiles of a row per ``read_region`` call. Only tiles that some patch needs are
+read, each once; memory is the band plus the rows that a patch spans, not the slide.
 
 Each patch is exactly :meth:`Slide.read_region_scaled`'s output: the same plan
 (:meth:`Slide.plan_scaled_read`), the plan's region assembled from the tiles (white outside the
@@ -27,7 +29,7 @@ from comtip.io.slide import RESAMPLE, WHITE, LevelRead, Slide
 
 # Bytes of decoded tile rows (level width x tile height x RGB) that make one band.
 BAND_BYTES = 64 * 2**20
-# Consecutive needed tiles of a row read by one read_region call (fewer calls, still parallel).
+# Consecutive needed tiles of a row read by one read_region call (readers without a tile decoder).
 RUN_TILES = 4
 
 
@@ -87,15 +89,25 @@ def write_by_bands(
     stats = BandStats(bands=len(bands), band_rows=band_rows, tile_size=(tw, th), decoder=source.reader)
     held: dict[tuple[int, int], np.ndarray] = {}
 
+    decode = source.tile_decoder(level)
+    run_tiles = 1 if decode is not None else RUN_TILES
+    # patches whose region is all inside the level: the tiles cover them, no white to paint first
+    covered = (lx >= 0) & (ly >= 0) & (lx + w <= lw) & (ly + h <= lh)
+
     def read_run(run: tuple[int, int, int]) -> list[tuple[tuple[int, int], np.ndarray]]:
         row, col, n = run
+        if decode is not None:  # the codec's own tile array, held as is
+            return [((row, col + k), decode(row, col + k)) for k in range(n)]
         x, y = col * tw, row * th
         width, height = min(n * tw, lw - x), min(th, lh - y)
         pixels = source.read_region(round(x * d), round(y * d), width, height, level)
         return [((row, col + k), pixels[:, k * tw : (k + 1) * tw]) for k in range(n)]
 
     def cut(i: int) -> None:
-        out = np.full((h[i], w[i], 3), WHITE, np.uint8)
+        if covered[i]:
+            out = np.empty((h[i], w[i], 3), np.uint8)
+        else:
+            out = np.full((h[i], w[i], 3), WHITE, np.uint8)
         if inside[i]:
             for row in range(r0[i], r1[i] + 1):
                 for col in range(c0[i], c1[i] + 1):
@@ -121,7 +133,7 @@ def write_by_bands(
                 for row in range(r0[i], r1[i] + 1)
                 for col in range(c0[i], c1[i] + 1)
             }
-            runs = _runs(sorted(needed - held.keys()))
+            runs = _runs(sorted(needed - held.keys()), run_tiles)
             for tiles in pool.map(read_run, runs):
                 held.update(tiles)
             stats.tiles_read += sum(n for _, _, n in runs)
@@ -133,11 +145,11 @@ def write_by_bands(
     return stats
 
 
-def _runs(tiles: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
-    """(row, first column, count) runs of consecutive sorted tiles, at most RUN_TILES long."""
+def _runs(tiles: list[tuple[int, int]], longest: int) -> list[tuple[int, int, int]]:
+    """(row, first column, count) runs of consecutive sorted tiles, at most ``longest`` long."""
     runs: list[tuple[int, int, int]] = []
     for row, col in tiles:
-        if runs and runs[-1][0] == row and runs[-1][1] + runs[-1][2] == col and runs[-1][2] < RUN_TILES:
+        if runs and runs[-1][0] == row and runs[-1][1] + runs[-1][2] == col and runs[-1][2] < longest:
             runs[-1] = (row, runs[-1][1], runs[-1][2] + 1)
         else:
             runs.append((row, col, 1))

@@ -131,6 +131,13 @@ class Slide(abc.ABC):
         through: this one, unless a reader has a faster decoder that gives the same pixels."""
         return self
 
+    def tile_decoder(self, level: int) -> Callable[[int, int], np.ndarray] | None:
+        """A function that decodes tile ``(row, column)`` of ``level``'s :meth:`band_grid` to its
+        RGB pixels inside the level (edge tiles cut at the level's edge), each call one decode and
+        no copy, safe to call from several threads; None (the default) where the reader has no
+        direct tile access, and band reads go through :meth:`read_region`."""
+        return None
+
     # -- scaled reads ------------------------------------------------------------------------
 
     def best_level(self, downsample: float) -> int:
